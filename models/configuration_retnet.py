@@ -1,0 +1,213 @@
+"""RetNet configuration: the paper's multi-scale retention plus the knobs a converted Transformer needs.
+
+This file travels inside every checkpoint (see `auto_map`), so it imports only torch-free
+transformers code and nothing from retconvert.
+"""
+
+import math
+from typing import Optional, Sequence
+
+from transformers import PretrainedConfig
+
+RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
+POSITION_TYPES = ("rotary", "xpos", "none")  # rotary: Llama layout; xpos: torchscale/paper layout
+HEAD_NORMS = ("groupnorm", "rmsnorm", "none")
+NORM_TYPES = ("layernorm", "rmsnorm")
+MLP_TYPES = ("mlp", "glu")  # mlp: fc_in -> act -> fc_out (GPT-2); glu: SwiGLU (Llama)
+NORMALIZATIONS = ("paper", "none")
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+def paper_decay(num_heads: int) -> list:
+    """The paper's fixed schedule, gamma_h = 1 - 2^(-5-h)."""
+    return [1.0 - 2.0 ** (-5 - h) for h in range(num_heads)]
+
+
+class RetNetConfig(PretrainedConfig):
+    r"""Configuration of a Retentive Network language model.
+
+    Shapes: `hidden_size = num_attention_heads * head_dim` is not required (Llama-style
+    models may differ); each head has `head_dim` query/key channels and
+    `head_dim * value_factor` value channels.
+
+    Args:
+        retention_mode: "parallel" (training), "chunkwise" (long sequences) or "recurrent".
+            Read at every forward, so changing it on a loaded model takes effect.
+        chunk_size: chunk length of the chunkwise form.
+        decay_gammas: initial per-head decay, one list per model (shared by all layers) or one
+            list per layer; default: the paper's `1 - 2^(-5-h)`.
+        learnable_decay: train the decays (stored as logits, so they stay in (0, 1)).
+        position_embedding_type: relative position inside retention. "rotary" rotates halves
+            with frequencies `rope_theta^(-2i/d)` (Llama); "xpos" rotates interleaved pairs with
+            the paper's frequencies `10000^(-i/(d/2-1))` (torchscale); "none" for models that
+            keep learned absolute positions (GPT-2).
+        learned_position_embeddings: add a learned absolute position table (GPT-2).
+        retention_normalization: "paper" divides each output row by max(|row sum of the
+            decayed scores|, sqrt(sum of the decays)), the paper's two normalisations, which
+            keep the scale bounded without changing the result after a head norm; "none"
+            leaves the raw retention.
+        head_norm: per-head normalisation of the retention output, computed in fp32.
+        score_bias: learnable per-head offset b_h added to every score (b_h + q.k), kept a
+            linear recurrence by appending a constant feature to q and k.
+        use_output_gate: the paper's swish gate, `swish(x W_g) * retention(x)`.
+        embed_scale: multiplier of the token embeddings (torchscale uses sqrt(hidden_size)).
+        parallel_residual: x + retention(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential.
+    """
+
+    model_type = "retnet"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        num_key_value_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        value_factor: int = 2,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        mlp_type: str = "mlp",
+        mlp_bias: bool = False,
+        norm_type: str = "layernorm",
+        norm_eps: float = 1e-5,
+        attention_bias: bool = False,
+        o_proj_bias: bool = False,
+        retention_mode: str = "parallel",
+        chunk_size: int = 64,
+        decay_gammas: Optional[Sequence] = None,
+        learnable_decay: bool = False,
+        position_embedding_type: str = "xpos",
+        rope_theta: float = 10000.0,
+        rotary_scaling: Optional[dict] = None,
+        learned_position_embeddings: bool = False,
+        max_position_embeddings: int = 2048,
+        qk_scale: Optional[float] = None,
+        retention_normalization: str = "paper",
+        head_norm: str = "groupnorm",
+        head_norm_affine: bool = False,
+        head_norm_eps: float = 1e-6,
+        score_bias: bool = False,
+        use_output_gate: bool = True,
+        embed_scale: float = 1.0,
+        parallel_residual: bool = False,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        bos_token_id: Optional[int] = None,
+        eos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim
+        self.value_factor = value_factor
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.mlp_type = mlp_type
+        self.mlp_bias = mlp_bias
+        self.norm_type = norm_type
+        self.norm_eps = norm_eps
+        self.attention_bias = attention_bias
+        self.o_proj_bias = o_proj_bias
+        self.retention_mode = retention_mode
+        self.chunk_size = chunk_size
+        self.decay_gammas = [list(map(float, g)) if isinstance(g, (list, tuple)) else float(g)
+                             for g in decay_gammas] if decay_gammas is not None else None
+        self.learnable_decay = learnable_decay
+        self.position_embedding_type = position_embedding_type
+        self.rope_theta = rope_theta
+        self.rotary_scaling = rotary_scaling
+        self.learned_position_embeddings = learned_position_embeddings
+        self.max_position_embeddings = max_position_embeddings
+        self.qk_scale = qk_scale
+        self.retention_normalization = retention_normalization
+        self.head_norm = head_norm
+        self.head_norm_affine = head_norm_affine
+        self.head_norm_eps = head_norm_eps
+        self.score_bias = score_bias
+        self.use_output_gate = use_output_gate
+        self.embed_scale = embed_scale
+        self.parallel_residual = parallel_residual
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self._validate()
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    # Derived sizes -------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.qk_head_dim * self.value_factor
+
+    def layer_decay_gammas(self, layer_idx: int) -> list:
+        """Initial decays of one layer's heads."""
+        g = self.decay_gammas
+        if g is None:
+            return paper_decay(self.num_attention_heads)
+        return list(g[layer_idx]) if isinstance(g[0], list) else list(g)
+
+    # Validation ----------------------------------------------------------------------------
+    def _validate(self):
+        def check(ok, problem, fix):
+            if not ok:
+                raise ValueError(f"RetNetConfig: {problem}; {fix}")
+
+        def choice(name, value, allowed):
+            check(value in allowed, f"{name}={value!r} is not supported",
+                  f"use one of {', '.join(map(repr, allowed))}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "value_factor", "max_position_embeddings"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer",
+                  f"set {name} to a positive integer")
+        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        if self.head_dim is None:
+            check(self.hidden_size % H == 0,
+                  f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={H}",
+                  "pick a head count that divides hidden_size or set head_dim explicitly")
+        check(self.qk_head_dim > 0, f"head_dim={self.head_dim!r} must be positive", "set head_dim > 0")
+        check(isinstance(Hkv, int) and Hkv > 0 and H % Hkv == 0,
+              f"num_attention_heads={H} is not a multiple of num_key_value_heads={Hkv}",
+              "use a key/value head count that divides the query head count")
+        choice("retention_mode", self.retention_mode, RETENTION_MODES)
+        check(isinstance(self.chunk_size, int) and self.chunk_size > 0,
+              f"chunk_size={self.chunk_size!r} must be a positive integer", "set chunk_size to e.g. 64")
+        choice("position_embedding_type", self.position_embedding_type, POSITION_TYPES)
+        choice("head_norm", self.head_norm, HEAD_NORMS)
+        choice("norm_type", self.norm_type, NORM_TYPES)
+        choice("mlp_type", self.mlp_type, MLP_TYPES)
+        choice("retention_normalization", self.retention_normalization, NORMALIZATIONS)
+        if self.position_embedding_type != "none":
+            check(self.qk_head_dim % 2 == 0, f"head_dim={self.qk_head_dim} is odd",
+                  "rotary positions need an even head_dim")
+            check(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive", "set rope_theta > 0")
+        if self.rotary_scaling is not None:
+            kind = self.rotary_scaling.get("rope_type", self.rotary_scaling.get("type"))
+            choice("rotary_scaling type", kind, ROPE_SCALINGS)
+        if self.decay_gammas is not None:
+            rows = self.decay_gammas if isinstance(self.decay_gammas[0], list) else [self.decay_gammas]
+            check(len(rows) in (1, self.num_hidden_layers),
+                  f"decay_gammas has {len(rows)} rows for {self.num_hidden_layers} layers",
+                  "give one list of per-head decays, or one per layer")
+            for row in rows:
+                check(len(row) == H, f"decay_gammas row has {len(row)} values for {H} heads",
+                      "give one decay per attention head")
+                for g in row:
+                    check(0.0 < g < 1.0 and math.isfinite(g), f"decay {g!r} is outside (0, 1)",
+                          "every decay gamma must satisfy 0 < gamma < 1")

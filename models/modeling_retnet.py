@@ -1,0 +1,479 @@
+"""RetNet for causal language modelling, in the transformers style.
+
+Reads top to bottom: positions -> multi-scale retention -> MLP -> block -> model -> LM head.
+Tensor layout inside retention is [B, T, H, D] (see `retention.py`).
+
+This file travels inside every checkpoint (see `auto_map`): it imports only torch,
+transformers and its two sibling files, never retconvert.
+"""
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_retnet import RetNetConfig
+from .retention import retention
+
+# --------------------------------------------------------------------------------------------
+# Recurrent state
+# --------------------------------------------------------------------------------------------
+
+
+class RetNetState:
+    """Decoding state of a RetNet: one (B, H, Dk, Dv) matrix per layer, whatever the context.
+
+    Passed as `past_key_values`, so transformers' `generate()` carries it from step to step.
+    `seen_tokens` counts the positions consumed (pads included), like a KV cache's length.
+    """
+
+    def __init__(self, num_layers: int):
+        self.states: List[Optional[torch.Tensor]] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def __len__(self):
+        return len(self.states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> "RetNetState":
+        """Select batch rows (beam search)."""
+        self.states = [None if s is None else s.index_select(0, beam_idx.to(s.device)) for s in self.states]
+        return self
+
+    def batch_repeat_interleave(self, repeats: int):
+        self.states = [None if s is None else s.repeat_interleave(repeats, dim=0) for s in self.states]
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self.states = [None if s is None else s[indices] for s in self.states]
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states if s is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Positions
+# --------------------------------------------------------------------------------------------
+
+
+def rotary_inv_freq(config: RetNetConfig, device=None) -> torch.Tensor:
+    """Rotation frequencies (Dk/2,), computed on the fly (no buffers to go stale on load)."""
+    d = config.qk_head_dim
+    if config.position_embedding_type == "xpos":  # torchscale / paper schedule
+        return 1.0 / (config.rope_theta ** torch.linspace(0, 1, d // 2, device=device, dtype=torch.float32))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    scaling = config.rotary_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: long wavelengths slowed by `factor`, short ones kept, smooth in between.
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, config: RetNetConfig) -> torch.Tensor:
+    """Rotate q or k (B, T, H, D) by angle position * freq."""
+    inv_freq = rotary_inv_freq(config, x.device)
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    if config.position_embedding_type == "xpos":  # interleaved pairs (x0, x1), (x2, x3), ...
+        cos = angles.cos().repeat_interleave(2, -1)[:, :, None].to(x.dtype)  # (B, T, 1, D)
+        sin = angles.sin().repeat_interleave(2, -1)[:, :, None].to(x.dtype)
+        rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    else:  # halves (x[:D/2], x[D/2:]), as Llama
+        cos = torch.cat((angles, angles), -1).cos()[:, :, None].to(x.dtype)
+        sin = torch.cat((angles, angles), -1).sin()[:, :, None].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: RetNetConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+class MultiScaleRetention(nn.Module):
+    """Multi-scale retention (paper section 2.2) with per-head decay.
+
+    x -> q, k, v (+ rotary on q, k) -> retention in the configured form -> normalisation ->
+    per-head norm (fp32) -> swish gate -> output projection.
+    """
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        H, Hkv = config.num_attention_heads, config.num_key_value_heads
+        Dk, Dv = config.qk_head_dim, config.v_head_dim
+        self.num_heads, self.num_kv_heads, self.qk_dim, self.v_dim = H, Hkv, Dk, Dv
+        self.scale = config.qk_scale if config.qk_scale is not None else Dk**-0.5
+
+        self.q_proj = nn.Linear(config.hidden_size, H * Dk, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, Hkv * Dk, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, Hkv * Dv, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * Dv, config.hidden_size, bias=config.o_proj_bias)
+        if config.use_output_gate:
+            self.g_proj = nn.Linear(config.hidden_size, H * Dv, bias=False)
+        if config.head_norm_affine and config.head_norm != "none":
+            self.head_norm_weight = nn.Parameter(torch.ones(H * Dv))
+            if config.head_norm == "groupnorm":
+                self.head_norm_bias = nn.Parameter(torch.zeros(H * Dv))
+        if config.score_bias:
+            self.score_bias = nn.Parameter(torch.zeros(H))
+
+        # Decay stored as a logit so that gamma = sigmoid(logit) stays in (0, 1) when trained.
+        logit = torch.logit(torch.tensor(config.layer_decay_gammas(layer_idx), dtype=torch.float64)).float()
+        if config.learnable_decay:
+            self.decay_logit = nn.Parameter(logit)
+        else:
+            self.register_buffer("decay_logit", logit)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """Per-head decay (H,), fp32."""
+        return torch.sigmoid(self.decay_logit.float())
+
+    def reset_decay(self):
+        gammas = torch.tensor(self.config.layer_decay_gammas(self.layer_idx), dtype=torch.float64)
+        with torch.no_grad():
+            self.decay_logit.copy_(torch.logit(gammas).to(self.decay_logit.dtype))
+
+    def head_norm(self, o: torch.Tensor) -> torch.Tensor:
+        """Normalise each head (B, T, H, Dv) over its channels, in fp32."""
+        kind, eps = self.config.head_norm, self.config.head_norm_eps
+        if kind == "none":
+            return o
+        dtype, o = o.dtype, o.float()
+        if kind == "groupnorm":
+            o = o - o.mean(-1, keepdim=True)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
+        if hasattr(self, "head_norm_weight"):
+            o = o * self.head_norm_weight.float().view(self.num_heads, self.v_dim)
+            if hasattr(self, "head_norm_bias"):
+                o = o + self.head_norm_bias.float().view(self.num_heads, self.v_dim)
+        return o.to(dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        position_ids: torch.LongTensor,  # (B, T)
+        token_mask: Optional[torch.Tensor] = None,  # (B, T), 0 for padding
+        state: Optional[torch.Tensor] = None,  # (B, H, Dk', Dv')
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        B, T, _ = x.shape
+        H, Dk, Dv = self.num_heads, self.qk_dim, self.v_dim
+        q = self.q_proj(x).view(B, T, H, Dk)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, Dk)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, Dv)
+        if self.num_kv_heads != H:  # grouped-query: each key/value head serves H / Hkv query heads
+            k = k.repeat_interleave(H // self.num_kv_heads, dim=2)
+            v = v.repeat_interleave(H // self.num_kv_heads, dim=2)
+        if cfg.position_embedding_type != "none":
+            q, k = apply_rotary(q, position_ids, cfg), apply_rotary(k, position_ids, cfg)
+        k = k * self.scale
+        if cfg.score_bias:  # scores become b_h + q.k: a constant feature on each side
+            q = torch.cat([q, self.score_bias.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
+            k = torch.cat([k, k.new_ones(B, T, H, 1)], -1)
+        if token_mask is not None:  # padding neither enters the state nor reaches other tokens
+            k = k * token_mask[:, :, None, None].to(k.dtype)
+        if cfg.retention_normalization == "paper":  # carry the row sums of the scores along
+            v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)
+
+        mode = cfg.retention_mode if T > 1 else "recurrent"
+        o, state = retention(q, k, v, self.gamma, mode, chunk_size=cfg.chunk_size, initial_state=state)
+
+        if cfg.retention_normalization == "paper":
+            # Paper: D~ = D / sqrt(sum_m D_nm), R~ = R / max(|sum_m R_nm|, 1). Together that is
+            # o_n / max(|s_n|, c_n) with s_n the score row sum and c_n^2 = sum_{j<=n} gamma^j.
+            o, s = o[..., :Dv], o[..., Dv:]
+            n = position_ids.clamp(min=0).to(torch.float32)[..., None]  # (B, T, 1)
+            log_g = self.gamma.log()  # (H,)
+            c = torch.sqrt(-torch.expm1((n + 1) * log_g) / -torch.expm1(log_g))  # (B, T, H)
+            denom = torch.maximum(s.float().abs(), c[..., None]).to(o.dtype)
+            o = o / denom
+        o = self.head_norm(o).reshape(B, T, H * Dv)
+        if cfg.use_output_gate:
+            o = F.silu(self.g_proj(x)) * o
+        return self.o_proj(o), state
+
+
+class RetNetMLP(nn.Module):
+    """fc_in -> act -> fc_out (GPT-2), or down(act(gate(x)) * up(x)) (SwiGLU, Llama)."""
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__()
+        C, F_, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.glu = config.mlp_type == "glu"
+        self.act = ACT2FN[config.hidden_act]
+        if self.glu:
+            self.gate_proj = nn.Linear(C, F_, bias=bias)
+            self.up_proj = nn.Linear(C, F_, bias=bias)
+            self.down_proj = nn.Linear(F_, C, bias=bias)
+        else:
+            self.fc_in = nn.Linear(C, F_, bias=bias)
+            self.fc_out = nn.Linear(F_, C, bias=bias)
+
+    def forward(self, x):
+        if self.glu:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class RetNetBlock(nn.Module):
+    """Pre-norm block: x + retention(norm(x)), then + mlp(norm(x)) (or both in parallel)."""
+
+    def __init__(self, config: RetNetConfig, layer_idx: int):
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.input_layernorm = make_norm(config)
+        self.retention = MultiScaleRetention(config, layer_idx)
+        self.post_retention_layernorm = make_norm(config)
+        self.mlp = RetNetMLP(config)
+
+    def forward(self, x, position_ids, token_mask=None, state=None):
+        r, state = self.retention(self.input_layernorm(x), position_ids, token_mask, state)
+        if self.parallel_residual:
+            return x + r + self.mlp(self.post_retention_layernorm(x)), state
+        x = x + r
+        return x + self.mlp(self.post_retention_layernorm(x)), state
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class RetNetPreTrainedModel(PreTrainedModel):
+    config_class = RetNetConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RetNetBlock"]
+    # The decoding state is not a KV cache: generation must not create one for us.
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() hook: we build our own RetNetState in forward()
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, MultiScaleRetention):
+            module.reset_decay()
+            if hasattr(module, "head_norm_weight"):
+                nn.init.ones_(module.head_norm_weight)
+            if hasattr(module, "head_norm_bias"):
+                nn.init.zeros_(module.head_norm_bias)
+            if hasattr(module, "score_bias"):
+                nn.init.zeros_(module.score_bias)
+
+
+class RetNetModel(RetNetPreTrainedModel):
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        if config.learned_position_embeddings:
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(RetNetBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RetNetState] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[Tuple, BaseModelOutputWithPast]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("RetNetModel: pass exactly one of input_ids and inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        return_dict = True if return_dict is None else return_dict
+
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T = x.shape[:2]
+        state = past_key_values
+        if state is None and use_cache:
+            state = RetNetState(self.config.num_hidden_layers)
+        offset = state.seen_tokens if state is not None else 0
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, B, T, offset, x.device)
+        token_mask = None
+        if attention_mask is not None:
+            token_mask = attention_mask[:, -T:]  # generation passes the mask of the whole context
+        x = x * self.config.embed_scale
+        if self.config.learned_position_embeddings:
+            x = x + self.embed_positions(position_ids.clamp(min=0))
+
+        hidden_states = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(x)
+            layer_state = state.states[i] if state is not None else None
+            if self.gradient_checkpointing and self.training:
+                x, new_state = torch.utils.checkpoint.checkpoint(
+                    layer, x, position_ids, token_mask, layer_state, use_reentrant=False
+                )
+            else:
+                x, new_state = layer(x, position_ids, token_mask, layer_state)
+            if state is not None:
+                state.states[i] = new_state
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        if state is not None:
+            state.seen_tokens += T
+
+        if not return_dict:
+            return tuple(t for t in (x, state, hidden_states) if t is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            past_key_values=state if use_cache else None,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+        )
+
+
+def position_ids_from_mask(attention_mask, B, T, offset, device) -> torch.LongTensor:
+    """Positions count real tokens only, so a left-padded row starts at 0 (as HF does)."""
+    if attention_mask is None:
+        return torch.arange(offset, offset + T, device=device).expand(B, T)
+    pos = attention_mask.long().cumsum(-1) - 1  # (B, offset + T)
+    return pos[:, -T:].clamp(min=0)
+
+
+class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        self.model = RetNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[RetNetState] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[Tuple, CausalLMOutputWithPast]:
+        return_dict = True if return_dict is None else return_dict
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        if not return_dict:
+            rest = tuple(t for t in (out.past_key_values, out.hidden_states) if t is not None)
+            return ((loss,) if loss is not None else ()) + (logits,) + rest
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+    ):
+        """First call: the whole prompt (prefill). Later calls: only the newest token."""
+        if past_key_values is not None and past_key_values.seen_tokens > 0:
+            input_ids = input_ids[:, past_key_values.seen_tokens:]
+            inputs_embeds = None
+        model_inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
+        if inputs_embeds is not None and (past_key_values is None or past_key_values.seen_tokens == 0):
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids
+        if "logits_to_keep" in kwargs:
+            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return model_inputs
+
+    def _reorder_cache(self, past_key_values: RetNetState, beam_idx):
+        return past_key_values.reorder_cache(beam_idx)

@@ -1,0 +1,149 @@
+"""Retention as pure functions: one naive reference and three equivalent forms.
+
+Layout everywhere (as in fla):
+    q, k:           [B, T, H, Dk]
+    v:              [B, T, H, Dv]
+    gamma:          [H]             per-head decay, 0 < gamma < 1
+    state:          [B, H, Dk, Dv]  S_t = gamma * S_{t-1} + k_t^T v_t
+    output:         [B, T, H, Dv]   o_t = q_t S_t
+
+so that, with an initial state S_{-1}, position t (counted from 0) sees
+
+    o_t = sum_{s <= t} gamma^(t-s) (q_t . k_s) v_s  +  gamma^(t+1) q_t S_{-1}.
+
+No scaling, normalisation or gating happens here; the layer in `modeling_retnet.py` does
+that. Every function returns `(output, final_state)`. Decay powers are computed in fp32
+(or fp64 for fp64 inputs) as exp(n * log gamma), never as a division by gamma^n.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _log_gamma(gamma: Tensor, like: Tensor) -> Tensor:
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return gamma.to(device=like.device, dtype=dtype).log()  # (H,)
+
+
+def retention_naive(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]:
+    """Reference: the recurrence written out, one token at a time, in fp64."""
+    B, T, H, Dk = q.shape
+    S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=torch.float64)
+    if initial_state is not None:
+        S = S + initial_state.double()
+    g = gamma.double().view(1, H, 1, 1)
+    outs = []
+    for t in range(T):
+        kv = k[:, t].double().unsqueeze(-1) * v[:, t].double().unsqueeze(-2)  # (B, H, Dk, Dv)
+        S = g * S + kv
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].double(), S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1]).double()
+    return o.to(v.dtype), S.to(v.dtype)
+
+
+def decay_matrix(gamma: Tensor, T: int, like: Tensor) -> Tensor:
+    """D[h, n, m] = gamma_h^(n - m) for n >= m, else 0.  Shape (H, T, T)."""
+    log_g = _log_gamma(gamma, like)
+    idx = torch.arange(T, device=like.device, dtype=log_g.dtype)
+    dist = idx[:, None] - idx[None, :]  # (T, T)
+    D = torch.exp(dist.clamp(min=0) * log_g[:, None, None])  # (H, T, T)
+    return D.masked_fill(dist < 0, 0.0)
+
+
+def retention_parallel(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]:
+    """O(T^2) form: O = (Q K^T * D) V, the training form of the paper."""
+    B, T, H, _ = q.shape
+    D = decay_matrix(gamma, T, q).to(q.dtype)  # (H, T, T)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    scores = (qh @ kh.transpose(-1, -2)) * D  # (B, H, T, T)
+    o = scores @ vh  # (B, H, T, Dv)
+
+    log_g = _log_gamma(gamma, q)
+    pos = torch.arange(T, device=q.device, dtype=log_g.dtype)
+    # Weight of token s in the final state: gamma^(T-1-s).
+    w_state = torch.exp((T - 1 - pos)[None, :] * log_g[:, None]).to(q.dtype)  # (H, T)
+    state = (kh * w_state[None, :, :, None]).transpose(-1, -2) @ vh  # (B, H, Dk, Dv)
+    if initial_state is not None:
+        w_in = torch.exp((pos + 1)[None, :] * log_g[:, None]).to(q.dtype)  # (H, T)
+        o = o + (qh @ initial_state) * w_in[None, :, :, None]
+        state = state + initial_state * torch.exp(T * log_g).to(q.dtype)[None, :, None, None]
+    return o.transpose(1, 2), state
+
+
+def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None) -> Tuple[Tensor, Tensor]:
+    """O(T * C) form: parallel inside chunks of `chunk_size`, recurrent across them.
+
+    Handles any T: the last chunk may be shorter, and its decay uses its true length, so
+    the final state is exact (a zero-padded tail must not decay the state further).
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    C = chunk_size
+    N = -(-T // C)  # number of chunks
+    pad = N * C - T
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    # (B, H, N, C, D)
+    qc, kc, vc = (x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
+
+    log_g = _log_gamma(gamma, q)  # (H,)
+    j = torch.arange(C, device=q.device, dtype=log_g.dtype)
+    lengths = torch.full((N,), C, device=q.device, dtype=log_g.dtype)
+    lengths[-1] = T - (N - 1) * C
+    D = decay_matrix(gamma, C, q).to(q.dtype)  # (H, C, C)
+
+    # Inside each chunk.
+    o = ((qc @ kc.transpose(-1, -2)) * D[None, :, None]) @ vc  # (B, H, N, C, Dv)
+
+    # Each chunk's contribution to the state at its end: sum_j gamma^(L-1-j) k_j^T v_j,
+    # with weight 0 for padded positions j >= L.
+    expo = lengths[:, None] - 1 - j[None, :]  # (N, C)
+    w_kv = torch.exp(expo.clamp(min=0)[None] * log_g[:, None, None])  # (H, N, C)
+    w_kv = w_kv.masked_fill(expo[None] < 0, 0.0).to(q.dtype)
+    chunk_kv = (kc * w_kv[None, ..., None]).transpose(-1, -2) @ vc  # (B, H, N, Dk, Dv)
+    chunk_decay = torch.exp(lengths[None, :] * log_g[:, None]).to(q.dtype)  # (H, N)
+
+    # States entering each chunk: a short recurrence over N chunks.
+    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(q.dtype)
+    states_in = []
+    for n in range(N):
+        states_in.append(S)
+        S = S * chunk_decay[None, :, n, None, None] + chunk_kv[:, :, n]
+    S_in = torch.stack(states_in, dim=2)  # (B, H, N, Dk, Dv)
+
+    # Across chunks: position j of a chunk sees the incoming state decayed by gamma^(j+1).
+    w_q = torch.exp((j + 1)[None, :] * log_g[:, None]).to(q.dtype)  # (H, C)
+    o = o + (qc @ S_in) * w_q[None, :, None, :, None]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, Dv)[:, :T]
+    return o, S
+
+
+def retention_recurrent(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]:
+    """O(1)-state form, one token at a time: the decoding form."""
+    B, T, H, Dk = q.shape
+    g = gamma.to(q.dtype).view(1, H, 1, 1)
+    S = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
+    outs = []
+    for t in range(T):
+        S = g * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)  # (B, H, Dk, Dv)
+        outs.append((q[:, t].unsqueeze(-2) @ S).squeeze(-2))  # (B, H, Dv)
+    return torch.stack(outs, dim=1), S
+
+
+RETENTION_FORMS = {
+    "parallel": retention_parallel,
+    "chunkwise": retention_chunkwise,
+    "recurrent": retention_recurrent,
+}
+
+
+def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Optional[Tensor] = None):
+    """Dispatch to one of the three forms by name."""
+    if mode == "chunkwise":
+        return retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, initial_state=initial_state)
+    if mode not in RETENTION_FORMS:
+        raise ValueError(f"unknown retention mode {mode!r}; choose one of {sorted(RETENTION_FORMS)}")
+    return RETENTION_FORMS[mode](q, k, v, gamma, initial_state=initial_state)
