@@ -146,7 +146,7 @@ class MultiScaleRetention(nn.Module):
         self.o_proj = nn.Linear(H * Dv, config.hidden_size, bias=config.o_proj_bias)
         if config.use_output_gate:
             self.g_proj = nn.Linear(config.hidden_size, H * Dv, bias=False)
-        if config.head_norm_affine and config.head_norm != "none":
+        if config.head_norm_affine:  # per-channel scale (and shift for groupnorm) after the norm
             self.head_norm_weight = nn.Parameter(torch.ones(H * Dv))
             if config.head_norm == "groupnorm":
                 self.head_norm_bias = nn.Parameter(torch.zeros(H * Dv))
@@ -170,16 +170,15 @@ class MultiScaleRetention(nn.Module):
         with torch.no_grad():
             self.decay_logit.copy_(torch.logit(gammas).to(self.decay_logit.dtype))
 
-    def head_norm(self, o: torch.Tensor) -> torch.Tensor:
-        """Normalise each head (B, T, H, Dv) over its channels, in fp32."""
+    def head_norm(self, o: torch.Tensor, affine: bool = True) -> torch.Tensor:
+        """Normalise each head (B, T, H, Dv) over its channels, in fp32, then scale (and shift)."""
         kind, eps = self.config.head_norm, self.config.head_norm_eps
-        if kind == "none":
-            return o
         dtype, o = o.dtype, o.float()
         if kind == "groupnorm":
             o = o - o.mean(-1, keepdim=True)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
-        if hasattr(self, "head_norm_weight"):
+        if kind != "none":
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps)
+        if affine and hasattr(self, "head_norm_weight"):
             o = o * self.head_norm_weight.float().view(self.num_heads, self.v_dim)
             if hasattr(self, "head_norm_bias"):
                 o = o + self.head_norm_bias.float().view(self.num_heads, self.v_dim)
@@ -192,7 +191,22 @@ class MultiScaleRetention(nn.Module):
         token_mask: Optional[torch.Tensor] = None,  # (B, T), 0 for padding
         state: Optional[torch.Tensor] = None,  # (B, H, Dk', Dv')
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
+        o, state = self.mix(x, position_ids, token_mask, state)
+        return self.o_proj(o), state
+
+    def mix(self, x, position_ids, token_mask=None, state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Everything but the output projection: (B, T, H * Dv), the counterpart of the
+        attention output before o_proj in a Transformer (what conversion aligns)."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, position_ids)
+        o, state = self.retain(q, k, v, position_ids, token_mask, state)
+        o = self.head_norm(o).reshape(B, T, self.num_heads * self.v_dim)
+        if self.config.use_output_gate:
+            o = F.silu(self.g_proj(x)) * o
+        return o, state
+
+    def project(self, x, position_ids):
+        """q, k (B, T, H, Dk) with positions applied and k scaled; v (B, T, H, Dv)."""
         B, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.qk_dim, self.v_dim
         q = self.q_proj(x).view(B, T, H, Dk)
@@ -201,11 +215,22 @@ class MultiScaleRetention(nn.Module):
         if self.num_kv_heads != H:  # grouped-query: each key/value head serves H / Hkv query heads
             k = k.repeat_interleave(H // self.num_kv_heads, dim=2)
             v = v.repeat_interleave(H // self.num_kv_heads, dim=2)
-        if cfg.position_embedding_type != "none":
-            q, k = apply_rotary(q, position_ids, cfg), apply_rotary(k, position_ids, cfg)
-        k = k * self.scale
+        if self.config.position_embedding_type != "none":
+            q, k = apply_rotary(q, position_ids, self.config), apply_rotary(k, position_ids, self.config)
+        return q, k * self.scale, v
+
+    def retain(self, q, k, v, position_ids, token_mask=None, state=None, gamma=None, score_bias=None):
+        """Retention of projected q, k, v plus the configured normalisation: (B, T, H, Dv).
+
+        `gamma` (H,) and `score_bias` (H,) default to the layer's own; conversion passes
+        candidates here to fit them (H may then be a multiple of the layer's head count).
+        """
+        cfg = self.config
+        B, T, H, Dv = v.shape
+        gamma = self.gamma if gamma is None else gamma
         if cfg.score_bias:  # scores become b_h + q.k: a constant feature on each side
-            q = torch.cat([q, self.score_bias.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
+            b = self.score_bias if score_bias is None else score_bias
+            q = torch.cat([q, b.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
             k = torch.cat([k, k.new_ones(B, T, H, 1)], -1)
         if token_mask is not None:  # padding neither enters the state nor reaches other tokens
             k = k * token_mask[:, :, None, None].to(k.dtype)
@@ -213,21 +238,17 @@ class MultiScaleRetention(nn.Module):
             v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)
 
         mode = cfg.retention_mode if T > 1 else "recurrent"
-        o, state = retention(q, k, v, self.gamma, mode, chunk_size=cfg.chunk_size, initial_state=state)
+        o, state = retention(q, k, v, gamma, mode, chunk_size=cfg.chunk_size, initial_state=state)
 
         if cfg.retention_normalization == "paper":
             # Paper: D~ = D / sqrt(sum_m D_nm), R~ = R / max(|sum_m R_nm|, 1). Together that is
             # o_n / max(|s_n|, c_n) with s_n the score row sum and c_n^2 = sum_{j<=n} gamma^j.
             o, s = o[..., :Dv], o[..., Dv:]
             n = position_ids.clamp(min=0).to(torch.float32)[..., None]  # (B, T, 1)
-            log_g = self.gamma.log()  # (H,)
+            log_g = gamma.float().log()  # (H,)
             c = torch.sqrt(-torch.expm1((n + 1) * log_g) / -torch.expm1(log_g))  # (B, T, H)
-            denom = torch.maximum(s.float().abs(), c[..., None]).to(o.dtype)
-            o = o / denom
-        o = self.head_norm(o).reshape(B, T, H * Dv)
-        if cfg.use_output_gate:
-            o = F.silu(self.g_proj(x)) * o
-        return self.o_proj(o), state
+            o = o / torch.maximum(s.float().abs(), c[..., None]).to(o.dtype)
+        return o, state
 
 
 class RetNetMLP(nn.Module):
@@ -464,7 +485,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     ):
         """First call: the whole prompt (prefill). Later calls: only the newest token."""
         if past_key_values is not None and past_key_values.seen_tokens > 0:
-            input_ids = input_ids[:, past_key_values.seen_tokens:]
+            # The tokens the state has not consumed. A prompt given as inputs_embeds is not in
+            # input_ids (which then holds only the generated tokens): skip it in the count.
+            prompt_in_embeds = inputs_embeds.shape[1] if inputs_embeds is not None else 0
+            input_ids = input_ids[:, past_key_values.seen_tokens - prompt_in_embeds:]
             inputs_embeds = None
         model_inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
         if inputs_embeds is not None and (past_key_values is None or past_key_values.seen_tokens == 0):

@@ -1,0 +1,239 @@
+"""Export a RetNet checkpoint to torchscale's RetNetDecoder (torchscale 0.3.0).
+
+    our config --(checks, then kwargs)----> torchscale RetNetConfig(**args)
+    our state dict --(key table)----------> RetNetDecoder state dict (with embed_tokens
+                                             and output_projection)
+    --(atomic write)--> out_dir/checkpoint.pt {"args": ..., "model": ...} + out_dir/config.json
+
+torchscale's layout is fixed, so only models configured like it can be exported: xpos
+positions with its angles, the paper decays, RMSNorm everywhere (no affine on the head),
+the swish gate, a bias-free GLU. Anything else is refused with one message naming every
+mismatch; grouped-query key/value heads are expanded to one per query head.
+
+torchscale normalises retention differently (abs-sum in the parallel form, a running scale
+in the recurrent one); both differ from our "paper" normalisation by one scalar per
+(position, head), which its head RMSNorm removes up to the norm's eps.
+"""
+
+import json
+import math
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from retconvert.errors import RetconvertError
+from retconvert.models import RetNetForCausalLM
+from retconvert.models.configuration_retnet import paper_decay
+from retconvert.paths import atomic_output_dir
+
+ACTIVATIONS = {"gelu": "gelu", "silu": "swish", "swish": "swish", "relu": "relu"}  # ours -> torchscale
+TORCHSCALE_THETA = 10000.0  # RetNetRelPos hard-codes its angles and decays
+
+# Ours -> torchscale, per layer ("{i}" is the layer index).
+LAYER_KEYS = {
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.retention_layer_norm.weight",
+    "model.layers.{i}.retention.q_proj.weight": "layers.{i}.retention.q_proj.weight",
+    "model.layers.{i}.retention.k_proj.weight": "layers.{i}.retention.k_proj.weight",
+    "model.layers.{i}.retention.v_proj.weight": "layers.{i}.retention.v_proj.weight",
+    "model.layers.{i}.retention.g_proj.weight": "layers.{i}.retention.g_proj.weight",
+    "model.layers.{i}.retention.o_proj.weight": "layers.{i}.retention.out_proj.weight",
+    "model.layers.{i}.post_retention_layernorm.weight": "layers.{i}.final_layer_norm.weight",
+    # torchscale's GLU is fc2(act(fc1(x)) * gate(x)); ours is down(act(gate(x)) * up(x)).
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.ffn.fc1.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.ffn.gate.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.ffn.fc2.weight",
+}
+MODEL_KEYS = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "layer_norm.weight",
+    "lm_head.weight": "output_projection.weight",
+}
+IGNORED = ("decay_logit",)  # our decays: checked against torchscale's fixed ones instead
+
+
+class TorchscaleExportError(RetconvertError, ValueError):
+    """The model uses a feature torchscale's RetNetDecoder cannot express."""
+
+
+def unmappable_features(model: RetNetForCausalLM) -> list:
+    """Every reason the model cannot become a torchscale RetNetDecoder (empty: it can)."""
+    cfg, problems = model.config, []
+
+    def need(ok, text):
+        if not ok:
+            problems.append(text)
+
+    H, C = cfg.num_attention_heads, cfg.hidden_size
+    need(cfg.position_embedding_type == "xpos",
+         f"position_embedding_type={cfg.position_embedding_type!r} (torchscale: 'xpos')")
+    need(cfg.rope_theta == TORCHSCALE_THETA, f"rope_theta={cfg.rope_theta} (torchscale: {TORCHSCALE_THETA:g})")
+    need(cfg.rotary_scaling is None, f"rotary_scaling={cfg.rotary_scaling} (torchscale has none)")
+    need(not cfg.learned_position_embeddings, "learned_position_embeddings (torchscale has no absolute positions)")
+    need(cfg.head_norm == "rmsnorm", f"head_norm={cfg.head_norm!r} (torchscale: 'rmsnorm')")
+    need(not cfg.head_norm_affine, "head_norm_affine (torchscale's head norm has no weights)")
+    need(cfg.head_norm_eps == cfg.norm_eps,
+         f"head_norm_eps={cfg.head_norm_eps} != norm_eps={cfg.norm_eps} (torchscale uses one layernorm_eps)")
+    need(cfg.retention_normalization == "paper",
+         f"retention_normalization={cfg.retention_normalization!r} (torchscale: 'paper')")
+    need(cfg.norm_type == "rmsnorm", f"norm_type={cfg.norm_type!r} (torchscale: 'rmsnorm')")
+    need(cfg.mlp_type == "glu", f"mlp_type={cfg.mlp_type!r} (torchscale's RetNet always uses a GLU)")
+    need(cfg.hidden_act in ACTIVATIONS,
+         f"hidden_act={cfg.hidden_act!r} (torchscale: one of {sorted(ACTIVATIONS)})")
+    for name in ("attention_bias", "o_proj_bias", "mlp_bias", "score_bias", "parallel_residual"):
+        need(not getattr(cfg, name), f"{name}=True (torchscale has none)")
+    need(cfg.use_output_gate, "use_output_gate=False (torchscale always gates)")
+    need(cfg.qk_head_dim * H == C,
+         f"head_dim={cfg.qk_head_dim} with {H} heads != hidden_size={C} (torchscale ties them)")
+    need(cfg.qk_scale is None or math.isclose(cfg.qk_scale, cfg.qk_head_dim**-0.5),
+         f"qk_scale={cfg.qk_scale} (torchscale: head_dim ** -0.5)")
+    need(any(math.isclose(cfg.embed_scale, s) for s in (1.0, math.sqrt(C))),
+         f"embed_scale={cfg.embed_scale} (torchscale: 1 or sqrt(hidden_size))")
+    paper = torch.tensor(paper_decay(H), dtype=torch.float64)
+    for i, layer in enumerate(model.model.layers):
+        gamma = layer.retention.gamma.double()
+        if not torch.allclose(gamma, paper, rtol=0, atol=1e-6):
+            problems.append(f"layer {i} decays {[round(g, 6) for g in gamma.tolist()]} "
+                            f"(torchscale: the paper's 1 - 2^(-5-h) in every layer)")
+            break
+    return problems
+
+
+def _expand_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
+    """(Hkv * D, C) -> (H * D, C): each key/value head repeated for the query heads it serves."""
+    return weight.view(kv_heads, -1, weight.shape[-1]).repeat_interleave(heads // kv_heads, 0).flatten(0, 1)
+
+
+def to_torchscale(model: RetNetForCausalLM) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(kwargs of torchscale's RetNetConfig, RetNetDecoder state dict) for the same function."""
+    problems = unmappable_features(model)
+    if problems:
+        raise TorchscaleExportError("cannot export to torchscale: " + "; ".join(problems))
+    cfg = model.config
+    H, Hkv, L = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    args = dict(
+        decoder_embed_dim=cfg.hidden_size,
+        decoder_value_embed_dim=H * cfg.v_head_dim,
+        decoder_retention_heads=H,
+        decoder_ffn_embed_dim=cfg.intermediate_size,
+        decoder_layers=L,
+        decoder_normalize_before=True,
+        activation_fn=ACTIVATIONS[cfg.hidden_act],
+        dropout=0.0,
+        activation_dropout=0.0,
+        drop_path_rate=0.0,
+        no_scale_embedding=math.isclose(cfg.embed_scale, 1.0),
+        layernorm_embedding=False,
+        layernorm_eps=cfg.norm_eps,
+        share_decoder_input_output_embed=tied,
+        vocab_size=cfg.vocab_size,
+        max_target_positions=cfg.max_position_embeddings,
+        chunkwise_recurrent=False,  # torchscale's chunkwise form is wrong past the first chunk
+        deepnorm=False,
+        subln=True,
+        multiway=False,
+        checkpoint_activations=False,
+        fsdp=False,
+    )
+
+    ours = model.state_dict()
+    table = dict(MODEL_KEYS)
+    for i in range(L):
+        table.update({k.format(i=i): v.format(i=i) for k, v in LAYER_KEYS.items()})
+    leftover = [k for k in ours if k not in table and not k.endswith(IGNORED)]
+    if leftover:  # a parameter the table does not know: never drop weights silently
+        raise TorchscaleExportError(f"cannot export to torchscale: no mapping for {', '.join(leftover)}")
+    state = {}
+    for key, ts_key in table.items():
+        tensor = ours[key]
+        if Hkv != H and key.endswith(("k_proj.weight", "v_proj.weight")):
+            tensor = _expand_heads(tensor, Hkv, H)
+        state[ts_key] = tensor.detach().contiguous()
+    if tied:  # one tensor under both names, saved once
+        state["output_projection.weight"] = state["embed_tokens.weight"]
+    # RetNetRelPos buffers, as torchscale builds them (the checks above make them equal ours).
+    angle = 1.0 / TORCHSCALE_THETA ** torch.linspace(0, 1, cfg.qk_head_dim // 2)
+    decay = torch.log(1 - 2 ** (-5 - torch.arange(H, dtype=torch.float)))
+    state["retnet_rel_pos.angle"] = angle.repeat_interleave(2)  # one angle per interleaved pair
+    state["retnet_rel_pos.decay"] = decay
+    return args, state
+
+
+def export_torchscale(src_dir, out_dir, force: bool = False) -> Path:
+    """Load our checkpoint from `src_dir`, write `out_dir/checkpoint.pt` and `config.json`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:  # before the (possibly long) load
+        raise RetconvertError(f"output {out_dir} already exists; pass force=True to replace it")
+    model = RetNetForCausalLM.from_pretrained(src_dir)
+    args, state = to_torchscale(model)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        torch.save({"args": args, "model": state}, tmp / "checkpoint.pt")
+        (tmp / "config.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def load_torchscale(out_dir) -> nn.Module:
+    """The exported RetNetDecoder, weights loaded, in eval mode."""
+    ckpt = torch.load(Path(out_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    TorchscaleConfig, RetNetDecoder = import_torchscale()
+    args = TorchscaleConfig(**ckpt["args"])
+    embed = nn.Embedding(args.vocab_size, args.decoder_embed_dim)
+    decoder = RetNetDecoder(args, embed_tokens=embed)
+    decoder.load_state_dict(ckpt["model"], strict=True)
+    weight = ckpt["model"]["embed_tokens.weight"]
+    return decoder.to(weight.dtype).eval()
+
+
+@contextmanager
+def _stub_modules(stubs: Dict[str, dict]):
+    """Temporarily provide modules (name -> attributes) that are not installed."""
+    saved = {name: sys.modules.get(name) for name in stubs}
+    for name, attrs in stubs.items():
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__dict__.update(attrs)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def _unused(*args, **kwargs):
+    raise RuntimeError("stub: install fairscale and timm for activation checkpointing, FSDP or drop-path")
+
+
+def import_torchscale():
+    """torchscale's (RetNetConfig, RetNetDecoder).
+
+    torchscale 0.3.0 is installed with --no-deps (pyproject.toml), and its retnet module imports
+    fairscale (only for checkpoint_activations / fsdp) and timm (only for drop_path_rate > 0) at
+    import time. When they are missing, stand-ins that refuse to run are used for the import;
+    exports never enable those features.
+    """
+    try:
+        from torchscale.architecture.config import RetNetConfig
+        from torchscale.architecture.retnet import RetNetDecoder
+        return RetNetConfig, RetNetDecoder
+    except ImportError:
+        pass
+    stubs = {}
+    try:
+        import fairscale.nn  # noqa: F401
+    except ImportError:
+        stubs.update({"fairscale": {}, "fairscale.nn": {"checkpoint_wrapper": _unused, "wrap": _unused}})
+    try:
+        from timm.models.layers import drop_path  # noqa: F401
+    except ImportError:
+        stubs.update({"timm": {}, "timm.models": {}, "timm.models.layers": {"drop_path": _unused}})
+    with _stub_modules(stubs):
+        from torchscale.architecture.config import RetNetConfig
+        from torchscale.architecture.retnet import RetNetDecoder
+    return RetNetConfig, RetNetDecoder

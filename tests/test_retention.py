@@ -1,0 +1,141 @@
+"""The three retention forms against the naive recurrence: outputs, final states and gradients."""
+
+import functools
+
+import pytest
+import torch
+
+from retconvert.models.retention import (
+    retention,
+    retention_chunkwise,
+    retention_naive,
+    retention_parallel,
+    retention_recurrent,
+)
+
+GAMMAS = [0.5, 0.9, 0.99, 0.999]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+B, DK, DV = 2, 8, 6  # Dk != Dv so that a transposed state cannot pass
+
+
+def make_inputs(T, dtype, initial_state, kv_heads=None, seed=0):
+    """Leaf tensors q, k, v (k, v possibly with fewer heads) and an optional initial state."""
+    g = torch.Generator().manual_seed(seed)
+    H = len(GAMMAS)
+    Hkv = kv_heads or H
+    leaves = {
+        "q": torch.randn(B, T, H, DK, generator=g, dtype=torch.float64) * 0.3,
+        "k": torch.randn(B, T, Hkv, DK, generator=g, dtype=torch.float64) * 0.3,
+        "v": torch.randn(B, T, Hkv, DV, generator=g, dtype=torch.float64),
+    }
+    if initial_state:
+        leaves["initial_state"] = torch.randn(B, H, DK, DV, generator=g, dtype=torch.float64) * 0.3
+    return {name: x.to(dtype).requires_grad_() for name, x in leaves.items()}
+
+
+def run(form, leaves, gamma):
+    """Output, final state and the gradients of a fixed random projection of both."""
+    H = gamma.shape[0]
+    q, k, v = leaves["q"], leaves["k"], leaves["v"]
+    if k.shape[2] != H:  # grouped-query: expand, gradients go back to the shared heads
+        k = k.repeat_interleave(H // k.shape[2], dim=2)
+        v = v.repeat_interleave(H // v.shape[2], dim=2)
+    o, state = form(q, k, v, gamma, initial_state=leaves.get("initial_state"))
+    g = torch.Generator().manual_seed(1)
+    w_o = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    w_s = torch.randn(state.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    loss = (o * w_o).sum() + (state * w_s).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o, state, dict(zip(leaves, grads))
+
+
+def assert_close(name, got, want, tol):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = want.abs().max().clamp(min=1.0)
+    err = (got.double() - want.double()).abs().max() / scale
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e}"
+
+
+def check_against_naive(form, T, dtype, initial_state, kv_heads=None):
+    gamma = torch.tensor(GAMMAS, dtype=dtype)
+    leaves = make_inputs(T, dtype, initial_state, kv_heads)
+    o, s, grads = run(form, leaves, gamma)
+    # The reference always runs in fp64, from the same (possibly fp32-rounded) inputs.
+    ref_leaves = {n: x.detach().double().requires_grad_() for n, x in leaves.items()}
+    o_ref, s_ref, grads_ref = run(retention_naive, ref_leaves, gamma.double())
+    assert o.dtype == dtype and s.dtype == dtype
+    tol = TOL[dtype]
+    assert_close("output", o, o_ref, tol)
+    assert_close("final state", s, s_ref, tol)
+    assert set(grads) == set(grads_ref)
+    for name in grads:
+        assert_close(f"d/d{name}", grads[name], grads_ref[name], tol)
+
+
+FORMS = {
+    "parallel": retention_parallel,
+    "recurrent": retention_recurrent,
+    "chunkwise16": functools.partial(retention_chunkwise, chunk_size=16),
+}
+
+
+@pytest.mark.parametrize("initial_state", [False, True], ids=["zero", "init"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("T", [1, 63, 65])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_form_matches_naive(form, T, dtype, initial_state):
+    check_against_naive(FORMS[form], T, dtype, initial_state)
+
+
+@pytest.mark.parametrize("initial_state", [False, True], ids=["zero", "init"])
+@pytest.mark.parametrize("T", [1, 63, 65])
+@pytest.mark.parametrize("chunk_size", [1, 16, 64, 100])
+def test_chunkwise_any_chunk_size(chunk_size, T, initial_state):
+    form = functools.partial(retention_chunkwise, chunk_size=chunk_size)
+    check_against_naive(form, T, torch.float64, initial_state)
+
+
+LONG_CASES = {  # T = 257 is slow-ish with every combination: a few representative ones
+    "parallel-fp64": (retention_parallel, torch.float64),
+    "recurrent-fp64": (retention_recurrent, torch.float64),
+    "chunkwise64-fp64": (functools.partial(retention_chunkwise, chunk_size=64), torch.float64),
+    "chunkwise100-fp32": (functools.partial(retention_chunkwise, chunk_size=100), torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG_CASES))
+def test_long_sequence(case):
+    form, dtype = LONG_CASES[case]
+    check_against_naive(form, 257, dtype, initial_state=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_grouped_query(form, dtype):
+    """k, v with 2 heads serving 4 query heads; their gradients sum over the served heads."""
+    check_against_naive(FORMS[form], 37, dtype, initial_state=True, kv_heads=2)
+
+
+def test_dispatcher():
+    leaves = make_inputs(20, torch.float64, initial_state=True)
+    q, k, v, s0 = (leaves[n].detach() for n in ("q", "k", "v", "initial_state"))
+    gamma = torch.tensor(GAMMAS, dtype=torch.float64)
+    want = retention_naive(q, k, v, gamma, initial_state=s0)
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        o, s = retention(q, k, v, gamma, mode, chunk_size=8, initial_state=s0)
+        assert_close(mode, o, want[0], 1e-10)
+        assert_close(mode + " state", s, want[1], 1e-10)
+    with pytest.raises(ValueError, match="unknown retention mode 'fused'"):
+        retention(q, k, v, gamma, "fused")
+
+
+def test_state_continues_across_calls():
+    """Splitting a sequence and passing the state along equals one call (the decoding contract)."""
+    leaves = make_inputs(50, torch.float64, initial_state=False)
+    q, k, v = (leaves[n].detach() for n in ("q", "k", "v"))
+    gamma = torch.tensor(GAMMAS, dtype=torch.float64)
+    o_full, s_full = retention_parallel(q, k, v, gamma)
+    o1, s1 = retention_chunkwise(q[:, :30], k[:, :30], v[:, :30], gamma, chunk_size=7)
+    o2, s2 = retention_recurrent(q[:, 30:], k[:, 30:], v[:, 30:], gamma, initial_state=s1)
+    assert_close("split output", torch.cat([o1, o2], 1), o_full, 1e-10)
+    assert_close("split state", s2, s_full, 1e-10)
