@@ -49,6 +49,9 @@ class RetNetConfig(PretrainedConfig):
         head_norm: per-head normalisation of the retention output, computed in fp32.
         score_bias: learnable per-head offset b_h added to every score (b_h + q.k), kept a
             linear recurrence by appending a constant feature to q and k.
+        attention_sink: a learned key/value per head that every position sees without decay,
+            weighted w_h * (b_h + q.k_sink) in the scores: the counterpart of the attention
+            sink of softmax Transformers (zero weight: no effect).
         use_output_gate: the paper's swish gate, `swish(x W_g) * retention(x)`.
         embed_scale: multiplier of the token embeddings (torchscale uses sqrt(hidden_size)).
         parallel_residual: x + retention(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential.
@@ -89,6 +92,7 @@ class RetNetConfig(PretrainedConfig):
         head_norm_affine: bool = False,
         head_norm_eps: float = 1e-6,
         score_bias: bool = False,
+        attention_sink: bool = False,
         use_output_gate: bool = True,
         embed_scale: float = 1.0,
         parallel_residual: bool = False,
@@ -131,6 +135,7 @@ class RetNetConfig(PretrainedConfig):
         self.head_norm_affine = head_norm_affine
         self.head_norm_eps = head_norm_eps
         self.score_bias = score_bias
+        self.attention_sink = attention_sink
         self.use_output_gate = use_output_gate
         self.embed_scale = embed_scale
         self.parallel_residual = parallel_residual

@@ -152,6 +152,10 @@ class MultiScaleRetention(nn.Module):
                 self.head_norm_bias = nn.Parameter(torch.zeros(H * Dv))
         if config.score_bias:
             self.score_bias = nn.Parameter(torch.zeros(H))
+        if config.attention_sink:  # a virtual, never-decaying first token per head
+            self.sink_key = nn.Parameter(torch.zeros(H, Dk))
+            self.sink_value = nn.Parameter(torch.zeros(H, Dv))
+            self.sink_weight = nn.Parameter(torch.zeros(H))
 
         # Decay stored as a logit so that gamma = sigmoid(logit) stays in (0, 1) when trained.
         logit = torch.logit(torch.tensor(config.layer_decay_gammas(layer_idx), dtype=torch.float64)).float()
@@ -219,15 +223,17 @@ class MultiScaleRetention(nn.Module):
             q, k = apply_rotary(q, position_ids, self.config), apply_rotary(k, position_ids, self.config)
         return q, k * self.scale, v
 
-    def retain(self, q, k, v, position_ids, token_mask=None, state=None, gamma=None, score_bias=None):
+    def retain(self, q, k, v, position_ids, token_mask=None, state=None, gamma=None, score_bias=None,
+               sink_weight=None):
         """Retention of projected q, k, v plus the configured normalisation: (B, T, H, Dv).
 
-        `gamma` (H,) and `score_bias` (H,) default to the layer's own; conversion passes
-        candidates here to fit them (H may then be a multiple of the layer's head count).
+        `gamma`, `score_bias` and `sink_weight` (H,) default to the layer's own; conversion
+        passes candidates here to fit them (H may then be a multiple of the layer's head count).
         """
         cfg = self.config
         B, T, H, Dv = v.shape
         gamma = self.gamma if gamma is None else gamma
+        sink = self.sink(q, score_bias, sink_weight) if cfg.attention_sink else None  # (B, T, H)
         if cfg.score_bias:  # scores become b_h + q.k: a constant feature on each side
             b = self.score_bias if score_bias is None else score_bias
             q = torch.cat([q, b.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
@@ -240,6 +246,9 @@ class MultiScaleRetention(nn.Module):
         mode = cfg.retention_mode if T > 1 else "recurrent"
         o, state = retention(q, k, v, gamma, mode, chunk_size=cfg.chunk_size, initial_state=state)
 
+        if sink is not None:  # the sink's value, and its score in the row sum
+            G = H // self.num_heads
+            o = o + sink[..., None] * F.pad(self.sink_value.repeat(G, 1), (0, o.shape[-1] - Dv), value=1.0)
         if cfg.retention_normalization == "paper":
             # Paper: D~ = D / sqrt(sum_m D_nm), R~ = R / max(|sum_m R_nm|, 1). Together that is
             # o_n / max(|s_n|, c_n) with s_n the score row sum and c_n^2 = sum_{j<=n} gamma^j.
@@ -249,6 +258,20 @@ class MultiScaleRetention(nn.Module):
             c = torch.sqrt(-torch.expm1((n + 1) * log_g) / -torch.expm1(log_g))  # (B, T, H)
             o = o / torch.maximum(s.float().abs(), c[..., None]).to(o.dtype)
         return o, state
+
+    def sink(self, q, score_bias=None, sink_weight=None) -> torch.Tensor:
+        """Score of the attention sink, (B, T, H): w_h * (b_h + q . k_sink).
+
+        Softmax heads park much of their weight on the first token whatever the distance;
+        decayed retention cannot, so the sink is a key/value pair outside the recurrence
+        that never decays. It needs no state: recurrent, chunkwise and parallel agree.
+        """
+        G = q.shape[2] // self.num_heads  # candidate groups during calibration, else 1
+        w = self.sink_weight.repeat(G) if sink_weight is None else sink_weight
+        score = torch.einsum("bthd,hd->bth", q, self.sink_key.to(q.dtype).repeat(G, 1))
+        if self.config.score_bias:
+            score = score + (self.score_bias.repeat(G) if score_bias is None else score_bias).to(q.dtype)
+        return w.to(q.dtype) * score
 
 
 class RetNetMLP(nn.Module):
@@ -327,8 +350,9 @@ class RetNetPreTrainedModel(PreTrainedModel):
                 nn.init.ones_(module.head_norm_weight)
             if hasattr(module, "head_norm_bias"):
                 nn.init.zeros_(module.head_norm_bias)
-            if hasattr(module, "score_bias"):
-                nn.init.zeros_(module.score_bias)
+            for name in ("score_bias", "sink_key", "sink_value", "sink_weight"):
+                if hasattr(module, name):
+                    nn.init.zeros_(getattr(module, name))
 
 
 class RetNetModel(RetNetPreTrainedModel):

@@ -1,0 +1,209 @@
+"""Convert a Transformer teacher into a RetNet student and write a loadable checkpoint.
+
+    teacher --(family key table)--> student weights
+            --(calibration text)--> decay, score bias and output scale per head
+            --(atomic write)------> save_pretrained folder + tokenizer + model card
+"""
+
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+import retconvert
+from retconvert.convert.calibrate import calibrate
+from retconvert.convert.families import NEW_PARAMETERS, Family, family_for, map_state_dict
+from retconvert.convert.sources import Teacher
+from retconvert.data import iter_texts, token_stream
+from retconvert.errors import RetconvertError
+from retconvert.models import RetNetConfig, RetNetForCausalLM
+from retconvert.paths import atomic_output_dir, shared_data_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConvertOptions:
+    """How retention replaces attention. Defaults are the settings that measured best
+    on SmolLM2 (docs/RESULTS.md)."""
+
+    decay: str = "calibrated"  # "retnet": the paper's 1 - 2^(-5-h); "calibrated": fitted per head
+    score_bias: bool = True  # scores b + q.k (b fitted with calibration, else 1)
+    sink: bool = True  # a never-decaying sink key/value per head, fitted with calibration
+    head_norm: str = "none"  # "none" | "rmsnorm" | "groupnorm"; each followed by a per-head scale
+    output_scale: str = "fit"  # "fit": least squares to the attention output; "one": 1
+    gate: bool = False  # the paper's swish gate, untrained (random) at conversion
+    retention_mode: str = "chunkwise"
+    chunk_size: int = 64
+    calib_data: Optional[str] = None  # text source; default: the offline C4 sample, else C4 online
+    calib_tokens: int = 8192
+    calib_seq_len: int = 512
+
+    def validate(self):
+        choices = {"decay": ("retnet", "calibrated"), "head_norm": ("none", "rmsnorm", "groupnorm"),
+                   "output_scale": ("fit", "one")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise RetconvertError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not supported; "
+                                      f"use one of {', '.join(allowed)}")
+        if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 2:
+            raise RetconvertError("calibration needs calib_tokens >= calib_seq_len >= 2; raise --calib-tokens")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.decay == "calibrated" or self.output_scale == "fit" or self.score_bias or self.sink
+
+
+def student_config(teacher_config, options: ConvertOptions) -> RetNetConfig:
+    family = family_for(teacher_config)
+    kwargs = family.retnet_config(teacher_config)
+    return RetNetConfig(
+        **kwargs,
+        num_key_value_heads=kwargs["num_attention_heads"],  # grouped-query K/V are expanded per head
+        value_factor=1,
+        retention_mode=options.retention_mode,
+        chunk_size=options.chunk_size,
+        learnable_decay=True,
+        retention_normalization="paper",
+        head_norm=options.head_norm,
+        head_norm_affine=True,
+        score_bias=options.score_bias,
+        attention_sink=options.sink,
+        use_output_gate=options.gate,
+        bos_token_id=teacher_config.bos_token_id,
+        eos_token_id=teacher_config.eos_token_id,
+        pad_token_id=getattr(teacher_config, "pad_token_id", None),
+    )
+
+
+def build_student(teacher_model, options: ConvertOptions) -> RetNetForCausalLM:
+    """Map the teacher's weights; new retention parameters get their default initialisation."""
+    family = family_for(teacher_model.config)
+    config = student_config(teacher_model.config, options)
+    student = RetNetForCausalLM(config)
+    if options.score_bias:
+        for block in student.model.layers:
+            torch.nn.init.ones_(block.retention.score_bias)
+    mapped = map_state_dict(family, teacher_model.state_dict(), teacher_model.config)
+    load_mapped(student, mapped)
+    return student
+
+
+def load_mapped(student: RetNetForCausalLM, mapped: dict):
+    """Load mapped tensors; anything the student lacks from the teacher must be a new parameter."""
+    own = student.state_dict()
+    unexpected = sorted(set(mapped) - set(own))
+    if unexpected:
+        raise RetconvertError(f"the key table produced {unexpected[0]}, which the student does not have; "
+                              "the family's table and the RetNet config disagree")
+    for key, tensor in mapped.items():
+        if own[key].shape != tensor.shape:
+            raise RetconvertError(f"{key}: teacher shape {tuple(tensor.shape)} != student shape "
+                                  f"{tuple(own[key].shape)}; the family's config mapping is wrong")
+    new = [re.compile("^" + re.escape(t).replace(r"\{i\}", r"\d+") + "$") for t in NEW_PARAMETERS]
+    tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
+    missing = [k for k in own if k not in mapped and k not in tied and not any(p.match(k) for p in new)]
+    if missing:
+        raise RetconvertError(f"no teacher tensor maps to {missing[0]} ({len(missing)} in all); "
+                              "the family's key table is incomplete")
+    student.load_state_dict(mapped, strict=False)
+    if student.config.tie_word_embeddings:
+        student.tie_weights()
+
+
+def calibration_ids(tokenizer, options: ConvertOptions) -> torch.Tensor:
+    """Calibration text as (N, calib_seq_len) token rows, documents joined by EOS."""
+    spec = options.calib_data
+    if spec is None:
+        local = shared_data_dir() / "c4" / "c4_train_sample.jsonl"
+        spec = str(local) if local.is_file() else "hf:allenai/c4:en:train"
+    ids = token_stream(iter_texts(spec), tokenizer, options.calib_tokens, separator_id=tokenizer.eos_token_id)
+    rows = len(ids) // options.calib_seq_len
+    if rows == 0:
+        raise RetconvertError(f"calibration text {spec} gave only {len(ids)} tokens; need {options.calib_seq_len}")
+    return torch.tensor(ids[: rows * options.calib_seq_len]).view(rows, options.calib_seq_len)
+
+
+def convert(teacher: Teacher, options: ConvertOptions, log=print):
+    """Teacher -> calibrated student. Returns (student, report dict)."""
+    options.validate()
+    t0 = time.time()
+    family: Family = family_for(teacher.model.config)
+    log(f"converting {teacher.source} ({family.model_type}: {family.notes})")
+    student = build_student(teacher.model, options).to(teacher.model.device)
+    report = {"family": family.model_type, "options": asdict(options), "layers": []}
+    if options.needs_calibration:
+        ids = calibration_ids(teacher.tokenizer, options)
+        log(f"calibrating on {ids.numel()} tokens ({ids.shape[0]} x {ids.shape[1]})")
+        fits = calibrate(student, teacher.model, family, ids, fit_decay=options.decay == "calibrated",
+                         fit_bias=options.score_bias, log=log)
+        if options.output_scale == "one":
+            for block in student.model.layers:
+                torch.nn.init.ones_(block.retention.head_norm_weight)
+        report["layers"] = [asdict(f) for f in fits]
+        report["mean_rel_error"] = sum(f.rel_error for f in fits) / len(fits)
+    report["seconds"] = round(time.time() - t0, 1)
+    return student, report
+
+
+def model_card(teacher: Teacher, options: ConvertOptions, report: dict, command: str) -> str:
+    rows = "\n".join(f"| {i} | {layer['rel_error']:.3f} |" for i, layer in enumerate(report.get("layers", [])))
+    return f"""---
+base_model: {teacher.base_model}
+library_name: transformers
+tags: [retnet, retention, retconvert, linear-attention]
+---
+# RetNet converted from {teacher.base_model}
+
+Converted by [retconvert](https://pypi.org/project/retconvert/) {retconvert.__version__}: the
+teacher's embeddings, MLPs, norms and Q/K/V/O projections are carried over; softmax attention
+is replaced by multi-scale retention with per-head decay. **Not distilled yet**: expect a
+large quality gap to the teacher until `distill/train.py` has run.
+
+Command: `{command}`
+
+## Conversion settings
+```json
+{json.dumps(asdict(options), indent=2)}
+```
+
+## Usage
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained(PATH)
+out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=20)
+```
+Decoding always uses the recurrent form (constant memory per token).
+
+## Per-layer relative error of retention vs attention output (calibration text)
+| layer | relative error |
+|---|---|
+{rows}
+"""
+
+
+def save_checkpoint(student: RetNetForCausalLM, teacher: Teacher, options: ConvertOptions, report: dict,
+                    out: Path, dtype: str = "float32", force: bool = False, command: Optional[str] = None):
+    """Write the student, its code, tokenizer, generation config and model card, atomically."""
+    command = command or " ".join(["retconvert"] + sys.argv[1:])
+    student.config.conversion = {"teacher": teacher.base_model, "source": teacher.source,
+                                 "options": asdict(options), "retconvert_version": retconvert.__version__}
+    with atomic_output_dir(out, force=force) as tmp:
+        student.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
+        teacher.tokenizer.save_pretrained(tmp)
+        gen = getattr(teacher.model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(teacher, options, report, command))
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2))
+    return out
+
+
+def layer_errors(report: dict) -> List[float]:
+    return [layer["rel_error"] for layer in report.get("layers", [])]

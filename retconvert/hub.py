@@ -1,0 +1,765 @@
+"""Publish a converted or distilled RetNet checkpoint on the Hugging Face Hub.
+
+    retconvert push DIR --repo-id USER/NAME [--private] [--revision BRANCH] [--commit-message MSG]
+                        [--eval-report REPORT_DIR] [--license ID] [--base-model HUB_ID]
+                        [--dry-run [--card-out FILE]]
+
+Before anything leaves the machine the folder is checked (`validate_checkpoint`): a RetNet
+`config.json` with `auto_map`, readable safetensors weights (single file or shards + index),
+the modeling code that `trust_remote_code` loads, and no pickle files anywhere. The folder's
+own README.md is replaced, in the upload only, by a model card rendered from what the folder
+records (`config.conversion`, `config.distillation`) and, optionally, a `retconvert eval`
+report. The user's folder is never modified.
+
+The token comes from HF_TOKEN or the huggingface_hub login cache (`huggingface_hub.get_token`);
+it is passed to the Hub client only, never printed, logged or written anywhere. `--dry-run`
+needs neither a token nor a network: it prints the exact upload (paths, sizes, sha256) and
+writes the card next to the folder for review.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from retconvert.errors import RetconvertError
+
+# Pickle checkpoints can run arbitrary code when loaded: never published, and their presence
+# in the folder is an error (the user decides what to do with them).
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
+# Hidden files (.cache/, .git/, editor files) are never uploaded.
+HIDDEN_PATTERNS = (".*", "*/.*")
+IGNORE_PATTERNS = list(PICKLE_PATTERNS) + list(HIDDEN_PATTERNS)
+# The code `trust_remote_code` imports; retconvert's save_pretrained copies it into every checkpoint.
+CODE_FILES = ("configuration_retnet.py", "modeling_retnet.py", "retention.py")
+REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
+SINGLE_WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+CARD = "README.md"
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# Perplexity and zero-shot metrics read from an eval report; other numbers (counts) are ignored.
+PPL_METRICS = ("ppl",)
+ZERO_SHOT_METRICS = ("acc", "acc_norm", "perplexity")
+METRIC_NAMES = {"ppl": "perplexity", "acc": "accuracy", "acc_norm": "normalized accuracy",
+                "perplexity": "perplexity"}
+METRIC_TYPES = {"ppl": "perplexity"}  # model-index metric types (the Hub's names)
+
+
+# ------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`USER/NAME` as the Hub accepts it, else a RetconvertError."""
+    if not isinstance(repo_id, str) or not REPO_ID_RE.match(repo_id) or ".." in repo_id or "--" in repo_id \
+            or repo_id.endswith((".", ".git")):
+        raise RetconvertError(f"--repo-id {repo_id!r} is not a Hub repo id; use USER/NAME "
+                              "(letters, digits, '-', '_', '.'), e.g. alice/smollm2-135m-retnet")
+    return repo_id
+
+
+def repo_id_arg(value: str) -> str:
+    """argparse `type=` for repo ids (a bad one fails at parse time, before any slow work)."""
+    try:
+        return check_repo_id(value)
+    except RetconvertError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------
+
+
+def _visible_files(folder: Path) -> List[str]:
+    """Relative posix paths of the regular files under `folder`, hidden entries skipped, sorted."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            if path.is_file():
+                out.append(path.relative_to(folder).as_posix())
+    return sorted(out)
+
+
+def _is_pickle(rel: str) -> bool:
+    return rel.lower().endswith(tuple(p[1:] for p in PICKLE_PATTERNS))
+
+
+def _check_safetensors(folder: Path, rel: str, expected_keys: Optional[Sequence[str]] = None) -> int:
+    """Open `rel` with safetensors (parses and bounds-checks the header); returns its tensor count."""
+    from safetensors import safe_open
+
+    path = folder / rel
+    if not path.is_file():
+        raise RetconvertError(f"{path} is missing; re-run the conversion, or copy the whole checkpoint folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception as e:  # SafetensorError, OSError, ...: all mean "not a usable weights file"
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise RetconvertError(f"{path} is not a readable safetensors file ({reason}); it is corrupted or "
+                              "truncated: re-run the conversion or copy it again") from None
+    if not keys:
+        raise RetconvertError(f"{path} holds no tensors; re-run the conversion")
+    missing = [k for k in (expected_keys or ()) if k not in keys]
+    if missing:
+        raise RetconvertError(f"{path} lacks {missing[0]} ({len(missing)} tensors in all), which "
+                              f"{WEIGHTS_INDEX} places there; the shards and the index disagree: re-save the model")
+    return len(keys)
+
+
+def validate_checkpoint(folder) -> dict:
+    """Check that `folder` is a complete, safe RetNet checkpoint; returns its config.json as a dict.
+
+    Raises RetconvertError (one line: the problem and the fix) for: a missing folder, any pickle
+    file, a missing/unparsable/non-RetNet config.json or one without `auto_map`, missing modeling
+    code, and missing or unreadable safetensors weights.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RetconvertError(f"{folder} is not a folder; pass the checkpoint folder written by "
+                              "`retconvert from-hf` or distillation")
+    files = _visible_files(folder)
+    pickles = [f for f in files if _is_pickle(f)]
+    if pickles:
+        raise RetconvertError(f"{folder / pickles[0]} is a pickle file ({len(pickles)} in all), which can run "
+                              "code when loaded and is never published; delete it or move it out of the folder "
+                              "(the safetensors weights are what gets uploaded)")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise RetconvertError(f"{config_path} is missing; pass a folder written by save_pretrained")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RetconvertError(f"{config_path} is not valid JSON ({str(e).splitlines()[0][:120]}); "
+                              "re-save the model with save_pretrained") from None
+    if not isinstance(config, dict) or config.get("model_type") != "retnet":
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise RetconvertError(f"{config_path} has model_type {found!r}, not 'retnet'; only RetNet checkpoints are "
+                              "published: convert the model first with `retconvert from-hf`")
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict) or any(k not in auto_map for k in REQUIRED_AUTO_MAP):
+        raise RetconvertError(f"{config_path} has no auto_map for {' and '.join(REQUIRED_AUTO_MAP)}, so "
+                              "trust_remote_code cannot load it; re-save with `import retconvert` done first "
+                              "(it registers the code to ship)")
+    modules = set(CODE_FILES)
+    for ref in auto_map.values():
+        refs = ref if isinstance(ref, (list, tuple)) else [ref]
+        for r in refs:
+            if isinstance(r, str) and "--" not in r and "." in r:  # "repo--module.Class" lives elsewhere
+                modules.add(r.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    for module in sorted(modules):
+        if not (folder / module).is_file():
+            raise RetconvertError(f"{folder / module} is missing, and trust_remote_code needs it; re-save with "
+                                  "`import retconvert` done first, or copy it from retconvert's models/ folder")
+    index_path = folder / WEIGHTS_INDEX
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            assert isinstance(weight_map, dict) and weight_map
+        except Exception:
+            raise RetconvertError(f"{index_path} is not a valid shard index (no weight_map); re-save the model "
+                                  "with save_pretrained") from None
+        by_shard: Dict[str, List[str]] = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(str(shard), []).append(key)
+        for shard, keys in sorted(by_shard.items()):
+            if not shard.endswith(".safetensors") or "/" in shard or "\\" in shard:
+                raise RetconvertError(f"{index_path} points to {shard!r}, not a safetensors shard in the folder; "
+                                      "re-save the model with safe_serialization=True")
+            _check_safetensors(folder, shard, keys)
+    elif (folder / SINGLE_WEIGHTS).is_file():
+        _check_safetensors(folder, SINGLE_WEIGHTS)
+    else:
+        raise RetconvertError(f"{folder} has no weights ({SINGLE_WEIGHTS} or {WEIGHTS_INDEX} with shards); "
+                              "re-run the conversion, or save with save_pretrained(safe_serialization=True)")
+    return config
+
+
+# ------------------------------------------------------------------------------------------
+# Eval report
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResults:
+    """Normalised results of one model: {"perplexity": {dataset: {metric: value}},
+    "zero_shot": {task: {metric: value}}, "longrange": {"dotted.path": value}}."""
+
+    name: str
+    perplexity: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    zero_shot: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    longrange: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    path: Path
+    student: EvalResults
+    teacher: Optional[EvalResults]
+
+
+def _number(value) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _metrics(table, wanted: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    out = {}
+    if not isinstance(table, dict):
+        return out
+    for name, entry in table.items():
+        if not isinstance(entry, dict):
+            continue
+        values = {m: _number(entry.get(m)) for m in wanted}
+        values = {m: v for m, v in values.items() if v is not None}
+        if values:
+            out[str(name)] = values
+    return out
+
+
+def _flatten(tree, prefix="") -> Dict[str, float]:
+    out = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif _number(tree) is not None and prefix:
+        out[prefix] = _number(tree)
+    return out
+
+
+def _results(entry: dict) -> EvalResults:
+    results = entry.get("results") if isinstance(entry.get("results"), dict) else {}
+    quality = results.get("quality") if isinstance(results.get("quality"), dict) else {}
+    return EvalResults(
+        name=str(entry.get("name", "?")),
+        perplexity=_metrics(quality.get("perplexity"), PPL_METRICS),
+        zero_shot=_metrics(quality.get("zero_shot"), ZERO_SHOT_METRICS),
+        longrange=_flatten(results.get("longrange")),
+    )
+
+
+def load_eval_report(report, folder=None, repo_id: Optional[str] = None) -> EvalReport:
+    """Read the `results.json` that `retconvert eval` writes (REPORT_DIR or the file itself).
+
+    Expected schema (anything missing or non-numeric is skipped, unknown keys are ignored):
+
+        {"models": [
+            {"name": "HuggingFaceTB/SmolLM2-135M", "role": "teacher",
+             "results": {
+                 "quality": {
+                     "perplexity": {"<dataset>": {"ppl": 12.3, ...}, ...},
+                     "zero_shot": {"<task>": {"acc": 0.41, "acc_norm": 0.43, "perplexity": ..., ...}, ...}},
+                 "longrange": {... nested dicts whose leaves are numbers ...}}},
+            {"name": "outputs/smollm2-135m-retnet", "role": "student", "results": {...}}]}
+
+    The student is the only "student" entry, or, with several, the one whose name is the
+    folder (path or folder name) or `repo_id`. The teacher is the first "teacher" entry, if any.
+    """
+    path = Path(report)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise RetconvertError(f"eval report {path} not found; pass the folder written by `retconvert eval` "
+                              "(it holds results.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RetconvertError(f"eval report {path} is not valid JSON ({str(e).splitlines()[0][:120]}); "
+                              "re-run `retconvert eval`") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    models = [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+    students = [m for m in models if m.get("role") == "student"]
+    teachers = [m for m in models if m.get("role") == "teacher"]
+    if not students:
+        raise RetconvertError(f"eval report {path} has no model with role 'student'; run `retconvert eval` "
+                              "on this checkpoint (with its teacher) and pass that report")
+    student = students[0]
+    if len(students) > 1:
+        names = {str(folder)} if folder is not None else set()
+        if folder is not None:
+            names |= {Path(folder).name, str(Path(folder).resolve())}
+        if repo_id:
+            names.add(repo_id)
+
+        def matches(m):
+            name = str(m.get("name", ""))
+            return name in names or name.rstrip("/") in names or \
+                (folder is not None and Path(name).expanduser().resolve() == Path(folder).resolve())
+
+        chosen = [m for m in students if matches(m)]
+        if len(chosen) != 1:
+            listed = ", ".join(str(m.get("name")) for m in students)
+            raise RetconvertError(f"eval report {path} has {len(students)} students ({listed}) and none is "
+                                  f"uniquely this folder; evaluate this checkpoint on its own and pass that report")
+        student = chosen[0]
+    return EvalReport(path, _results(student), _results(teachers[0]) if teachers else None)
+
+
+# ------------------------------------------------------------------------------------------
+# Model card
+# ------------------------------------------------------------------------------------------
+
+
+def _hub_base_model(conversion: dict) -> Optional[str]:
+    """The teacher as a Hub ID, or None when it was a local folder / GGUF file (names only)."""
+    teacher, source = conversion.get("teacher"), conversion.get("source")
+    if not isinstance(teacher, str) or not teacher or teacher.endswith(".gguf"):
+        return None
+    if conversion.get("kind") in ("folder", "gguf"):
+        return None
+    if REPO_ID_RE.match(teacher):
+        return teacher  # org/name: folders and files are recorded by their bare name
+    if re.match(r"^[A-Za-z0-9][\w.-]*$", teacher) and teacher == source and not Path(source).exists():
+        return teacher  # a canonical id such as gpt2
+    return None
+
+
+def _fmt(value: Optional[float], metric: str = "") -> str:
+    if value is None:
+        return "—"
+    if metric in ("acc", "acc_norm"):
+        return f"{value:.4f}"
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.1f}"
+
+
+def _tokens(n) -> str:
+    n = _number(n)
+    if n is None:
+        return "not recorded"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{int(n):,} (~{n / scale:.3g}{unit})"
+    return f"{int(n):,}"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return json.dumps(value, default=str)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _side_by_side(student: Dict[str, Dict[str, float]], teacher: Dict[str, Dict[str, float]]):
+    rows = []
+    for name in sorted(set(student) | set(teacher)):
+        metrics = sorted(set(student.get(name, {})) | set(teacher.get(name, {})))
+        for m in metrics:
+            rows.append([name, METRIC_NAMES.get(m, m), _fmt(teacher.get(name, {}).get(m), m),
+                         _fmt(student.get(name, {}).get(m), m)])
+    return rows
+
+
+def _model_index(name: str, results: EvalResults) -> list:
+    entries = []
+    for group, table in (("perplexity", results.perplexity), ("zero-shot", results.zero_shot)):
+        for dataset, metrics in sorted(table.items()):
+            entries.append({
+                "task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": {"name": dataset, "type": dataset},
+                "metrics": [{"type": METRIC_TYPES.get(m, m), "value": round(v, 6),
+                             "name": METRIC_NAMES.get(m, m) + (f" ({group})" if group != "perplexity" else ""),
+                             "verified": False} for m, v in sorted(metrics.items())],
+            })
+    return [{"name": name, "results": entries}] if entries else []
+
+
+def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_report: Optional[EvalReport] = None,
+                license: Optional[str] = None, base_model: Optional[str] = None, revision: Optional[str] = None,
+                conversion_report: Optional[dict] = None) -> str:
+    """The README.md for `repo_id`: Hub YAML metadata, then what was done and what is known."""
+    import yaml
+
+    conversion = config.get("conversion") if isinstance(config.get("conversion"), dict) else {}
+    distillation = config.get("distillation") if isinstance(config.get("distillation"), dict) else None
+    teacher = conversion.get("teacher")
+    hub_teacher = base_model or _hub_base_model(conversion)
+    license_id = license or conversion.get("license")
+    options = conversion.get("options") if isinstance(conversion.get("options"), dict) else {}
+    name = repo_id.split("/", 1)[1]
+    status = "distilled" if distillation else "converted"
+
+    meta = {}
+    if hub_teacher:
+        meta["base_model"] = hub_teacher
+    if license_id:
+        meta["license"] = license_id
+    else:
+        meta["license"] = "other"
+        meta["license_name"] = "same-as-teacher"
+        if hub_teacher:
+            meta["license_link"] = f"https://huggingface.co/{hub_teacher}"
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["retnet", "retconvert", "retention", "linear-attention", "custom_code",
+                    "distillation" if distillation else "converted"]
+    if eval_report is not None:
+        index = _model_index(name, eval_report.student)
+        if index:
+            meta["model-index"] = index
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+
+    teacher_md = f"[{hub_teacher}](https://huggingface.co/{hub_teacher})" if hub_teacher else \
+        (f"`{teacher}` (a local file or folder, not linked to a Hub model)" if teacher else
+         "unknown (config.json records no `conversion`)")
+    out = [f"---\n{front}---", f"# {name}", ""]
+    out.append(f"A Retentive Network (RetNet) {status} from the Transformer {teacher_md} with "
+               f"[retconvert](https://pypi.org/project/retconvert/). The teacher's embeddings, MLPs, norms and "
+               "attention projections were carried over and softmax attention was replaced by multi-scale "
+               "retention, which can run as a recurrence: constant memory per generated token."
+               + (" It was then distilled: trained to match the teacher's outputs." if distillation else ""))
+    out.append("")
+    if not distillation:
+        out += ["**Not distilled.** This is the direct conversion; expect a large quality gap to the teacher "
+                "until it has been distilled (trained to match the teacher's outputs).", ""]
+
+    out += ["## License", ""]
+    if license_id:
+        source = "set when publishing" if license else "carried from the teacher at conversion"
+        out.append(f"`{license_id}` ({source}).")
+    else:
+        out.append("The teacher's license was not recorded at conversion. These weights are derived from the "
+                   f"teacher's, so the teacher's license applies{': see ' + teacher_md if hub_teacher else ''}; "
+                   "check it before use.")
+    out.append("")
+
+    out += ["## Conversion", ""]
+    rows = [["teacher", teacher_md], ["source", f"`{conversion.get('source')}`" if conversion.get("source") else "—"],
+            ["retconvert version", str(conversion.get("retconvert_version", "—"))]]
+    rows += [[f"`{k}`", f"`{json.dumps(v)}`"] for k, v in options.items()]
+    if conversion_report and _number(conversion_report.get("mean_rel_error")) is not None:
+        rows.append(["mean relative error of retention vs attention (calibration text)",
+                     f"{conversion_report['mean_rel_error']:.3f}"])
+    out += [_table(["setting", "value"], rows) if conversion else "No conversion record in config.json.", ""]
+
+    out += ["## Distillation", ""]
+    if distillation:
+        out.append(f"Tokens seen: **{_tokens(distillation.get('tokens_seen'))}**.")
+        stages = distillation.get("stages")
+        if isinstance(stages, list) and stages and all(isinstance(s, dict) for s in stages):
+            keys = []
+            for s in stages:
+                keys += [k for k in s if k not in keys]
+            out += ["", _table(["stage"] + keys, [[str(i + 1)] + [_cell(s.get(k)) for k in keys]
+                                                  for i, s in enumerate(stages)])]
+        elif stages:
+            out += ["", "Stages:", "```json", json.dumps(stages, indent=2, default=str), "```"]
+        rest = {k: v for k, v in distillation.items() if k not in ("tokens_seen", "stages")}
+        if rest:
+            out += ["", "Settings:", "```json", json.dumps(rest, indent=2, default=str), "```"]
+    else:
+        out.append("Not distilled.")
+    out.append("")
+
+    out += ["## Evaluation", ""]
+    if eval_report is not None:
+        s, t = eval_report.student, eval_report.teacher or EvalResults(name="")
+        out.append(f"Self-reported by `retconvert eval` (`{eval_report.path.name}`), not verified by the Hub. "
+                   f"Teacher: `{t.name or 'not in the report'}`; this model: `{s.name}`.")
+        if t.name and teacher and t.name != teacher and hub_teacher and t.name != hub_teacher:
+            out.append(f"Note: the report's teacher (`{t.name}`) is not the recorded teacher (`{teacher}`).")
+        if s.perplexity or t.perplexity:
+            out += ["", "Perplexity (lower is better):", "",
+                    _table(["dataset", "metric", "teacher", "this model"], _side_by_side(s.perplexity, t.perplexity))]
+        if s.zero_shot or t.zero_shot:
+            out += ["", "Zero-shot tasks:", "",
+                    _table(["task", "metric", "teacher", "this model"], _side_by_side(s.zero_shot, t.zero_shot))]
+        if not (s.perplexity or t.perplexity or s.zero_shot or t.zero_shot):
+            out.append("The report holds no perplexity or zero-shot numbers.")
+    else:
+        out.append("No evaluation report was attached when this card was written: quality relative to the "
+                   "teacher was not measured here.")
+    out.append("")
+
+    has_tokenizer = any(f.startswith("tokenizer") or f.endswith(("tokenizer.json", ".model", "vocab.json"))
+                        for f in files)
+    rev = f', revision="{revision}"' if revision and revision != "main" else ""
+    if has_tokenizer:
+        tok_line = f"tok = AutoTokenizer.from_pretrained(repo{rev})"
+    else:
+        tok_src = f'"{hub_teacher}"' if hub_teacher else "TEACHER_TOKENIZER"
+        tok_line = f"tok = AutoTokenizer.from_pretrained({tok_src})  # this repo ships no tokenizer: the teacher's"
+    out += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'repo = "{repo_id}"',
+            f"model = AutoModelForCausalLM.from_pretrained(repo{rev}, trust_remote_code=True)",
+            tok_line,
+            'inputs = tok("The capital of France is", return_tensors="pt")',
+            "out = model.generate(**inputs, max_new_tokens=20)",
+            "print(tok.decode(out[0], skip_special_tokens=True))", "```", "",
+            "`trust_remote_code=True` runs the modeling code shipped in this repo "
+            f"({', '.join(f'`{c}`' for c in CODE_FILES)}); retconvert itself is not needed. The prompt is "
+            f"processed in the `{config.get('retention_mode', 'chunkwise')}` form; decoding is always recurrent "
+            "(a fixed-size state per layer instead of a growing KV cache).", ""]
+
+    out += ["## Limitations", ""]
+    s_lr = eval_report.student.longrange if eval_report else {}
+    t_lr = eval_report.teacher.longrange if eval_report and eval_report.teacher else {}
+    if s_lr or t_lr:
+        out += ["Long-range retrieval (from the eval report):", "",
+                _table(["measure", "teacher", "this model"],
+                       [[k, _fmt(t_lr.get(k)), _fmt(s_lr.get(k))] for k in sorted(set(s_lr) | set(t_lr))]), ""]
+        out.append("- Retention decays exponentially with distance; check the numbers above before relying on "
+                   "recall of facts far back in a long context.")
+    else:
+        out.append("- Long-range retrieval (passkey / needle-in-a-haystack) was **not measured**. Retention decays "
+                   "exponentially with distance, so recall of facts far back in a long context is likely worse "
+                   "than the teacher's.")
+    if not distillation:
+        out.append("- Not distilled: outputs are noticeably worse than the teacher's.")
+    if options.get("gate") and not distillation:
+        out.append("- The output gate was randomly initialised at conversion and has not been trained.")
+    out.append("- It inherits the teacher's training data, biases and intended-use restrictions.")
+    out += ["", f"_Card generated by `retconvert push` (retconvert {_version()})._", ""]
+    return "\n".join(out)
+
+
+def _version() -> str:
+    try:
+        from retconvert import __version__
+
+        return __version__
+    except Exception:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------
+# Plan and push
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedFile:
+    path: str  # in the repo (posix, relative)
+    size: int
+    sha256: Optional[str]
+    source: Optional[Path]  # on disk; None for the rendered card
+
+
+@dataclass
+class PushPlan:
+    folder: Path
+    repo_id: str
+    revision: str
+    private: bool
+    commit_message: str
+    card: str
+    files: List[PlannedFile]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan_push(folder, repo_id: str, *, private: bool = False, revision: Optional[str] = None,
+              commit_message: Optional[str] = None, eval_report=None, license: Optional[str] = None,
+              base_model: Optional[str] = None, hashes: bool = True) -> PushPlan:
+    """Validate `folder` and work out exactly what would be uploaded (nothing touches the network)."""
+    check_repo_id(repo_id)
+    folder = Path(folder)
+    config = validate_checkpoint(folder)
+    if revision is not None and (not revision.strip() or revision != revision.strip()):
+        raise RetconvertError(f"--revision {revision!r} is not a branch name; e.g. --revision main")
+    if base_model is not None and not (REPO_ID_RE.match(base_model) or re.match(r"^[A-Za-z0-9][\w.-]*$", base_model)):
+        raise RetconvertError(f"--base-model {base_model!r} is not a Hub model id; use ORG/NAME, e.g. "
+                              "HuggingFaceTB/SmolLM2-135M")
+    report = load_eval_report(eval_report, folder, repo_id) if eval_report is not None else None
+    rels = [r for r in _visible_files(folder) if r != CARD]
+    conversion_report = None
+    if "conversion_report.json" in rels:
+        try:
+            conversion_report = json.loads((folder / "conversion_report.json").read_text(encoding="utf-8"))
+            conversion_report = conversion_report if isinstance(conversion_report, dict) else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            conversion_report = None
+    card = render_card(config, repo_id, files=rels, eval_report=report, license=license, base_model=base_model,
+                       revision=revision, conversion_report=conversion_report)
+    files = [PlannedFile(r, (folder / r).stat().st_size, _sha256(folder / r) if hashes else None, folder / r)
+             for r in rels]
+    data = card.encode("utf-8")
+    files.append(PlannedFile(CARD, len(data), hashlib.sha256(data).hexdigest(), None))
+    files.sort(key=lambda f: f.path)
+    if commit_message is None:
+        conv = config.get("conversion") if isinstance(config.get("conversion"), dict) else {}
+        what = "distilled" if isinstance(config.get("distillation"), dict) else "converted"
+        teacher = conv.get("teacher")
+        commit_message = f"Upload RetNet {what}{' from ' + str(teacher) if teacher else ''} with retconvert {_version()}"
+    return PushPlan(folder, repo_id, revision or "main", bool(private), commit_message, card, files)
+
+
+def _write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def default_card_out(folder) -> Path:
+    folder = Path(folder).resolve()
+    return folder.with_name(folder.name + ".card.md")
+
+
+def _escape_pattern(rel: str) -> str:
+    """A path as an fnmatch pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", rel)
+
+
+def _stage(plan: PushPlan, staging: Path):
+    """The upload as a folder: links to the user's files (copies where links fail) plus the card."""
+    for f in plan.files:
+        dest = staging / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if f.source is None:
+            dest.write_text(plan.card, encoding="utf-8")
+            continue
+        src = f.source.resolve()
+        try:
+            os.link(src, dest)
+        except OSError:
+            try:
+                os.symlink(src, dest)
+            except OSError:
+                shutil.copy2(src, dest)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+              for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return env or bool(constants.is_offline_mode())
+
+
+def _hub_error(e: Exception, token: Optional[str], repo_id: str, stage: str) -> RetconvertError:
+    text = " ".join(str(e).split())  # one line
+    if token:
+        text = text.replace(token, "***")
+    text = text[:200] or type(e).__name__
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status == 401:
+        fix = "the Hub rejected the token: log in again with `hf auth login` (a write token) or fix HF_TOKEN"
+    elif status == 403:
+        fix = f"the token may not write to {repo_id.split('/')[0]}: use a write token with access to that namespace"
+    elif status is None:
+        fix = "check the network connection and retry, or use --dry-run to review offline"
+    else:
+        fix = "retry later, or check the repo id and revision"
+    done = "nothing was uploaded" if stage != "upload" else \
+        f"{repo_id} may exist but nothing was committed to it"
+    return RetconvertError(f"pushing to {repo_id} failed during {stage} ({type(e).__name__}: {text}); {done}; {fix}")
+
+
+def push(folder, repo_id: str, *, private: bool = False, revision: Optional[str] = None,
+         commit_message: Optional[str] = None, eval_report=None, dry_run: bool = False,
+         card_out=None, license: Optional[str] = None, base_model: Optional[str] = None,
+         api=None, token: Optional[str] = None, log: Callable[[str], None] = print) -> PushPlan:
+    """Validate `folder`, render its card and upload it to `repo_id` (or, with dry_run, only report).
+
+    `api` is an `huggingface_hub.HfApi`-like object (create_repo, create_branch, upload_folder);
+    by default a real HfApi, which refuses to start in offline mode (HF_HUB_OFFLINE). `token`
+    defaults to `huggingface_hub.get_token()` (HF_TOKEN, then the login cache). Returns the plan.
+    """
+    plan = plan_push(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                     eval_report=eval_report, license=license, base_model=base_model, hashes=dry_run)
+    flags = f"revision={plan.revision}, private={plan.private}"
+    if dry_run:
+        out = Path(card_out) if card_out is not None else default_card_out(plan.folder)
+        _write_atomic(out, plan.card)
+        log("dry run: nothing is uploaded and no token is used")
+        log(f"repo: {plan.repo_id} (model, {flags}; an existing repo keeps its visibility)")
+        log(f"commit message: {plan.commit_message}")
+        log(f"files ({len(plan.files)}, {plan.total_size} bytes):")
+        for f in plan.files:
+            note = "  (rendered model card)" if f.source is None else ""
+            log(f"  {f.sha256}  {f.size:>12}  {f.path}{note}")
+        log(f"model card written to {out}")
+        return plan
+
+    if token is None:
+        from huggingface_hub import get_token
+
+        try:
+            token = get_token()
+        except Exception as e:  # e.g. a failed OIDC exchange
+            raise RetconvertError(f"could not read a Hugging Face token ({type(e).__name__}); set HF_TOKEN or run "
+                                  "`hf auth login`") from None
+    if not token:
+        raise RetconvertError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a write token); "
+                              "or review the upload with --dry-run, which needs none")
+    if api is None:
+        if _offline():
+            raise RetconvertError(f"offline mode is on (HF_HUB_OFFLINE), so {plan.repo_id} cannot be reached and "
+                                  "nothing was uploaded; unset HF_HUB_OFFLINE, or use --dry-run")
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token, library_name="retconvert", library_version=_version())
+
+    log(f"pushing {len(plan.files)} files ({plan.total_size} bytes) from {plan.folder} to {plan.repo_id} ({flags})")
+    for f in plan.files:
+        log(f"  {f.size:>12}  {f.path}")
+    stage = "create_repo"
+    try:
+        api.create_repo(plan.repo_id, token=token, private=plan.private, repo_type="model", exist_ok=True)
+        if plan.revision != "main":
+            stage = "create_branch"
+            api.create_branch(plan.repo_id, branch=plan.revision, token=token, repo_type="model", exist_ok=True)
+        stage = "upload"
+        with tempfile.TemporaryDirectory(prefix="retconvert-push-") as tmp:
+            _stage(plan, Path(tmp))
+            result = api.upload_folder(
+                repo_id=plan.repo_id, folder_path=tmp, repo_type="model", revision=plan.revision,
+                commit_message=plan.commit_message, token=token,
+                allow_patterns=[_escape_pattern(f.path) for f in plan.files],
+                ignore_patterns=list(IGNORE_PATTERNS),
+            )
+    except RetconvertError:
+        raise
+    except Exception as e:  # the Hub client's HTTP, network and validation errors
+        raise _hub_error(e, token, plan.repo_id, stage) from None
+    url = getattr(result, "commit_url", None) or f"https://huggingface.co/{plan.repo_id}"
+    log(f"pushed {plan.repo_id} ({plan.revision}): {url}")
+    return plan
+
+
+def push_after_convert(out, repo_id: str, log=print) -> PushPlan:
+    """`retconvert from-hf --push-to-hub`: push the folder just written; on failure keep it and say how to retry."""
+    try:
+        return push(out, repo_id, log=log)
+    except RetconvertError as e:
+        raise RetconvertError(f"{e} (the checkpoint is kept at {out}: retry with "
+                              f"`retconvert push {out} --repo-id {repo_id}`)") from None
