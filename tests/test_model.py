@@ -41,7 +41,8 @@ def tiny_model(**overrides) -> RetNetForCausalLM:
     # Parameters that start at 0 or 1 get random values, so that they are actually tested.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("score_bias", "head_norm_weight", "head_norm_bias", "norm.weight", "norm.bias")):
+            if name.endswith(("score_bias", "head_norm_weight", "head_norm_bias", "norm.weight", "norm.bias",
+                              "sink_key", "sink_value", "sink_weight")):
                 p.add_(torch.randn_like(p) * 0.5)
     return model
 
@@ -79,6 +80,9 @@ VARIANTS = {
     "head-norm-none": dict(head_norm="none"),
     "normalization-none": dict(retention_normalization="none"),
     "score-bias": dict(score_bias=True),
+    "attention-sink": dict(attention_sink=True),
+    "converted-like": dict(position_embedding_type="rotary", value_factor=1, head_norm="none", head_norm_affine=True,
+                           score_bias=True, attention_sink=True, use_output_gate=False, learnable_decay=True),
     "gqa": dict(num_key_value_heads=2),
     "value-factor-1": dict(value_factor=1),
     "glu": dict(mlp_type="glu", hidden_act="silu"),
