@@ -7,7 +7,6 @@ and `trust_remote_code` stays off unless the user asks for it.
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 

@@ -3,11 +3,9 @@
 import importlib
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from tiny import assert_loads_with_remote_code
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -338,39 +336,8 @@ def test_auto_classes_registered():
 def test_trust_remote_code_without_retconvert(tmp_path):
     """The checkpoint's own code loads, runs and generates where retconvert is not importable."""
     ckpt = tmp_path / "ckpt"
-    model = tiny_model()
-    ids = random_ids(2, 13)
-    model.save_pretrained(ckpt)
-    torch.save({"ids": ids, "logits": logits(model, ids), "generated": greedy(model, ids, "parallel")},
-               tmp_path / "expected.pt")
-    code = textwrap.dedent(f"""
-        import sys
-        sys.modules["retconvert"] = None  # any `import retconvert` now raises ImportError
-        try:
-            import retconvert
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("retconvert is importable")
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
-        assert "retconvert" not in type(model).__module__, type(model).__module__
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        with torch.no_grad():
-            got = model(expected["ids"], use_cache=False).logits
-        err = ((got - expected["logits"]).abs().max() / expected["logits"].abs().max()).item()
-        assert err <= 1e-6, err
-        new = model.generate(expected["ids"], max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert torch.equal(new[:, expected["ids"].shape[1]:], expected["generated"])
-        print("REMOTE-CODE-OK", type(model).__module__)
-    """)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1",
-               PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "REMOTE-CODE-OK" in proc.stdout
+    tiny_model().save_pretrained(ckpt)
+    assert_loads_with_remote_code(ckpt, tmp_path, random_ids(2, 13))
 
 
 # ------------------------------------------------------------------------------------------
