@@ -1,0 +1,124 @@
+"""Zero-shot tasks through lm-evaluation-harness's own Python API.
+
+Offline, each task is the stock lm-eval task with its data read from the shared JSON Lines
+files: `eval/tasks/<task>.yaml` includes the stock YAML and overrides only the data source.
+Those templates hold two placeholders filled in at run time (never an absolute path in the
+repository): `@LM_EVAL_TASKS@` (the installed lm_eval/tasks folder) and `@DATA_DIR@` (the
+offline data folder). Online (local file absent) the stock task itself is used.
+"""
+
+import math
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from retconvert.errors import RetconvertError
+
+TEMPLATES = Path(__file__).resolve().parent / "tasks"
+DEFAULT_TASKS = ("lambada_openai", "piqa", "arc_easy", "boolq", "winogrande")
+PREFIX = "retconvert_"
+
+
+def template_info(task: str) -> Optional[Tuple[str, str]]:
+    """(data file relative to the data folder, split) of a task's offline template, or None."""
+    path = TEMPLATES / f"{task}.yaml"
+    if not path.is_file():
+        return None
+    m = re.search(r'^\s+(\w+): "@DATA_DIR@/([^"]+)"', path.read_text(), re.M)
+    if m is None:
+        raise RetconvertError(f"{path} has no data_files entry with @DATA_DIR@; the template is broken")
+    return m.group(2), m.group(1)
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).resolve().parent
+
+
+def materialize(tasks, data_dir: Path, dest: Path) -> Dict[str, str]:
+    """Write resolved offline task YAMLs into `dest` for the tasks whose data file exists.
+
+    Returns {stock task name: registered offline name}; tasks left out run online.
+    """
+    stock = lm_eval_tasks_dir()
+    registered = {}
+    for task in tasks:
+        info = template_info(task)
+        if info is None or not (Path(data_dir) / info[0]).is_file():
+            continue
+        text = (TEMPLATES / f"{task}.yaml").read_text()
+        included = re.search(r'include: "@LM_EVAL_TASKS@/([^"]+)"', text)
+        if included and not (stock / included.group(1)).is_file():
+            raise RetconvertError(f"lm-eval {_lm_eval_version()} has no {included.group(1)}; "
+                                  "install the lm-eval version in pyproject.toml or update eval/tasks")
+        for placeholder, value in (("@LM_EVAL_TASKS@", stock), ("@DATA_DIR@", Path(data_dir).resolve())):
+            value = value.as_posix()
+            if '"' in value or "\\" in value:
+                raise RetconvertError(f"path {value} has a quote or backslash; move the data to a plainer path")
+            text = text.replace(placeholder, value)
+        (Path(dest) / f"{task}.yaml").write_text(text)
+        registered[task] = PREFIX + task
+    return registered
+
+
+def _lm_eval_version() -> str:
+    import lm_eval
+
+    return getattr(lm_eval, "__version__", "?")
+
+
+@contextmanager
+def task_setup(tasks, data_dir: Optional[Path]) -> Iterator[Tuple[object, Dict[str, str], Dict[str, str]]]:
+    """Yield (TaskManager, {task: lm-eval name}, {task: "offline"|"online"})."""
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory(prefix="retconvert-tasks-") as tmp:
+        registered = materialize(tasks, data_dir, Path(tmp)) if data_dir is not None else {}
+        # Only offline tasks: our YAMLs include the stock files by path, so the (slow) index of
+        # every stock task is not needed.
+        manager = TaskManager(include_path=tmp if registered else None,
+                              include_defaults=len(registered) < len(tasks))
+        names = {t: registered.get(t, t) for t in tasks}
+        sources = {t: "offline" if t in registered else "online" for t in tasks}
+        missing = [t for t, n in names.items() if n not in manager.all_tasks]
+        if missing:
+            raise RetconvertError(f"lm-eval does not know task(s) {', '.join(missing)}; "
+                                  f"check the names (e.g. {', '.join(DEFAULT_TASKS)})")
+        yield manager, names, sources
+
+
+def zero_shot(model, tokenizer, tasks: List[str], setup, limit: Optional[int] = None, batch_size: int = 8,
+              max_length: Optional[int] = None, log=print) -> Dict[str, dict]:
+    """{task: {"acc", "acc_norm"?, "perplexity"?, "n", "source"}} for an already loaded model.
+
+    `setup` is what `task_setup` yields (built once, shared by all models).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    manager, names, sources = setup
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    log(f"zero-shot {', '.join(f'{t} ({sources[t]})' for t in tasks)}"
+        + (f", at most {limit} examples each" if limit else ""))
+    res = lm_eval.simple_evaluate(model=lm, tasks=[names[t] for t in tasks], task_manager=manager,
+                                  limit=limit, num_fewshot=0, log_samples=False, bootstrap_iters=0,
+                                  verbosity="WARNING")
+    out = {}
+    for task in tasks:
+        name = names[task]
+        metrics = res["results"].get(name, {})
+        entry = {}
+        for key in ("acc", "acc_norm", "perplexity"):
+            value = metrics.get(f"{key},none")
+            if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+                entry[key] = float(value)
+        n = res.get("n-samples", {}).get(name, {})
+        entry["n"] = int(n.get("effective", n.get("original", 0)) or 0)
+        entry["source"] = sources[task]
+        entry["lm_eval_task"] = name
+        entry["unit"] = "acc, acc_norm: fraction correct; perplexity: per-word target perplexity (lambada)"
+        out[task] = entry
+    return out

@@ -1,0 +1,240 @@
+"""Speed, memory and energy of decoding and prefill, teacher and student measured alternately.
+
+Teacher: a plain transformers forward that fills its KV cache (prefill), then one
+`model(input_ids=next, past_key_values=cache)` per token. Student: the same calls; its
+RetNetState makes every single-token step recurrent, whatever `retention_mode` says.
+
+Each curve comes from one loop over the measurement points; at every point the models
+take turns step by step, so a slow phase of a shared machine hits both alike. Warm-up
+steps are excluded and medians reported. A long context is prefilled once per length
+(batch 1) and the cache copied to the larger batch sizes: decode timing does not depend
+on what the cache holds.
+"""
+
+import copy
+import inspect
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from retconvert.eval.common import PeakRSS, cache_nbytes, free_memory, is_oom, log, median, sync, timed
+
+
+def _forward_kwargs(model) -> dict:
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+@torch.no_grad()
+def prefill(m, ids: torch.Tensor):
+    """Run the prompt, return (cache, next token ids (B, 1))."""
+    out = m.model(input_ids=ids, use_cache=True, **_forward_kwargs(m.model))
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def decode_step(m, cache, token):
+    out = m.model(input_ids=token, past_key_values=cache, use_cache=True)
+    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+
+def random_ids(m, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(m.model.config.vocab_size, len(m.tokenizer)) if hasattr(m.tokenizer, "__len__") \
+        else m.model.config.vocab_size
+    return torch.randint(0, vocab, (batch, length), generator=g).to(m.device)
+
+
+def expand(cache, batch: int):
+    """A copy of a batch-1 cache repeated to `batch` rows."""
+    cache = copy.deepcopy(cache)
+    if batch > 1:
+        cache.batch_repeat_interleave(batch)
+    return cache
+
+
+def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int, warmup: int) -> Dict[str, list]:
+    """{model name: [{"context_tokens", "batch_size", "latency_ms", "tokens_per_s", "steps"}]}."""
+    curves = {m.name: [] for m in models}
+    skipped = []
+    for length in contexts:
+        base = {}
+        for m in models:
+            try:
+                base[m.name] = prefill(m, random_ids(m, 1, length))
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                skipped.append({"model": m.name, "context_tokens": length, "reason": "out of memory at prefill"})
+        for batch in batch_sizes:
+            state, times = {}, {m.name: [] for m in models}
+            for m in models:
+                if m.name not in base:
+                    continue
+                cache, token = base[m.name]
+                try:
+                    state[m.name] = (expand(cache, batch), token.expand(batch, 1).contiguous())
+                except RuntimeError as e:
+                    if not is_oom(e):
+                        raise
+                    skipped.append({"model": m.name, "context_tokens": length, "batch_size": batch,
+                                    "reason": "out of memory copying the cache"})
+            for step in range(warmup + steps):
+                for m in models:  # alternate, step by step
+                    if m.name not in state:
+                        continue
+                    cache, token = state[m.name]
+                    t, state[m.name] = timed(lambda: decode_step(m, cache, token), m.device)
+                    if step >= warmup:
+                        times[m.name].append(t)
+            line = []
+            for m in models:
+                if times[m.name]:
+                    t = median(times[m.name])
+                    curves[m.name].append({"context_tokens": length, "batch_size": batch, "latency_ms": t * 1e3,
+                                           "tokens_per_s": batch / t, "steps": len(times[m.name])})
+                    line.append(f"{m.role} {t * 1e3:.2f} ms")
+            log(f"  decode at context {length}, batch {batch}: " + ", ".join(line))
+            del state
+        del base
+        free_memory(models[0].device)
+    return {"curves": curves, "skipped_points": skipped}
+
+
+def prefill_variants(models) -> list:
+    """(model, mode label, retention mode or None): teacher once, each RetNet in parallel and chunkwise."""
+    out = []
+    for m in models:
+        if m.is_retnet:
+            out += [(m, "parallel", "parallel"), (m, "chunkwise", "chunkwise")]
+        else:
+            out.append((m, "attention", None))
+    return out
+
+
+def prefill_curve(models, contexts: List[int], repeats: int, warmup: int) -> dict:
+    """{model name: [{"mode", "context_tokens", "latency_ms", "tokens_per_s", "repeats"}]}."""
+    variants = prefill_variants(models)
+    curves = {m.name: [] for m in models}
+    skipped, dead = [], set()
+    for length in contexts:
+        times = {i: [] for i in range(len(variants))}
+        for rep in range(warmup + repeats):
+            for i, (m, label, mode) in enumerate(variants):  # alternate models and modes
+                if i in dead:
+                    continue
+                ids = random_ids(m, 1, length, seed=rep)
+                saved = m.retention_mode
+                m.set_retention_mode(mode)
+                try:
+                    t, _ = timed(lambda: prefill(m, ids), m.device)
+                except RuntimeError as e:
+                    if not is_oom(e):
+                        raise
+                    dead.add(i)
+                    skipped.append({"model": m.name, "mode": label, "context_tokens": length,
+                                    "reason": "out of memory"})
+                    continue
+                finally:
+                    m.set_retention_mode(saved)
+                if rep >= warmup:
+                    times[i].append(t)
+        line = []
+        for i, (m, label, _) in enumerate(variants):
+            if times[i]:
+                t = median(times[i])
+                curves[m.name].append({"mode": label, "context_tokens": length, "latency_ms": t * 1e3,
+                                       "tokens_per_s": length / t, "repeats": len(times[i])})
+                line.append(f"{m.role}/{label} {length / t:,.0f} tok/s")
+        free_memory(models[0].device)
+        log(f"  prefill {length} tokens: " + ", ".join(line))
+    return {"curves": curves, "skipped_points": skipped}
+
+
+def memory_curve(models, contexts: List[int], decode_steps: int = 8) -> dict:
+    """Cache bytes after a batch-1 prefill of each length, and the process's peak memory around it."""
+    curves = {m.name: [] for m in models}
+    skipped, reasons = [], set()
+    for length in contexts:
+        for m in models:  # alternate
+            cuda = m.device.type == "cuda"
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(m.device)
+                cuda_base = torch.cuda.memory_allocated(m.device)
+            ids = random_ids(m, 1, length)
+            try:
+                with PeakRSS() as peak:
+                    cache, token = prefill(m, ids)
+                    cache_bytes = cache_nbytes(cache)
+                    for _ in range(decode_steps):
+                        cache, token = decode_step(m, cache, token)
+                    sync(m.device)
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                skipped.append({"model": m.name, "context_tokens": length, "reason": "out of memory"})
+                continue
+            point = {"context_tokens": length, "cache_bytes": cache_bytes,
+                     "cache_bytes_per_token": cache_bytes / length}
+            if peak.peak is not None:
+                point["peak_rss_bytes"] = peak.peak
+                point["peak_rss_increase_bytes"] = peak.peak - peak.baseline
+            else:
+                reasons.add(peak.reason)
+            if cuda:
+                point["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(m.device)
+                point["peak_gpu_increase_bytes"] = point["peak_gpu_allocated_bytes"] - cuda_base
+            curves[m.name].append(point)
+            del cache, token
+        log(f"  memory at {length} tokens: " + ", ".join(
+            f"{m.role} cache {curves[m.name][-1]['cache_bytes']:,} B" for m in models
+            if curves[m.name] and curves[m.name][-1]["context_tokens"] == length))
+    return {"curves": curves, "skipped_points": skipped, "rss_unavailable": sorted(r for r in reasons if r)}
+
+
+def energy_run(models, meter, context: int, batch: int, steps: int, repeats: int,
+               assumed_watts: Optional[float] = None) -> Dict[str, dict]:
+    """Joules per generated token while decoding `steps` tokens after a `context`-token prompt.
+
+    With a meter: measured (counter difference). Without one and with `assumed_watts`: an
+    estimate, elapsed time x that power, labelled as such. Models alternate per repeat.
+    """
+    out = {m.name: {"joules": [], "seconds": []} for m in models}
+    base = {m.name: prefill(m, random_ids(m, 1, context)) for m in models}
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for m in models:
+            cache, token = base[m.name]
+            cache, token = expand(cache, batch), token.expand(batch, 1).contiguous()
+            sync(m.device)
+            e0 = meter.read() if meter else None
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                cache, token = decode_step(m, cache, token)
+            sync(m.device)
+            seconds = time.perf_counter() - t0
+            e1 = meter.read() if meter else None
+            out[m.name]["seconds"].append(seconds)
+            if meter:
+                out[m.name]["joules"].append(meter.joules_between(e0, e1))
+            del cache
+    results = {}
+    tokens = steps * batch
+    for m in models:
+        seconds = out[m.name]["seconds"][1:]
+        r = {"context_tokens": context, "batch_size": batch, "generated_tokens": tokens, "repeats": repeats,
+             "seconds": median(seconds)}
+        if meter:
+            joules = out[m.name]["joules"][1:]
+            r.update(status="measured", counter=meter.name, scope=meter.scope,
+                     joules_per_token=median(joules) / tokens,
+                     average_watts=median([j / s for j, s in zip(joules, seconds)]))
+        else:
+            r.update(status="estimate", method=f"elapsed time x an assumed {assumed_watts} W (--assumed-watts); "
+                                               "not a measurement", assumed_watts=assumed_watts,
+                     estimated_joules_per_token=assumed_watts * median(seconds) / tokens)
+        results[m.name] = r
+        log(f"  energy {m.role}: " + (f"{r['joules_per_token']:.4g} J/token (measured, {meter.name})" if meter
+                                      else f"{r['estimated_joules_per_token']:.4g} J/token (ESTIMATE)"))
+    return results
