@@ -4,12 +4,11 @@ For each layer, on calibration text:
   1. run the teacher once, keeping each layer's input (hidden state) and its attention
      output (the input of its output projection);
   2. project that input with the student's (identical) q/k/v weights;
-  3. for every head, search decays gamma and score biases b (coordinate-wise over two
-     grids) for the pair whose retention output, after the least-squares per-head scale,
-     is closest to the attention output; that scale becomes the head's output scale.
+  3. for every head, search the decay gamma, the score bias b and the sink weight w over
+     grids for the setting whose retention output, after the least-squares per-head
+     scale, is closest to the attention output; that scale becomes the head's output scale.
 
-Layer-local and closed-form per candidate: all candidates of a grid run at once as extra
-heads, so a layer costs a few retention passes over the calibration text.
+Layer-local; two retention passes per candidate decay (see `fit_layer`).
 """
 
 from dataclasses import dataclass, field
@@ -18,9 +17,10 @@ from typing import Dict, List
 import torch
 
 from retconvert.convert.families import Family
+from retconvert.models.retention import retention
 
 # Candidate decays: effective memory 1/(1-gamma) from 2 to 8192 tokens, log-spaced.
-GAMMA_GRID = [1.0 - 2.0 ** (-e) for e in (1, 2, 3, 4, 5, 5.5, 6, 6.5, 7, 8, 9, 10, 11, 13)]
+GAMMA_GRID = [1.0 - 2.0 ** (-e) for e in (1, 2, 3, 4, 5, 5.5, 6, 6.5, 7, 7.5, 8, 9, 10, 11, 13)]
 # Candidate score biases b (scores b + q.k / sqrt(d)); b = 1 is exp's first-order Taylor expansion.
 BIAS_GRID = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 32.0]
 # Candidate sink weights w (sink score w * (b + q.k_sink)); 0 switches the sink off.
@@ -61,41 +61,35 @@ def capture_teacher(teacher, family: Family, input_ids: torch.Tensor, batch_size
 def _fit_scale(o: torch.Tensor, y: torch.Tensor):
     """Per head, the least-squares scale a minimising ||a o - y||^2 and the remaining error.
 
-    o, y: (..., H, D). Returns scale (H,), error (H,), ||y||^2 (H,).
+    o: (..., N, T, H, D) candidates; y: (N, T, H, D). Returns scale and error (..., H), ||y||^2 (H,).
     """
-    dims = tuple(range(o.dim() - 2)) + (o.dim() - 1,)
-    oy, oo, yy = (o * y).sum(dims), (o * o).sum(dims), (y * y).sum(dims)
+    oy = torch.einsum("...nthd,nthd->...h", o, y)
+    oo = torch.einsum("...nthd,...nthd->...h", o, o)
+    yy = torch.einsum("nthd,nthd->h", y, y)
     scale = oy / oo.clamp_min(1e-12)
     return scale, (yy - scale * oy).clamp_min(0), yy
 
 
-def _evaluate(layer, q, k, v, pos, y, cands: Dict[str, torch.Tensor]):
-    """Error of G candidate settings at once, run as G groups of H heads.
-
-    cands: "gamma", and "bias" / "sink" where the layer has them, each (G, H). Returns per
-    candidate and head the least-squares output scale and the remaining error, each (G, H),
-    and ||y||^2 (H,).
-    """
-    N, T, H, Dv = y.shape
-    G = cands["gamma"].shape[0]
-    qg, kg, vg = (t.repeat(1, 1, G, 1) for t in (q, k, v))  # (N, T, G*H, D)
-    flat = {name: c.flatten() for name, c in cands.items()}
-    o, _ = layer.retain(qg, kg, vg, pos, gamma=flat["gamma"], score_bias=flat.get("bias"),
-                        sink_weight=flat.get("sink"))
-    o = layer.head_norm(o, affine=False).view(N, T, G, H, Dv)
-    fits = [_fit_scale(o[:, :, g], y) for g in range(G)]
-    scale, err = torch.stack([f[0] for f in fits]), torch.stack([f[1] for f in fits])
-    return scale, err, fits[0][2]
+@torch.no_grad()
+def layer_error(layer, q, k, v, pos, y):
+    """The layer's own retention (its current gamma, b, sink) vs y, after the best scale per head."""
+    o, _ = layer.retain(q, k, v, pos)
+    return _fit_scale(layer.head_norm(o, affine=False), y)
 
 
 @torch.no_grad()
-def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias: bool, rounds: int = 2) -> LayerFit:
-    """Choose gamma, b, the sink and the output scale of every head of one retention layer.
+def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias: bool, stride: int = 4) -> LayerFit:
+    """Choose gamma, b, the sink weight and the output scale of every head of one layer.
 
     x: the layer's normalised input (N, T, C); y: the teacher's attention output (N, T, H*Dv).
-    Coordinate search: each parameter in turn over its grid with the others fixed, `rounds`
-    times; a head's current value is always among the candidates, so the error never rises.
-    The sink key/value start as the teacher's own first-token key/value (averaged).
+
+    Exhaustive over the grids, yet cheap: with gamma fixed, the numerator and the row sum
+    of retention are linear in b and in the sink weight w,
+        num = A + b Z + w (b + q.k_sink) v_sink,   den = a + b z + w (b + q.k_sink),
+    where A = sum gamma^(n-m) (q.k) [v, 1] and Z = sum gamma^(n-m) [v, 1]. So two retention
+    passes per gamma serve every (b, w) pair; the error is measured on every `stride`-th
+    position. The result is checked through the layer's own `retain` and kept only if it
+    beats the layer's current setting.
     """
     cfg = layer.config
     N, T, _ = x.shape
@@ -103,37 +97,65 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias
     pos = torch.arange(T, device=x.device).expand(N, T)
     q, k, v = layer.project(x, pos)  # (N, T, H, D)
     y = y.view(N, T, H, Dv)
-
-    current = {"gamma": layer.gamma.detach().float().clone()}
-    grids = {"gamma": GAMMA_GRID} if fit_decay else {}
-    if cfg.score_bias:
-        current["bias"] = layer.score_bias.detach().float().clone()
-        if fit_bias:
-            grids["bias"] = BIAS_GRID
+    keep = slice(stride - 1, None, stride)
+    y_kept = y[:, keep]
     if cfg.attention_sink:
         layer.sink_key.copy_(k[:, 0].mean(0))  # (H, Dk): position 0 is unrotated
         layer.sink_value.copy_(v[:, 0].mean(0))
-        current["sink"] = layer.sink_weight.detach().float().clone()
-        grids["sink"] = SINK_GRID
+    start = layer_error(layer, q, k, v, pos, y)
 
-    heads = torch.arange(H, device=x.device)
-    for _ in range(rounds):
-        for name, values in grids.items():
-            grid = torch.tensor(values, device=x.device, dtype=torch.float32)[:, None].expand(-1, H)
-            trial = torch.cat([current[name][None], grid])  # (G, H), the current value first
-            cands = {n: (trial if n == name else c[None].expand_as(trial)) for n, c in current.items()}
-            _, err, _ = _evaluate(layer, q, k, v, pos, y, cands)
-            current[name] = trial[err.argmin(0), heads].clone()
+    def per_head(value):  # a grid value, or the layer's own (H,) parameter
+        return torch.full((H,), value, device=x.device) if isinstance(value, float) else value.detach().float()
 
-    scale, err, yy = _evaluate(layer, q, k, v, pos, y, {n: c[None] for n, c in current.items()})
-    return LayerFit(
-        gamma=current["gamma"].tolist(),
-        score_bias=current["bias"].tolist() if "bias" in current else [],
-        sink_weight=current["sink"].tolist() if "sink" in current else [],
-        scale=scale[0].tolist(),
-        rel_error=float(err[0].sum() / yy.sum().clamp_min(1e-12)),
-        head_rel_error=(err[0] / yy.clamp_min(1e-12)).tolist(),
-    )
+    gammas = [per_head(g) for g in GAMMA_GRID] if fit_decay else [layer.gamma]
+    biases = [per_head(layer.score_bias)] if cfg.score_bias else [per_head(0.0)]
+    if cfg.score_bias and fit_bias:
+        biases = [per_head(b) for b in BIAS_GRID]
+    sinks = torch.tensor(SINK_GRID if cfg.attention_sink else [0.0], device=x.device)  # (W,)
+    sink_kv = torch.cat([layer.sink_value, torch.ones(H, 1, device=x.device)], -1) if cfg.attention_sink else None
+    sink_qk = torch.einsum("nthd,hd->nth", q, layer.sink_key)[:, keep] if cfg.attention_sink else None
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (N, T, H, Dv + 1)
+    ones = torch.ones_like(q[..., :1])
+    n = pos[:, keep].float()[..., None]  # (N, T', 1)
+
+    best_err = torch.full((H,), float("inf"), device=x.device)
+    best = {"gamma": gammas[0], "bias": biases[0], "sink": sinks[0].expand(H)}
+    for gamma in gammas:
+        A = retention(q, k, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]  # (N, T', H, Dv + 1)
+        Z = retention(ones, ones, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]
+        c = torch.sqrt(-torch.expm1((n + 1) * gamma.log()) / -torch.expm1(gamma.log()))[..., None]  # (N, T', H, 1)
+        for b in biases:
+            total = (A + b[:, None] * Z)[None]  # (1, N, T', H, Dv + 1)
+            if sink_qk is not None:
+                total = total + (sinks.view(-1, 1, 1, 1) * (b + sink_qk))[..., None] * sink_kv  # (W, ...)
+            o = total[..., :Dv]
+            if cfg.retention_normalization == "paper":
+                o = o / torch.maximum(total[..., Dv:].abs(), c)
+            _, err, _ = _fit_scale(layer.head_norm(o, affine=False), y_kept)  # (W, H)
+            err, w = err.min(0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = {"gamma": torch.where(better, gamma, best["gamma"]), "bias": torch.where(better, b, best["bias"]),
+                    "sink": torch.where(better, sinks[w], best["sink"])}
+
+    fit = LayerFit(gamma=best["gamma"].tolist(), score_bias=best["bias"].tolist() if cfg.score_bias else [],
+                   sink_weight=best["sink"].tolist() if cfg.attention_sink else [], scale=[], rel_error=0.0)
+    before = {name: t.clone() for name, t in layer.state_dict().items() if name in FITTED}
+    apply_fit(layer, fit)
+    scale, err, yy = layer_error(layer, q, k, v, pos, y)
+    if err.sum() > start[1].sum():  # the grid missed the current setting: keep it
+        layer.load_state_dict(before, strict=False)
+        scale, err, yy = start
+        fit = LayerFit(gamma=layer.gamma.tolist(),
+                       score_bias=layer.score_bias.tolist() if cfg.score_bias else [],
+                       sink_weight=layer.sink_weight.tolist() if cfg.attention_sink else [], scale=[], rel_error=0.0)
+    fit.scale = scale.tolist()
+    fit.rel_error = float(err.sum() / yy.sum().clamp_min(1e-12))
+    fit.head_rel_error = (err / yy.clamp_min(1e-12)).tolist()
+    return fit
+
+
+FITTED = ("decay_logit", "score_bias", "sink_weight")
 
 
 @torch.no_grad()
@@ -145,7 +167,7 @@ def apply_fit(layer, fit: LayerFit):
         layer.score_bias.copy_(torch.tensor(fit.score_bias))
     if fit.sink_weight:
         layer.sink_weight.copy_(torch.tensor(fit.sink_weight))
-    if hasattr(layer, "head_norm_weight"):
+    if fit.scale and hasattr(layer, "head_norm_weight"):
         scale = torch.tensor(fit.scale, dtype=layer.head_norm_weight.dtype)
         layer.head_norm_weight.copy_(scale.repeat_interleave(layer.v_dim))
 
