@@ -1,0 +1,321 @@
+"""Distillation configuration: YAML files validated against dataclasses, plus `key=value` overrides.
+
+    cfg = load_config("configs/distill/smollm2-135m.yaml", ["stage2.lr=3e-4", "run.seed=1"])
+
+Every YAML key must be a field of the dataclasses below, with a value of the field's type;
+anything else is a `ConfigError` naming the key and the expected type. Overrides use the
+same dotted names (`section.key=value`, `model.convert.decay=retnet`); the value is parsed as
+YAML (`1e-4`, `true`, `null`, `[a, b]`).
+
+Data paths: never absolute in a YAML file. `${shared_data}` is replaced at run time by
+`retconvert.paths.shared_data_dir()` (the offline data folder), `${repo}` by the repository
+root; other relative paths are relative to the current directory; `hf:NAME:CONFIG:SPLIT`
+streams a Hugging Face dataset.
+"""
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from retconvert.convert.convert import ConvertOptions  # noqa: F401  (the model.convert schema)
+from retconvert.errors import RetconvertError
+
+
+class ConfigError(RetconvertError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+def _convert_options():
+    """model.convert is convert.ConvertOptions itself, so the schema follows the converter."""
+    from retconvert.convert.convert import ConvertOptions
+
+    return ConvertOptions()
+
+
+@dataclass
+class ScratchSection:
+    """A model trained from scratch (model.teacher: null): a RetNet or a plain Llama Transformer."""
+
+    arch: str = "retnet"  # "retnet" | "llama"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelSection:
+    teacher: Optional[str] = "smollm2-135m"  # Hub ID, folder, GGUF, built-in name; null: from scratch
+    student: Optional[str] = None  # a converted checkpoint folder; null: convert the teacher now
+    tokenizer: Optional[str] = None  # from scratch only: tokenizer folder or Hub ID
+    teacher_dtype: str = "float32"  # "float32" | "bfloat16"
+    trust_remote_code: bool = False
+    convert: "ConvertOptions" = field(default_factory=_convert_options)  # calib_data null: first train source
+    scratch: ScratchSection = field(default_factory=ScratchSection)
+
+
+@dataclass
+class DataSection:
+    train: List[str] = field(default_factory=list)  # text sources, interleaved one document each in turn
+    eval: List[str] = field(default_factory=list)  # held-out perplexity sources (never trained on)
+    text_field: str = "text"
+    seq_len: int = 512
+    shuffle_buffer: int = 256  # rows; 0 keeps the packed order
+    mask_doc_boundaries: bool = True  # do not score the first token of a document (predicted from EOS)
+    eval_tokens: int = 16384  # per eval source
+    eval_window: int = 512
+    eval_stride: int = 256
+    eval_batch_size: int = 4
+
+
+@dataclass
+class Stage1Section:
+    """Attention transfer: each retention layer regresses the teacher's attention output."""
+
+    steps: int = 0  # 0 skips the stage
+    lr: float = 1e-2
+    micro_batch_size: int = 4
+    seq_len: int = 256
+    qk_lora_rank: int = 0  # > 0: low-rank deltas on q_proj/k_proj, merged afterwards
+    log_every: int = 10
+
+
+@dataclass
+class Stage2Section:
+    """Logit distillation (or plain next-token training without a teacher)."""
+
+    steps: int = 100
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    clip: float = 1.0  # max gradient norm; 0 disables
+    temperature: float = 2.0
+    alpha: float = 0.0  # weight of next-token cross-entropy; 1 - alpha goes to the KL
+    finetune: str = "full"  # "full" | "lora"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    gradient_checkpointing: bool = False
+    logit_cache: bool = False  # cache the teacher's top-k logits on disk (reused across runs)
+    logit_cache_top_k: int = 64
+    logit_cache_dir: Optional[str] = None  # default: <out_dir>/../logit-cache
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "outputs/distill/run"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run (deletes it)
+    device: str = "cpu"
+    dtype: str = "float32"  # "float32" | "bfloat16" (autocast, or DeepSpeed bf16)
+    deepspeed: Optional[str] = None  # DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); null: plain torch
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 50  # 0: never (only the final export)
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+    save_final: bool = True
+    threads: int = 0  # torch.set_num_threads; 0 keeps the default
+
+
+@dataclass
+class DistillConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    stage1: Stage1Section = field(default_factory=Stage1Section)
+    stage2: Stage2Section = field(default_factory=Stage2Section)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.teacher_dtype": ("float32", "bfloat16"),
+    "model.scratch.arch": ("retnet", "llama"),
+    "run.dtype": ("float32", "bfloat16"),
+    "stage2.finetune": ("full", "lora"),
+    "model.convert.decay": ("retnet", "calibrated"),
+    "model.convert.head_norm": ("none", "rmsnorm", "groupnorm"),
+    "model.convert.output_scale": ("fit", "one"),
+    "model.convert.retention_mode": ("parallel", "chunkwise", "recurrent"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    return tp.__name__
+
+
+def _convert(value, tp, key: str):
+    """Check `value` against the annotation `tp`; return it (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return [_convert(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp not in (bool, int, float, str):  # an annotation this checker does not know: accept as is
+        return value
+    if tp is float and isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key}: {value!r} is not supported; use one of {', '.join(CHOICES[key])}")
+    return float(value) if tp is float else value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown key '{prefix}{key}'; {prefix.rstrip('.') or 'the top level'} "
+                              f"accepts {', '.join(names)}")
+    kwargs = {name: _convert(data[name], hints[name], prefix + name) for name in names if name in data}
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: DistillConfig):
+    def positive(key, value, zero_ok=False):
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(f"{key}: {value} must be {'>= 0' if zero_ok else '> 0'}")
+
+    positive("data.seq_len", cfg.data.seq_len)
+    positive("stage2.steps", cfg.stage2.steps, zero_ok=True)
+    positive("stage2.micro_batch_size", cfg.stage2.micro_batch_size)
+    positive("stage2.grad_accum", cfg.stage2.grad_accum)
+    positive("stage2.temperature", cfg.stage2.temperature)
+    positive("stage1.steps", cfg.stage1.steps, zero_ok=True)
+    positive("stage1.micro_batch_size", cfg.stage1.micro_batch_size)
+    positive("run.checkpoint_every", cfg.run.checkpoint_every, zero_ok=True)
+    if not 0.0 <= cfg.stage2.alpha <= 1.0:
+        raise ConfigError(f"stage2.alpha: {cfg.stage2.alpha} must be in [0, 1]")
+    if len(cfg.stage2.betas) != 2:
+        raise ConfigError("stage2.betas: expected two numbers, e.g. [0.9, 0.95]")
+    if not cfg.data.train:
+        raise ConfigError("data.train: give at least one training text source")
+    if cfg.model.teacher is None and cfg.model.student is None and cfg.model.tokenizer is None:
+        raise ConfigError("model.tokenizer: training from scratch (model.teacher: null) needs a tokenizer")
+
+
+def _check_relative(data: dict, source: Path):
+    """Data paths written in a YAML file must not be absolute (overrides may be)."""
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    for key in ("train", "eval"):
+        paths = section.get(key) or []
+        for p in paths if isinstance(paths, list) else [paths]:
+            if isinstance(p, str) and os.path.isabs(p):
+                raise ConfigError(f"{source}: data.{key} entry {p} is absolute; use ${{shared_data}}/... "
+                                  "or a path relative to the working directory")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str):
+    """`section.key=value` -> (["section", "key"], parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value; write e.g. stage2.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part.isidentifier() for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: {key!r} is not a dotted key such as stage2.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: List[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConfig:
+    """Read a YAML file (or start from the defaults), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _check_relative(data, path)
+    data = apply_overrides(data, overrides or [])
+    cfg = _build(DistillConfig, data)
+    _check_ranges(cfg)
+    return cfg
+
+
+def resolve_path(spec: Optional[str]) -> Optional[str]:
+    """Expand `${shared_data}` / `${repo}`; leave `hf:` specs alone; relative paths stay relative to CWD."""
+    if spec is None or spec.startswith("hf:"):
+        return spec
+    from retconvert.paths import REPO_ROOT, shared_data_dir
+
+    return spec.replace("${shared_data}", str(shared_data_dir())).replace("${repo}", str(REPO_ROOT))

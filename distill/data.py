@@ -1,0 +1,147 @@
+"""Training data: documents -> teacher tokens -> EOS-separated packed rows, in a resumable order.
+
+The order is a pure function of (sources, tokenizer, seq_len, seed): sources are interleaved
+one document each in turn (an exhausted source drops out; when all are exhausted the next
+epoch starts over), documents are tokenised and joined with EOS, cut into rows of `seq_len`
+tokens, and rows pass through a seeded shuffle buffer. `state_dict()` captures the exact
+position (documents consumed per source, the partial row, the shuffle buffer and its RNG),
+so a resumed run sees the very rows an uninterrupted run would have seen. Resuming skips the
+consumed documents without tokenising them (for a streamed `hf:` source they are re-read).
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+
+from retconvert.data import iter_texts, token_stream
+from retconvert.distill.config import resolve_path
+from retconvert.errors import RetconvertError
+
+
+class PackedStream:
+    def __init__(self, specs: List[str], tokenizer, seq_len: int, seed: int = 0, shuffle_buffer: int = 0,
+                 text_field: str = "text"):
+        if not specs:
+            raise RetconvertError("no training sources given; set data.train")
+        self.specs = [resolve_path(s) for s in specs]
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise RetconvertError("the tokenizer has no EOS token; packing needs one to separate documents")
+        self.seq_len = seq_len
+        self.shuffle_buffer = shuffle_buffer
+        self.text_field = text_field
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+        self.consumed = [0] * len(self.specs)
+        self.exhausted = [False] * len(self.specs)
+        self.turn = 0
+        self.carry: List[int] = []
+        self.buffer: List[List[int]] = []
+        self.rows_served = 0
+        self._iters: List[Optional[object]] = [None] * len(self.specs)
+
+    # Documents --------------------------------------------------------------------------------
+    def _iter(self, i):
+        if self._iters[i] is None:
+            it = iter_texts(self.specs[i], self.text_field)
+            for _ in range(self.consumed[i]):  # resume: skip what was already used
+                next(it)
+            self._iters[i] = it
+        return self._iters[i]
+
+    def _next_document(self) -> str:
+        for _ in range(2 * len(self.specs) + 1):
+            if all(self.exhausted):
+                self.epoch += 1
+                self.consumed = [0] * len(self.specs)
+                self.exhausted = [False] * len(self.specs)
+                self._iters = [None] * len(self.specs)
+                self.turn = 0
+            i = self.turn
+            self.turn = (self.turn + 1) % len(self.specs)
+            if self.exhausted[i]:
+                continue
+            try:
+                text = next(self._iter(i))
+            except StopIteration:
+                self.exhausted[i] = True
+                self._iters[i] = None
+                if all(self.exhausted) and sum(self.consumed) == 0:
+                    raise RetconvertError(f"training sources {self.specs} hold no documents") from None
+                continue
+            self.consumed[i] += 1
+            return text
+        raise RetconvertError(f"training sources {self.specs} hold no documents")
+
+    def _packed_row(self) -> List[int]:
+        while len(self.carry) < self.seq_len:
+            text = self._next_document()
+            self.carry.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self.carry.append(self.eos_id)
+        row, self.carry = self.carry[: self.seq_len], self.carry[self.seq_len:]
+        return row
+
+    # Rows -------------------------------------------------------------------------------------
+    def next_row(self) -> List[int]:
+        self.rows_served += 1
+        if self.shuffle_buffer <= 1:
+            return self._packed_row()
+        while len(self.buffer) < self.shuffle_buffer:
+            self.buffer.append(self._packed_row())
+        j = int(torch.randint(len(self.buffer), (1,), generator=self.generator))
+        row = self.buffer[j]
+        self.buffer[j] = self.buffer[-1]
+        self.buffer.pop()
+        return row
+
+    def next_rows(self, n: int) -> torch.Tensor:
+        """(n, seq_len) token ids."""
+        return torch.tensor([self.next_row() for _ in range(n)], dtype=torch.long)
+
+    # Exact position ---------------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        return {"specs": list(self.specs), "seq_len": self.seq_len, "seed": self.seed, "epoch": self.epoch,
+                "consumed": list(self.consumed), "exhausted": list(self.exhausted), "turn": self.turn,
+                "carry": list(self.carry), "buffer": [list(r) for r in self.buffer],
+                "rows_served": self.rows_served, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict):
+        if state["seq_len"] != self.seq_len or len(state["consumed"]) != len(self.specs):
+            raise RetconvertError("the checkpoint's data position belongs to other data settings "
+                                  "(sources or seq_len changed); resume with the original config")
+        self.epoch, self.turn, self.rows_served = state["epoch"], state["turn"], state["rows_served"]
+        self.consumed, self.exhausted = list(state["consumed"]), list(state["exhausted"])
+        self.carry, self.buffer = list(state["carry"]), [list(r) for r in state["buffer"]]
+        self.generator.set_state(state["generator"])
+        self._iters = [None] * len(self.specs)
+
+
+def make_labels(input_ids: torch.Tensor, eos_id: int, attention_mask: Optional[torch.Tensor] = None,
+                mask_doc_boundaries: bool = True) -> torch.Tensor:
+    """HF-style labels (B, T): the inputs, with -100 where a prediction must not be scored.
+
+    labels[:, t] is the target of the prediction made at position t-1 (the loss shifts).
+    Masked: padding (attention_mask 0) and, with `mask_doc_boundaries`, the first token of a
+    document, whose prediction from the previous document's EOS is noise.
+    """
+    labels = input_ids.clone()
+    if attention_mask is not None:
+        labels[attention_mask == 0] = -100
+    if mask_doc_boundaries:
+        starts = torch.zeros_like(input_ids, dtype=torch.bool)
+        starts[:, 1:] = input_ids[:, :-1] == eos_id
+        labels[starts] = -100
+    return labels
+
+
+def eval_token_ids(specs: List[str], tokenizer, max_tokens: int, text_field: str = "text") -> Dict[str, List[int]]:
+    """Held-out token streams (documents joined by EOS), one per source, keyed by file name."""
+    out = {}
+    for spec in specs:
+        path = resolve_path(spec)
+        name = path.rsplit("/", 1)[-1].split(".")[0] if not path.startswith("hf:") else path[3:].replace("/", "_")
+        out[name] = token_stream(iter_texts(path, text_field), tokenizer, max_tokens,
+                                 separator_id=tokenizer.eos_token_id)
+    return out

@@ -1,0 +1,244 @@
+"""The optimisation backend: plain PyTorch (one process) or DeepSpeed ZeRO (any launcher).
+
+Process model:
+  * no launcher (RANK unset) and `run.deepspeed: null`: one process, plain PyTorch
+    (AdamW + warmup/cosine LambdaLR, gradient accumulation and clipping done here);
+  * `run.deepspeed: <json>`: DeepSpeed. Under `deepspeed` or `torchrun` the launcher's
+    RANK/WORLD_SIZE are used; without a launcher a one-process gloo group is created
+    (MASTER_ADDR 127.0.0.1, a free port), so a ZeRO config also runs as a plain `python`.
+    The JSON holds the ZeRO settings; batch size, accumulation, clipping and bf16 are filled
+    from the YAML (keys set to "auto" or absent in the JSON).
+  * a multi-process launch without `run.deepspeed` is an error (there is no DDP path).
+
+Loss scaling contract: the trainer calls `backward(loss)` with `loss` = (this rank's summed
+token losses of one micro-batch) / (scored tokens of the whole global batch). Summed over
+micro-batches and ranks that is the global mean, whatever the micro-batch / accumulation /
+world-size split. DeepSpeed divides by the accumulation steps and averages over ranks, so
+the DeepSpeed engine multiplies by both first.
+"""
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from retconvert.distill.config import DistillConfig, resolve_path
+from retconvert.errors import RetconvertError
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to 1 over `warmup` steps, then cosine down to `min_ratio` at `total`."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Distributed:
+    """Rank / world size and collective helpers (no-ops in a single plain process)."""
+
+    def __init__(self, cfg: DistillConfig):
+        launched = "RANK" in os.environ
+        self.use_deepspeed = cfg.run.deepspeed is not None
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if not self.use_deepspeed and self.world > 1:
+            raise RetconvertError(f"launched with {self.world} processes but run.deepspeed is null; "
+                                  "set run.deepspeed=configs/deepspeed/zero1.json (or 2, 3)")
+        self.initialized = False
+        if str(cfg.run.device) == "cuda" and torch.cuda.is_available():  # one GPU per local rank
+            cfg.run.device = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(self.local_rank)
+        if self.use_deepspeed:
+            if not launched:
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+            import deepspeed
+
+            backend = "gloo" if cfg.run.device == "cpu" else None
+            deepspeed.init_distributed(dist_backend=backend)
+            self.initialized = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.initialized:
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.initialized and self.world > 1:
+            t = t.clone()
+            torch.distributed.all_reduce(t)
+        return t
+
+    def close(self):
+        if self.initialized and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+            self.initialized = False
+
+
+class PlainEngine:
+    """AdamW + LambdaLR in one process; `step()` after the last micro-batch of an update."""
+
+    def __init__(self, model, params: List[torch.nn.Parameter], cfg: DistillConfig):
+        s2 = cfg.stage2
+        self.module = model
+        self.params = params
+        self.clip = s2.clip
+        self.optimizer = torch.optim.AdamW(params, lr=s2.lr, betas=tuple(s2.betas), weight_decay=s2.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(s2.warmup_steps, s2.steps, s2.min_lr_ratio))
+        self.last_grad_norm = float("nan")
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor):
+        loss.backward()
+
+    def micro_step(self):
+        pass
+
+    def step(self):
+        if self.clip > 0:
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        else:
+            self.last_grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def loss_scale(self, accum: int, world: int) -> float:
+        return 1.0
+
+    # Checkpoint state -----------------------------------------------------------------------
+    def save(self, folder: Path, is_main: bool):
+        if is_main:
+            torch.save(self.module.state_dict(), folder / "model.pt")
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+
+    def load(self, folder: Path):
+        self.module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+
+def deepspeed_config(cfg: DistillConfig, world: int) -> dict:
+    path = Path(resolve_path(cfg.run.deepspeed))
+    if not path.is_file():
+        raise RetconvertError(f"run.deepspeed: {path} not found; see configs/deepspeed/")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RetconvertError(f"{path} is not valid JSON ({e.msg})") from None
+    s2 = cfg.stage2
+    fill = {
+        "train_micro_batch_size_per_gpu": s2.micro_batch_size,
+        "gradient_accumulation_steps": s2.grad_accum,
+        "train_batch_size": s2.micro_batch_size * s2.grad_accum * world,
+        "gradient_clipping": s2.clip,
+    }
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise RetconvertError(f"{path}: {key}={ds[key]} disagrees with the YAML ({value}); set it to \"auto\"")
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = cfg.run.dtype == "bfloat16"
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize around our AdamW and LambdaLR; DeepSpeed owns accumulation and clipping."""
+
+    def __init__(self, model, params: List[torch.nn.Parameter], cfg: DistillConfig, world: int):
+        import deepspeed
+
+        s2 = cfg.stage2
+        ds_cfg = deepspeed_config(cfg, world)
+        offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+        if offload and torch.cuda.is_available():
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=s2.lr, betas=tuple(s2.betas), weight_decay=s2.weight_decay,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=s2.lr, betas=tuple(s2.betas), weight_decay=s2.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s2.warmup_steps, s2.steps, s2.min_lr_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+        self.module = self.engine.module
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.last_grad_norm = float("nan")
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def loss_scale(self, accum: int, world: int) -> float:
+        return float(accum * world)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def micro_step(self):
+        self.engine.step()  # DeepSpeed steps the optimizer itself at the accumulation boundary
+
+    def step(self):
+        norm = self.engine.get_global_grad_norm()
+        self.last_grad_norm = float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder: Path, is_main: bool):
+        self.engine.save_checkpoint(str(folder), tag="deepspeed")
+
+    def load(self, folder: Path):
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise RetconvertError(f"could not load the DeepSpeed checkpoint in {folder}")
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Full fp32 weights on every rank (ZeRO-3 parameters gathered)."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3):
+            return {k: v.detach().float().clone() for k, v in self.module.state_dict().items()}
+
+
+def make_engine(model, params, cfg: DistillConfig, dist: Distributed):
+    if dist.use_deepspeed:
+        return DeepSpeedEngine(model, params, cfg, dist.world)
+    return PlainEngine(model, params, cfg)

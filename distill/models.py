@@ -1,0 +1,180 @@
+"""Teacher, student and from-scratch models for distillation.
+
+Student sources, in order: `model.student` (a converted checkpoint folder), else the teacher
+converted now with `convert.convert()` (options from `model.convert`), else (no teacher) a
+model built from `model.scratch`: a RetNet, or a plain Llama Transformer for comparison.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+from retconvert.distill.config import DistillConfig, resolve_path
+from retconvert.errors import RetconvertError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+
+def _retention_suffixes() -> tuple:
+    """What retention adds to a converted Transformer (convert.families.NEW_PARAMETERS): the
+    parameters stage 1 trains, as name suffixes such as 'retention.decay_logit'."""
+    from retconvert.convert.families import NEW_PARAMETERS
+
+    return tuple(key.split("{i}.", 1)[1] for key in NEW_PARAMETERS)
+
+
+def load_teacher_model(cfg: DistillConfig, log=print):
+    from retconvert.convert.sources import load_teacher
+
+    source = cfg.model.teacher
+    local = resolve_path(source)
+    if local is not None and Path(local).exists():
+        source = local
+    log(f"loading teacher {source}")
+    return load_teacher(source, dtype=DTYPES[cfg.model.teacher_dtype], device=cfg.run.device,
+                        trust_remote_code=cfg.model.trust_remote_code)
+
+
+def build_student(cfg: DistillConfig, teacher, log=print, calibrate: bool = True) -> Tuple[nn.Module, dict]:
+    """The student in fp32 on `run.device`, and a report of where it came from.
+
+    `calibrate=False` (resuming: the weights come from a checkpoint) only maps the teacher's
+    weights, skipping the calibration pass."""
+    import retconvert  # noqa: F401  (registers the RetNet Auto classes)
+
+    if cfg.model.student is not None:
+        from transformers import AutoModelForCausalLM
+
+        path = Path(resolve_path(cfg.model.student))
+        if not (path / "config.json").is_file():
+            raise RetconvertError(f"model.student: {path} is not a checkpoint folder (no config.json); "
+                                  "pass a `retconvert from-hf` output or null to convert now")
+        log(f"loading student {path}")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        return model.to(cfg.run.device), {"student": str(path)}
+    if teacher is None:
+        return scratch_model(cfg, None), {"scratch": asdict(cfg.model.scratch)}
+    from retconvert.convert.convert import ConvertOptions, convert
+
+    options = ConvertOptions(**asdict(cfg.model.convert))
+    if options.calib_data is None:
+        options.calib_data = resolve_path(cfg.data.train[0])
+    else:
+        options.calib_data = resolve_path(options.calib_data)
+    if teacher.model.dtype != torch.float32:
+        raise RetconvertError("converting on the fly needs model.teacher_dtype=float32; convert first with "
+                              "`retconvert from-hf` and pass model.student")
+    if calibrate:
+        student, report = convert(teacher, options, log=log)
+    else:
+        from retconvert.convert.convert import build_student as map_teacher
+
+        options.validate()
+        student, report = map_teacher(teacher.model, options), {"resumed": "calibration skipped"}
+    student.config.conversion = {"teacher": teacher.base_model, "source": teacher.source,
+                                 "options": asdict(options)}
+    return student.float().to(cfg.run.device), {"converted": report}
+
+
+def scratch_model(cfg: DistillConfig, tokenizer) -> nn.Module:
+    sc = cfg.model.scratch
+    vocab = cfg_vocab(tokenizer) if tokenizer is not None else None
+    if vocab is None:
+        raise RetconvertError("a model from scratch needs its tokenizer first")
+    common = dict(vocab_size=vocab, hidden_size=sc.hidden_size, num_hidden_layers=sc.num_layers,
+                  num_attention_heads=sc.num_heads, intermediate_size=sc.intermediate_size,
+                  max_position_embeddings=sc.max_position_embeddings, initializer_range=sc.initializer_range,
+                  tie_word_embeddings=sc.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if sc.hidden_size % sc.num_heads:
+        raise RetconvertError(f"model.scratch.hidden_size={sc.hidden_size} is not divisible by "
+                              f"model.scratch.num_heads={sc.num_heads}")
+    if sc.arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(hidden_act="silu", **common)).to(cfg.run.device)
+    from retconvert.models import RetNetConfig, RetNetForCausalLM
+
+    config = RetNetConfig(hidden_act="silu", mlp_type="glu", norm_type="rmsnorm", position_embedding_type="rotary",
+                          value_factor=1, head_norm="groupnorm", head_norm_affine=True, learnable_decay=True,
+                          retention_mode="chunkwise", chunk_size=64, use_output_gate=True, **common)
+    return RetNetForCausalLM(config).to(cfg.run.device)
+
+
+def cfg_vocab(tokenizer) -> int:
+    return len(tokenizer)
+
+
+def load_scratch_tokenizer(cfg: DistillConfig):
+    from transformers import AutoTokenizer
+
+    from retconvert.convert.sources import BUILTIN_TEACHERS, resolve_builtin
+
+    source = resolve_path(cfg.model.tokenizer or cfg.model.student)  # a student folder carries its tokenizer
+    try:
+        if source in BUILTIN_TEACHERS:  # the tokenizer inside the built-in teacher's GGUF
+            path = resolve_builtin(source)
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(source)
+    except RetconvertError:
+        raise
+    except Exception as e:
+        raise RetconvertError(f"model.tokenizer: cannot load {source} ({type(e).__name__}); "
+                              "pass a tokenizer folder") from None
+
+
+def retention_parameters(student: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """(name, parameter) for every retention-only parameter of a RetNet student."""
+    suffixes = _retention_suffixes()
+    return [(n, p) for n, p in student.named_parameters() if n.endswith(suffixes)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def wrap_lora(student: nn.Module, cfg: DistillConfig):
+    """peft LoRA on `stage2.lora_targets`; retention's own parameters stay fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    s2 = cfg.stage2
+    lora = LoraConfig(r=s2.lora_rank, lora_alpha=s2.lora_alpha, target_modules=list(s2.lora_targets),
+                      lora_dropout=0.0, bias="none")
+    model = get_peft_model(student, lora)
+    for _, p in retention_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain transformers model: LoRA merged into the weights, peft removed."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+class LowRankDelta(nn.Module):
+    """y = base(x) + x A^T B^T with B = 0 at start: a LoRA delta without peft, merged by `merge()`."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features**0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        self.base.weight.add_((self.B @ self.A).to(self.base.weight.dtype))
+        return self.base

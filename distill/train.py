@@ -1,0 +1,57 @@
+"""Distil a converted RetNet student from its Transformer teacher (or train a model from scratch).
+
+    deepspeed --num_gpus 8 distill/train.py --config configs/distill/gpt2-large.yaml
+    torchrun --nproc_per_node 2 distill/train.py --config configs/distill/smollm2-135m.yaml run.deepspeed=configs/deepspeed/zero2.json
+    python distill/train.py --config configs/distill/smollm2-135m.yaml stage2.steps=200 run.out_dir=outputs/x
+    python distill/train.py --config configs/distill/smollm2-135m.yaml --resume     # continue the latest checkpoint
+
+Without a launcher (RANK unset) it runs as one process: plain PyTorch, or a one-process
+DeepSpeed group when `run.deepspeed` names a JSON config.
+
+The recipe:
+  setup   load the teacher, build the student (a converted folder, or convert now),
+          tokenise the held-out sets, find the checkpoint to resume;
+  stage 1 attention transfer: each retention layer learns to reproduce the teacher's attention
+          output from the teacher's own layer input (only decay, score bias, head norm, gate
+          and optional q/k low-rank deltas train; layer-local, so cheap);
+  stage 2 logit distillation: KL(teacher || student) at temperature T (+ alpha * next-token CE)
+          on packed text, full fine-tuning or LoRA, with checkpoints and held-out perplexity;
+  export  the student in the converter's checkpoint format at <out_dir>/final.
+"""
+
+import argparse
+import sys
+
+from retconvert.distill.config import load_config
+from retconvert.distill.trainer import Trainer
+from retconvert.errors import RetconvertError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML file under configs/distill/ (defaults apply to missing keys)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. stage2.lr=1e-4 run.out_dir=outputs/x")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides + (["run.resume=true"] if args.resume else []))
+        trainer = Trainer.setup(cfg)
+        try:
+            trainer.attention_transfer()  # stage 1
+            trainer.distill()  # stage 2
+            trainer.export()
+        finally:
+            trainer.cleanup()
+    except RetconvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

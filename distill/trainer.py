@@ -1,0 +1,389 @@
+"""The distillation recipe's logic: setup, stage 1 (attention transfer), stage 2 (logit
+distillation, or next-token training from scratch), held-out perplexity, checkpoints, export.
+
+`distill/train.py` is the readable driver; everything it calls lives here.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from retconvert.distill.checkpoint import CheckpointManager, save_student
+from retconvert.distill.config import DistillConfig
+from retconvert.distill.data import PackedStream, eval_token_ids, make_labels
+from retconvert.distill.engine import Distributed, make_engine
+from retconvert.distill.losses import DistillationLoss, attention_transfer_loss
+from retconvert.distill.metrics import MetricsLogger, progress_bar
+from retconvert.distill.models import (
+    LowRankDelta,
+    build_student,
+    count_parameters,
+    load_scratch_tokenizer,
+    load_teacher_model,
+    retention_parameters,
+    scratch_model,
+    unwrap,
+    wrap_lora,
+)
+from retconvert.errors import RetconvertError
+
+
+class TrainingDiverged(RetconvertError):
+    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: DistillConfig, log=print):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.run.out_dir)
+        self.dist = Distributed(cfg)
+        self._log = log
+        self.t0 = time.time()
+        self.result: Dict = {}
+
+    def log(self, msg: str):
+        if self.dist.is_main:
+            self._log(msg)
+
+    # ----------------------------------------------------------------------------------------
+    # Setup
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def setup(cls, cfg: DistillConfig, log=print) -> "Trainer":
+        self = cls(cfg, log)
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        seed_everything(cfg.run.seed)
+        earlier = [self.out_dir / n for n in ("checkpoints", "final", "metrics.jsonl", "stage1-student.pt")]
+        if not cfg.run.resume and any(p.exists() for p in earlier):
+            if not cfg.run.overwrite:
+                raise RetconvertError(f"{self.out_dir} holds an earlier run; pass --resume to continue it, "
+                                      "run.overwrite=true to start afresh, or another run.out_dir")
+            self.dist.barrier()
+            if self.dist.is_main:
+                for p in earlier + [self.out_dir / "tensorboard"]:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.dist.barrier()
+        self.metrics = MetricsLogger(self.out_dir, self.dist.is_main, cfg.run.tensorboard, log=self.log)
+        self.checkpoints = CheckpointManager(self.out_dir, self.dist, cfg.run.keep_checkpoints)
+        self.resume_from = self.checkpoints.latest() if cfg.run.resume else None
+        if cfg.run.resume and self.resume_from is None:
+            self.log(f"resume: no checkpoint in {self.checkpoints.root}; starting from the beginning")
+        self.stage1_file = self.out_dir / "stage1-student.pt"
+
+        self.teacher = None
+        if cfg.model.teacher is not None:
+            self.teacher = load_teacher_model(cfg, log=self.log)
+            self.tokenizer = self.teacher.tokenizer
+            self.teacher.model.eval().requires_grad_(False)
+        else:
+            self.tokenizer = load_scratch_tokenizer(cfg)
+        if self.tokenizer.eos_token_id is None:
+            raise RetconvertError("the tokenizer has no EOS token; packing needs one to separate documents")
+        if self.teacher is None and cfg.model.student is None:
+            self.student, self.origin = scratch_model(cfg, self.tokenizer), {"scratch": asdict(cfg.model.scratch)}
+        else:
+            weights_follow = self.resume_from is not None or (
+                cfg.run.resume and cfg.stage1.steps > 0 and self.stage1_file.is_file())
+            self.student, self.origin = build_student(cfg, self.teacher, log=self.log, calibrate=not weights_follow)
+        self.student.float().to(cfg.run.device)
+        self.params_total = count_parameters(self.student)
+        self.log(f"student: {type(self.student).__name__}, {self.params_total / 1e6:.2f}M parameters")
+        self.eval_ids = eval_token_ids(cfg.data.eval, self.tokenizer, cfg.data.eval_tokens, cfg.data.text_field)
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    # Stage 1: attention transfer
+    # ----------------------------------------------------------------------------------------
+    def attention_transfer(self):
+        """Per layer, train what retention adds so that the retention output (before o_proj)
+        matches the teacher's attention output on the teacher's own layer inputs."""
+        cfg, s1 = self.cfg, self.cfg.stage1
+        if self.teacher is None or s1.steps == 0 or not hasattr(self.student, "model") \
+                or not hasattr(self.student.model, "layers") or not hasattr(self.student.model.layers[0], "retention"):
+            return
+        if self.resume_from is not None:
+            self.log("stage 1: skipped (resuming stage 2 from a checkpoint)")
+            return
+        if cfg.run.resume and self.stage1_file.is_file():
+            self.student.load_state_dict(torch.load(self.stage1_file, weights_only=True))
+            self.log(f"stage 1: loaded its result from {self.stage1_file}")
+            return
+        from retconvert.convert.families import family_for
+
+        family = family_for(self.teacher.model.config)
+        teacher, student = self.teacher.model, self.student
+        gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+        seed_everything(cfg.run.seed + 1)
+        stream = PackedStream(cfg.data.train, self.tokenizer, s1.seq_len, seed=cfg.run.seed + 1,
+                              shuffle_buffer=cfg.data.shuffle_buffer, text_field=cfg.data.text_field)
+
+        student.requires_grad_(False)
+        params = [p for _, p in retention_parameters(student)]
+        deltas = []
+        if s1.qk_lora_rank > 0:
+            for block in student.model.layers:
+                for name in ("q_proj", "k_proj"):
+                    delta = LowRankDelta(getattr(block.retention, name), s1.qk_lora_rank, gen)
+                    setattr(block.retention, name, delta.to(cfg.run.device))
+                    deltas.append((block.retention, name, delta))
+                    params += [delta.A, delta.B]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=s1.lr)
+
+        captured: Dict[int, torch.Tensor] = {}
+        hooks = [teacher.get_submodule(family.attention_output.format(i=i)).register_forward_pre_hook(
+            lambda _m, args, i=i: captured.__setitem__(i, args[0].float()))
+            for i in range(teacher.config.num_hidden_layers)]
+        bar = progress_bar(s1.steps, 0, self.dist.is_main and cfg.run.progress, "stage 1 (attention transfer)")
+        loss_value = float("nan")
+        try:
+            for step in range(1, s1.steps + 1):
+                ids = stream.next_rows(s1.micro_batch_size).to(cfg.run.device)
+                with torch.no_grad():
+                    hidden = teacher(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+                pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+                losses = []
+                for i, block in enumerate(student.model.layers):
+                    with torch.no_grad():
+                        x = block.input_layernorm(hidden[i].float())
+                    out, _ = block.retention.mix(x, pos)
+                    losses.append(attention_transfer_loss(out, captured[i]))
+                loss = torch.stack(losses).mean()
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(f"stage 1 loss is {loss_value} at step {step}; lower stage1.lr "
+                                           f"(now {s1.lr})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if step % s1.log_every == 0 or step == s1.steps or step == 1:
+                    self.metrics.write({"event": "stage1", "step": step, "loss": loss_value,
+                                        "layer_rel_mse": [round(x.item(), 6) for x in losses]}, step)
+                if bar is not None:
+                    bar.set_postfix(rel_mse=f"{loss_value:.4f}")
+                    bar.update(1)
+        finally:
+            for h in hooks:
+                h.remove()
+            if bar is not None:
+                bar.close()
+        for module, name, delta in deltas:
+            setattr(module, name, delta.merge())
+        student.requires_grad_(True)
+        self.log(f"stage 1: {s1.steps} steps, final mean relative MSE {loss_value:.4f}")
+        self.result["stage1_loss"] = loss_value
+        if self.dist.is_main and cfg.run.checkpoint_every > 0:
+            tmp = self.stage1_file.with_suffix(".tmp")
+            torch.save(student.state_dict(), tmp)
+            os.replace(tmp, self.stage1_file)
+        self.dist.barrier()
+
+    # ----------------------------------------------------------------------------------------
+    # Stage 2: logit distillation (or from-scratch training)
+    # ----------------------------------------------------------------------------------------
+    def distill(self):
+        cfg, s2, dist = self.cfg, self.cfg.stage2, self.dist
+        seed_everything(cfg.run.seed + 2)  # independent of whether stage 1 ran in this process
+        student = self.student
+        student.train()
+        if s2.gradient_checkpointing:
+            if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if s2.finetune == "lora":
+            model = wrap_lora(student, cfg)
+        else:
+            model = student.requires_grad_(True)
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = sum(p.numel() for p in params)
+        self.log(f"stage 2: {s2.finetune} fine-tuning, {self.trainable / 1e6:.2f}M trainable parameters, "
+                 f"{'DeepSpeed ' + str(cfg.run.deepspeed) if dist.use_deepspeed else 'plain PyTorch'}, "
+                 f"world size {dist.world}")
+        engine = make_engine(model, params, cfg, dist)
+        self.engine = engine
+        stream = PackedStream(cfg.data.train, self.tokenizer, cfg.data.seq_len, seed=cfg.run.seed,
+                              shuffle_buffer=cfg.data.shuffle_buffer, text_field=cfg.data.text_field)
+        cache = None
+        if s2.logit_cache and self.teacher is not None:
+            from retconvert.distill.logit_cache import TopKLogitCache
+
+            cache = TopKLogitCache.open(cfg, self.teacher, self.tokenizer, dist, log=self.log)
+        start = 0
+        if self.resume_from is not None:
+            state = self.checkpoints.load(self.resume_from, engine)
+            stream.load_state_dict(state["data"])
+            start = state["step"]
+            self.log(f"resumed from {self.resume_from} at step {start}")
+            self.metrics.write({"event": "resume", "step": start, "checkpoint": str(self.resume_from)}, None)
+        elif self.eval_ids:
+            self.evaluate(0, teacher_too=True)
+
+        loss_fn = DistillationLoss(s2.temperature, s2.alpha, reduction="sum")
+        micro, accum, world = s2.micro_batch_size, s2.grad_accum, dist.world
+        global_rows = micro * accum * world
+        autocast = cfg.run.dtype == "bfloat16" and not dist.use_deepspeed
+        device_type = "cuda" if str(cfg.run.device).startswith("cuda") else "cpu"
+        scale = engine.loss_scale(accum, world)
+        bar = progress_bar(s2.steps, start, dist.is_main and cfg.run.progress,
+                           "stage 2 (distillation)" if self.teacher is not None else "training")
+        last_loss = float("nan")
+        tokens_seen = 0
+        t_start = time.time()
+        try:
+            for step in range(start + 1, s2.steps + 1):
+                t_step = time.time()
+                first_row = stream.rows_served
+                rows = stream.next_rows(global_rows)
+                labels = make_labels(rows, self.tokenizer.eos_token_id, None, cfg.data.mask_doc_boundaries)
+                n_global = int((labels[:, 1:] != -100).sum())
+                sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, ce (summed over tokens)
+                for j in range(accum):
+                    lo = (j * world + dist.rank) * micro
+                    x = rows[lo:lo + micro].to(cfg.run.device)
+                    y = labels[lo:lo + micro].to(cfg.run.device)
+                    teacher_logits = teacher_topk = None
+                    if self.teacher is not None:
+                        if cache is not None:
+                            teacher_topk = cache.get(first_row + lo, x)
+                        else:
+                            with torch.no_grad():
+                                teacher_logits = self.teacher.model(input_ids=x, use_cache=False).logits
+                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+                        logits = engine(input_ids=x, use_cache=False).logits
+                    parts = loss_fn(logits, y, teacher_logits=teacher_logits, teacher_topk=teacher_topk)
+                    local = torch.stack([parts.loss.detach(), parts.kl.detach(), parts.ce.detach()]).double().cpu()
+                    bad = torch.tensor([0.0 if torch.isfinite(local).all() else 1.0])
+                    if float(dist.all_reduce_sum(bad)) > 0:
+                        raise TrainingDiverged(
+                            f"stage 2 loss is not finite (nan/inf) at step {step}; stopped without saving. "
+                            f"The last good checkpoint is {self.checkpoints.latest() or 'none'}; resume from it "
+                            f"(run.resume=true) with a lower stage2.lr (now {s2.lr}) or stage2.clip")
+                    sums += local
+                    engine.backward(parts.loss / max(n_global, 1) * scale)
+                    engine.micro_step()
+                engine.step()
+                sums = dist.all_reduce_sum(sums) / max(n_global, 1)
+                last_loss = float(sums[0])
+                tokens_seen += global_rows * cfg.data.seq_len
+                dt = time.time() - t_step
+                tok_s = global_rows * cfg.data.seq_len / max(dt, 1e-9)
+                if step % cfg.run.log_every == 0 or step == s2.steps:
+                    self.metrics.write({"event": "train", "step": step, "loss": last_loss, "kl": float(sums[1]),
+                                        "ce": float(sums[2]), "lr": engine.lr, "grad_norm": engine.last_grad_norm,
+                                        "tokens": n_global, "tokens_per_s": round(tok_s, 1),
+                                        "elapsed_s": round(time.time() - self.t0, 2)}, step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
+                    bar.update(1)
+                if cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0 and step != s2.steps:
+                    self.evaluate(step)
+                if cfg.run.checkpoint_every > 0 and (step % cfg.run.checkpoint_every == 0 or step == s2.steps):
+                    self.checkpoints.save(step, engine, {"step": step, "data": stream.state_dict()})
+                    if os.environ.get("RETCONVERT_TEST_HANG_AFTER_CHECKPOINT") == str(step):
+                        time.sleep(3600)  # test hook: wait here to be killed (tests/test_distill.py)
+        finally:
+            if bar is not None:
+                bar.close()
+        wall = time.time() - t_start
+        self.result.update(final_loss=last_loss, steps=s2.steps, wall_s=round(time.time() - self.t0, 2),
+                           train_tokens_per_s=round(tokens_seen / max(wall, 1e-9), 1),
+                           params=self.params_total, trainable_params=self.trainable)
+        if self.eval_ids:
+            self.result["eval"] = self.evaluate(s2.steps)
+
+    @torch.no_grad()
+    def evaluate(self, step: int, teacher_too: bool = False) -> Dict[str, float]:
+        """Held-out perplexity of the student (and once of the teacher) on every eval source."""
+        from retconvert.eval.perplexity import perplexity
+
+        d = self.cfg.data
+        module = self.engine.module if hasattr(self, "engine") else self.student
+        was_training = module.training
+        module.eval()
+        out = {}
+        for name, ids in self.eval_ids.items():
+            window = min(d.eval_window, len(ids))
+            stride = min(d.eval_stride, window)
+            out[name] = perplexity(module, ids, window=window, stride=stride, batch_size=d.eval_batch_size).ppl
+            if teacher_too and self.teacher is not None:
+                out[f"teacher_{name}"] = perplexity(self.teacher.model, ids, window=window, stride=stride,
+                                                    batch_size=d.eval_batch_size).ppl
+        if was_training:
+            module.train()
+        self.metrics.write({"event": "eval", "step": step, **{f"ppl_{k}": v for k, v in out.items()}}, step)
+        self.log(f"step {step}: held-out perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()))
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # Export
+    # ----------------------------------------------------------------------------------------
+    def export(self) -> Optional[Path]:
+        """The final student (LoRA merged) in the converter's checkpoint format, at <out_dir>/final."""
+        cfg = self.cfg
+        if not cfg.run.save_final:
+            return None
+        state = self.engine.full_state_dict() if hasattr(self, "engine") else self.student.state_dict()
+        out = self.out_dir / "final"
+        if self.dist.is_main:
+            model = type(self.student)(self.student.config)
+            if cfg.stage2.finetune == "lora" and hasattr(self, "engine"):
+                model = wrap_lora(model, cfg)
+            model.load_state_dict(state)
+            model = unwrap(model).float().eval()
+            info = {"config": cfg.to_dict(), "origin": self.origin,
+                    "result": {k: v for k, v in self.result.items() if k != "eval"}, "eval": self.result.get("eval")}
+            gen = getattr(self.teacher.model, "generation_config", None) if self.teacher is not None else None
+            save_student(model, self.tokenizer, out, info, generation_config=gen, readme=self._readme())
+            self.log(f"wrote {out}")
+        self.dist.barrier()
+        self.result["final"] = str(out)
+        return out
+
+    def _readme(self) -> str:
+        teacher = self.teacher.base_model if self.teacher is not None else None
+        ev = self.result.get("eval") or {}
+        rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in ev.items())
+        return (f"# {'RetNet distilled from ' + teacher if teacher else 'Model trained from scratch'}\n\n"
+                f"Trained with retconvert `distill/train.py` ({self.cfg.stage2.steps} steps).\n\n"
+                f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                f"model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n```\n\n"
+                f"## Held-out perplexity\n| set | ppl |\n|---|---|\n{rows}\n")
+
+    def cleanup(self):
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        self.dist.close()
+
+
+def run(cfg: DistillConfig, log=print) -> Dict:
+    """The whole recipe in one call (used by the sweep and the tests)."""
+    trainer = Trainer.setup(cfg, log=log)
+    try:
+        trainer.attention_transfer()
+        trainer.distill()
+        trainer.export()
+        return trainer.result
+    finally:
+        trainer.cleanup()
