@@ -591,11 +591,24 @@ def test_zero_stages_two_processes_match_single_process(fx, tmp_path):
     while time.time() < deadline and proc.poll() is None and not latest.is_file():
         time.sleep(0.1)
     assert proc.poll() is None and latest.read_text() == "step-00000002"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher ...
     proc.wait()
+    _kill_strays(str(killed))  # ... and its ranks, which torchrun starts in sessions of their own
     cmd, env = _torchrun(args + ["run.resume=true"], base_port + 5)
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = final_weights(killed), final_weights(tmp_path / "zero2")
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after ZeRO-2 kill-and-resume"
+
+
+def _kill_strays(marker: str):
+    """SIGKILL every process whose command line mentions `marker` (a run's own out_dir)."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.pid != os.getpid() and any(marker in part for part in (p.info["cmdline"] or [])):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
