@@ -107,11 +107,13 @@ def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None
     chunk_decay = torch.exp(lengths[None, :] * log_g[:, None]).to(q.dtype)  # (H, N)
 
     # States entering each chunk: a short recurrence over N chunks.
+    # unbind, not indexing in the loop: the backward of x[:, n] writes a zero tensor the size
+    # of x for every n, which made the backward pass quadratic in T.
     S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(q.dtype)
     states_in = []
-    for n in range(N):
+    for kv_n, decay_n in zip(chunk_kv.unbind(2), chunk_decay.unbind(1)):
         states_in.append(S)
-        S = S * chunk_decay[None, :, n, None, None] + chunk_kv[:, :, n]
+        S = S * decay_n[None, :, None, None] + kv_n
     S_in = torch.stack(states_in, dim=2)  # (B, H, N, Dk, Dv)
 
     # Across chunks: position j of a chunk sees the incoming state decayed by gamma^(j+1).
@@ -127,9 +129,9 @@ def retention_recurrent(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Ten
     g = gamma.to(q.dtype).view(1, H, 1, 1)
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
     outs = []
-    for t in range(T):
-        S = g * S + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)  # (B, H, Dk, Dv)
-        outs.append((q[:, t].unsqueeze(-2) @ S).squeeze(-2))  # (B, H, Dv)
+    for q_t, k_t, v_t in zip(q.unbind(1), k.unbind(1), v.unbind(1)):  # unbind: see retention_chunkwise
+        S = g * S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, Dk, Dv)
+        outs.append((q_t.unsqueeze(-2) @ S).squeeze(-2))  # (B, H, Dv)
     return torch.stack(outs, dim=1), S
 
 
