@@ -3,6 +3,8 @@
     retconvert from-hf SOURCE [--out DIR] [options]    convert a Transformer into a RetNet
     retconvert compare TEACHER STUDENT                 perplexity and a greedy sample of each
     retconvert export DIR --format torchscale --out DIR2
+    retconvert eval --model TEACHER --model STUDENT --out REPORT_DIR
+    retconvert push DIR --repo-id USER/NAME [--dry-run]
 
 A bad input ends with `error: <problem>; <fix>` on stderr and exit status 2.
 """
