@@ -84,7 +84,7 @@ def unmappable_features(model: RetNetForCausalLM) -> list:
     need(cfg.mlp_type == "glu", f"mlp_type={cfg.mlp_type!r} (torchscale's RetNet always uses a GLU)")
     need(cfg.hidden_act in ACTIVATIONS,
          f"hidden_act={cfg.hidden_act!r} (torchscale: one of {sorted(ACTIVATIONS)})")
-    for name in ("attention_bias", "o_proj_bias", "mlp_bias", "score_bias", "parallel_residual"):
+    for name in ("attention_bias", "o_proj_bias", "mlp_bias", "score_bias", "attention_sink", "parallel_residual"):
         need(not getattr(cfg, name), f"{name}=True (torchscale has none)")
     need(cfg.use_output_gate, "use_output_gate=False (torchscale always gates)")
     need(cfg.qk_head_dim * H == C,

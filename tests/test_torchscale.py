@@ -182,7 +182,7 @@ def test_existing_output_needs_force(tmp_path):
 def test_export_refuses_unmappable(tmp_path):
     config = RetNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=48, position_embedding_type="rotary", score_bias=True,
-                          attention_bias=True, learned_position_embeddings=True,
+                          attention_sink=True, attention_bias=True, learned_position_embeddings=True,
                           decay_gammas=[0.5, 0.9, 0.99, 0.999])
     RetNetForCausalLM(config).save_pretrained(tmp_path / "ours")
     with pytest.raises(TorchscaleExportError) as info:
@@ -190,7 +190,8 @@ def test_export_refuses_unmappable(tmp_path):
     assert isinstance(info.value, ValueError)
     message = str(info.value)
     for feature in ("position_embedding_type='rotary'", "head_norm='groupnorm'", "norm_type='layernorm'",
-                    "mlp_type='mlp'", "score_bias=True", "attention_bias=True", "learned_position_embeddings",
+                    "mlp_type='mlp'", "score_bias=True", "attention_sink=True", "attention_bias=True",
+                    "learned_position_embeddings",
                     "layer 0 decays"):
         assert feature in message, (feature, message)
     assert not (tmp_path / "ts").exists()
