@@ -17,6 +17,7 @@ from typing import Dict, List
 import torch
 
 from retconvert.convert.families import Family
+from retconvert.models.modeling_retnet import paper_decay_norm
 from retconvert.models.retention import retention
 
 # Candidate decays: effective memory 1/(1-gamma) from 2 to 8192 tokens, log-spaced.
@@ -25,6 +26,8 @@ GAMMA_GRID = [1.0 - 2.0 ** (-e) for e in (1, 2, 3, 4, 5, 5.5, 6, 6.5, 7, 7.5, 8,
 BIAS_GRID = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 32.0]
 # Candidate sink weights w (sink score w * (b + q.k_sink)); 0 switches the sink off.
 SINK_GRID = [0.0, 0.5, 2.0, 8.0, 32.0, 128.0, 512.0]
+# The layer state that fit_layer may change (restored if the grid does worse than the start).
+FITTED = ("decay_logit", "score_bias", "sink_weight")
 
 
 @dataclass
@@ -116,14 +119,14 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias
     sink_qk = torch.einsum("nthd,hd->nth", q, layer.sink_key)[:, keep] if cfg.attention_sink else None
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # (N, T, H, Dv + 1)
     ones = torch.ones_like(q[..., :1])
-    n = pos[:, keep].float()[..., None]  # (N, T', 1)
+    n = pos[:, keep][..., None]  # (N, T', 1)
 
     best_err = torch.full((H,), float("inf"), device=x.device)
     best = {"gamma": gammas[0], "bias": biases[0], "sink": sinks[0].expand(H)}
     for gamma in gammas:
         A = retention(q, k, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]  # (N, T', H, Dv + 1)
         Z = retention(ones, ones, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]
-        c = torch.sqrt(-torch.expm1((n + 1) * gamma.log()) / -torch.expm1(gamma.log()))[..., None]  # (N, T', H, 1)
+        c = paper_decay_norm(n, gamma)[..., None]  # (N, T', H, 1)
         for b in biases:
             total = (A + b[:, None] * Z)[None]  # (1, N, T', H, Dv + 1)
             if sink_qk is not None:
@@ -138,24 +141,22 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias
             best = {"gamma": torch.where(better, gamma, best["gamma"]), "bias": torch.where(better, b, best["bias"]),
                     "sink": torch.where(better, sinks[w], best["sink"])}
 
-    fit = LayerFit(gamma=best["gamma"].tolist(), score_bias=best["bias"].tolist() if cfg.score_bias else [],
-                   sink_weight=best["sink"].tolist() if cfg.attention_sink else [], scale=[], rel_error=0.0)
+    def as_fit(gamma, bias, sink):  # scale and error are filled in below
+        return LayerFit(gamma=gamma.tolist(), score_bias=bias.tolist() if cfg.score_bias else [],
+                        sink_weight=sink.tolist() if cfg.attention_sink else [], scale=[], rel_error=0.0)
+
+    fit = as_fit(best["gamma"], best["bias"], best["sink"])
     before = {name: t.clone() for name, t in layer.state_dict().items() if name in FITTED}
     apply_fit(layer, fit)
     scale, err, yy = layer_error(layer, q, k, v, pos, y)
     if err.sum() > start[1].sum():  # the grid missed the current setting: keep it
         layer.load_state_dict(before, strict=False)
         scale, err, yy = start
-        fit = LayerFit(gamma=layer.gamma.tolist(),
-                       score_bias=layer.score_bias.tolist() if cfg.score_bias else [],
-                       sink_weight=layer.sink_weight.tolist() if cfg.attention_sink else [], scale=[], rel_error=0.0)
+        fit = as_fit(layer.gamma, getattr(layer, "score_bias", None), getattr(layer, "sink_weight", None))
     fit.scale = scale.tolist()
     fit.rel_error = float(err.sum() / yy.sum().clamp_min(1e-12))
     fit.head_rel_error = (err / yy.clamp_min(1e-12)).tolist()
     return fit
-
-
-FITTED = ("decay_logit", "score_bias", "sink_weight")
 
 
 @torch.no_grad()

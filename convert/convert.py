@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -51,6 +51,8 @@ class ConvertOptions:
             if getattr(self, name) not in allowed:
                 raise RetconvertError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not supported; "
                                       f"use one of {', '.join(allowed)}")
+        if self.chunk_size <= 0:
+            raise RetconvertError(f"--chunk-size {self.chunk_size} must be positive; use e.g. 64")
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 2:
             raise RetconvertError("calibration needs calib_tokens >= calib_seq_len >= 2; raise --calib-tokens")
 
@@ -203,7 +205,3 @@ def save_checkpoint(student: RetNetForCausalLM, teacher: Teacher, options: Conve
         (tmp / "README.md").write_text(model_card(teacher, options, report, command))
         (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2))
     return out
-
-
-def layer_errors(report: dict) -> List[float]:
-    return [layer["rel_error"] for layer in report.get("layers", [])]

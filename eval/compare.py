@@ -4,10 +4,9 @@ from pathlib import Path
 
 import torch
 
-from retconvert.data import iter_texts, token_stream
 from retconvert.errors import RetconvertError
 from retconvert.eval.perplexity import perplexity
-from retconvert.paths import shared_data_file
+from retconvert.eval.quality import ppl_ids
 
 PROMPT = "The history of the city begins"
 
@@ -23,8 +22,8 @@ def load_student(path: str):
 
 
 def heldout_ids(tokenizer, max_tokens: int):
-    texts = iter_texts(str(shared_data_file("c4/c4_heldout.jsonl")))
-    return token_stream(texts, tokenizer, max_tokens, separator_id=tokenizer.eos_token_id)
+    """Held-out C4 (offline file, else the real validation split), documents joined by EOS."""
+    return ppl_ids("c4", tokenizer, max_tokens)
 
 
 @torch.no_grad()

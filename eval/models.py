@@ -6,9 +6,9 @@ from typing import Optional
 
 import torch
 
+from retconvert.convert.convert import DTYPES
 from retconvert.errors import RetconvertError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

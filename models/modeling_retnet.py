@@ -84,20 +84,29 @@ def rotary_inv_freq(config: RetNetConfig, device=None) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, config: RetNetConfig) -> torch.Tensor:
-    """Rotate q or k (B, T, H, D) by angle position * freq."""
-    inv_freq = rotary_inv_freq(config, x.device)
-    angles = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, config: RetNetConfig):
+    """Rotate q and k (B, T, H, D) by angle position * freq; the angles are computed once for both."""
+    angles = position_ids.float()[..., None] * rotary_inv_freq(config, q.device)  # (B, T, D/2)
     if config.position_embedding_type == "xpos":  # interleaved pairs (x0, x1), (x2, x3), ...
-        cos = angles.cos().repeat_interleave(2, -1)[:, :, None].to(x.dtype)  # (B, T, 1, D)
-        sin = angles.sin().repeat_interleave(2, -1)[:, :, None].to(x.dtype)
-        rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        angles = angles.repeat_interleave(2, -1)
     else:  # halves (x[:D/2], x[D/2:]), as Llama
-        cos = torch.cat((angles, angles), -1).cos()[:, :, None].to(x.dtype)
-        sin = torch.cat((angles, angles), -1).sin()[:, :, None].to(x.dtype)
+        angles = torch.cat((angles, angles), -1)
+    cos, sin = angles.cos()[:, :, None].to(q.dtype), angles.sin()[:, :, None].to(q.dtype)  # (B, T, 1, D)
+
+    def rotate(x):
+        if config.position_embedding_type == "xpos":
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
         half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+
+def paper_decay_norm(n: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """c_n = sqrt(sum_{j<=n} gamma^j), the paper's decay normaliser, for positions n (..., 1) and
+    per-head decays gamma (H,): (..., H). Computed in fp32 as (1 - gamma^(n+1)) / (1 - gamma)."""
+    log_g = gamma.float().log()
+    return torch.sqrt(-torch.expm1((n.float() + 1) * log_g) / -torch.expm1(log_g))
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +229,7 @@ class MultiScaleRetention(nn.Module):
             k = k.repeat_interleave(H // self.num_kv_heads, dim=2)
             v = v.repeat_interleave(H // self.num_kv_heads, dim=2)
         if self.config.position_embedding_type != "none":
-            q, k = apply_rotary(q, position_ids, self.config), apply_rotary(k, position_ids, self.config)
+            q, k = apply_rotary(q, k, position_ids, self.config)
         return q, k * self.scale, v
 
     def retain(self, q, k, v, position_ids, token_mask=None, state=None, gamma=None, score_bias=None,
@@ -253,9 +262,7 @@ class MultiScaleRetention(nn.Module):
             # Paper: D~ = D / sqrt(sum_m D_nm), R~ = R / max(|sum_m R_nm|, 1). Together that is
             # o_n / max(|s_n|, c_n) with s_n the score row sum and c_n^2 = sum_{j<=n} gamma^j.
             o, s = o[..., :Dv], o[..., Dv:]
-            n = position_ids.clamp(min=0).to(torch.float32)[..., None]  # (B, T, 1)
-            log_g = gamma.float().log()  # (H,)
-            c = torch.sqrt(-torch.expm1((n + 1) * log_g) / -torch.expm1(log_g))  # (B, T, H)
+            c = paper_decay_norm(position_ids.clamp(min=0)[..., None], gamma)  # (B, T, H)
             o = o / torch.maximum(s.float().abs(), c[..., None]).to(o.dtype)
         return o, state
 

@@ -18,11 +18,12 @@ from retconvert.errors import RetconvertError
 
 def _add_from_hf(sub):
     from retconvert.convert.convert import ConvertOptions
+    from retconvert.convert.sources import DEFAULT_TEACHER
 
     d = ConvertOptions()
     p = sub.add_parser("from-hf", help="convert a Hugging Face Transformer (Hub ID, folder, GGUF, built-in name)")
-    p.add_argument("source", nargs="?", default="smollm2-135m",
-                   help="Hub ID (gpt2-large), local folder, .gguf file, or built-in name (default: smollm2-135m)")
+    p.add_argument("source", nargs="?", default=DEFAULT_TEACHER,
+                   help=f"Hub ID (gpt2-large), local folder, .gguf file, or built-in name (default: {DEFAULT_TEACHER})")
     p.add_argument("--out", type=Path, help="output folder (default: outputs/<name>-retnet)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--decay", choices=("retnet", "calibrated"), default=d.decay,
@@ -69,8 +70,6 @@ def cmd_from_hf(args):
         calib_data=args.calib_data, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
     )
     options.validate()
-    if args.chunk_size <= 0:
-        raise RetconvertError(f"--chunk-size {args.chunk_size} must be positive; use e.g. 64")
     out = args.out or Path("outputs") / f"{Path(args.source).stem.replace('/', '--')}-retnet"
     if out.exists() and not args.force:  # fail before the slow part
         raise RetconvertError(f"output {out} already exists; pass --force to replace it")
