@@ -36,6 +36,7 @@ class ConvertOptions:
     score_bias: bool = True  # scores b + q.k (b fitted with calibration, else 1)
     sink: bool = True  # a never-decaying sink key/value per head, fitted with calibration
     head_norm: str = "none"  # "none" | "rmsnorm" | "groupnorm"; each followed by a per-head scale
+    kv_heads: str = "keep"  # grouped-query K/V: "keep" the teacher's (fewer bytes per token) or "expand" per head
     output_scale: str = "fit"  # "fit": least squares to the attention output; "one": 1
     gate: bool = False  # the paper's swish gate, untrained (random) at conversion
     retention_mode: str = "chunkwise"
@@ -46,7 +47,7 @@ class ConvertOptions:
 
     def validate(self):
         choices = {"decay": ("retnet", "calibrated"), "head_norm": ("none", "rmsnorm", "groupnorm"),
-                   "output_scale": ("fit", "one")}
+                   "output_scale": ("fit", "one"), "kv_heads": ("keep", "expand")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise RetconvertError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not supported; "
@@ -64,9 +65,10 @@ class ConvertOptions:
 def student_config(teacher_config, options: ConvertOptions) -> RetNetConfig:
     family = family_for(teacher_config)
     kwargs = family.retnet_config(teacher_config)
+    if options.kv_heads == "expand":  # one key/value head per query head, as in the paper's RetNet
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     return RetNetConfig(
         **kwargs,
-        num_key_value_heads=kwargs["num_attention_heads"],  # grouped-query K/V are expanded per head
         value_factor=1,
         retention_mode=options.retention_mode,
         chunk_size=options.chunk_size,
@@ -92,8 +94,25 @@ def build_student(teacher_model, options: ConvertOptions) -> RetNetForCausalLM:
         for block in student.model.layers:
             torch.nn.init.ones_(block.retention.score_bias)
     mapped = map_state_dict(family, teacher_model.state_dict(), teacher_model.config)
+    if options.kv_heads == "expand":
+        mapped = expand_kv_heads(mapped, teacher_model.config)
     load_mapped(student, mapped)
     return student
+
+
+def expand_kv_heads(mapped: dict, teacher_config) -> dict:
+    """Grouped-query K/V repeated for the query heads each serves: exact, since query head h
+    of a Llama reads kv head h // (H / Hkv), which is what repeat_interleave produces."""
+    H = teacher_config.num_attention_heads
+    Hkv = getattr(teacher_config, "num_key_value_heads", None) or H
+    if H == Hkv:
+        return mapped
+    out = dict(mapped)
+    for key, tensor in mapped.items():
+        if re.search(r"\.retention\.[kv]_proj\.(weight|bias)$", key):
+            rows = tensor.view(Hkv, -1, *tensor.shape[1:])  # (Hkv, D, ...)
+            out[key] = rows.repeat_interleave(H // Hkv, dim=0).flatten(0, 1).contiguous()
+    return out
 
 
 def load_mapped(student: RetNetForCausalLM, mapped: dict):

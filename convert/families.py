@@ -92,19 +92,6 @@ def split_c_attn(tensor: Tensor, _cfg) -> Dict[str, Tensor]:
     return {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
 
 
-def expand_kv_heads(tensor: Tensor, cfg) -> Dict[str, Tensor]:
-    """Grouped-query K/V: repeat each key/value head for the query heads it serves.
-
-    Exact: query head h of a Llama reads kv head h // (H / Hkv), which is what
-    repeat_interleave along the head axis produces.
-    """
-    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    if H == Hkv:
-        return {"": tensor}
-    rows = tensor.view(Hkv, -1, *tensor.shape[1:])  # (Hkv, D, ...)
-    return {"": rows.repeat_interleave(H // Hkv, dim=0).flatten(0, 1).contiguous()}
-
-
 # --------------------------------------------------------------------------------------------
 # Config mapping
 # --------------------------------------------------------------------------------------------
@@ -134,6 +121,7 @@ def llama_config(cfg) -> dict:
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         head_dim=head_dim,
         intermediate_size=cfg.intermediate_size,
         hidden_act=cfg.hidden_act,
@@ -194,10 +182,8 @@ LLAMA_KEYS: Dict[str, Target] = {
 }
 for _p in ("weight", "bias"):
     LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.q_proj.{_p}"] = f"model.layers.{{i}}.retention.q_proj.{_p}"
-    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.k_proj.{_p}"] = Transform(
-        f"model.layers.{{i}}.retention.k_proj.{_p}{{}}", expand_kv_heads)
-    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.v_proj.{_p}"] = Transform(
-        f"model.layers.{{i}}.retention.v_proj.{_p}{{}}", expand_kv_heads)
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.k_proj.{_p}"] = f"model.layers.{{i}}.retention.k_proj.{_p}"
+    LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.v_proj.{_p}"] = f"model.layers.{{i}}.retention.v_proj.{_p}"
     LLAMA_KEYS[f"{_LLAMA_LAYER}.self_attn.o_proj.{_p}"] = f"model.layers.{{i}}.retention.o_proj.{_p}"
     LLAMA_KEYS[f"{_LLAMA_LAYER}.mlp.gate_proj.{_p}"] = f"model.layers.{{i}}.mlp.gate_proj.{_p}"
     LLAMA_KEYS[f"{_LLAMA_LAYER}.mlp.up_proj.{_p}"] = f"model.layers.{{i}}.mlp.up_proj.{_p}"
@@ -226,7 +212,7 @@ FAMILIES: Dict[str, Family] = {
     "gpt2": Family("gpt2", GPT2_KEYS, gpt2_config, attention_output="transformer.h.{i}.attn.c_proj",
                    notes="Conv1D weights transposed, fused c_attn split, learned absolute positions kept"),
     "llama": Family("llama", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
-                    notes="grouped-query K/V expanded per head, RoPE carried over with its theta and scaling"),
+                    notes="grouped-query K/V kept (or expanded per head), RoPE carried over with its theta and scaling"),
     "mistral": Family("mistral", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
                       notes="as llama; the sliding window has no counterpart (decay plays its role)"),
     "qwen2": Family("qwen2", LLAMA_KEYS, qwen2_config, attention_output="model.layers.{i}.self_attn.o_proj",

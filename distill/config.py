@@ -156,6 +156,7 @@ CHOICES = {
     "stage2.finetune": ("full", "lora"),
     "model.convert.decay": ("retnet", "calibrated"),
     "model.convert.head_norm": ("none", "rmsnorm", "groupnorm"),
+    "model.convert.kv_heads": ("keep", "expand"),
     "model.convert.output_scale": ("fit", "one"),
     "model.convert.retention_mode": ("parallel", "chunkwise", "recurrent"),
 }

@@ -33,6 +33,8 @@ def _add_from_hf(sub):
     p.add_argument("--sink", action=argparse.BooleanOptionalAction, default=d.sink,
                    help="a never-decaying attention-sink key/value per head, fitted with calibration")
     p.add_argument("--head-norm", choices=("none", "rmsnorm", "groupnorm"), default=d.head_norm)
+    p.add_argument("--kv-heads", choices=("keep", "expand"), default=d.kv_heads,
+                   help="grouped-query K/V: keep the teacher's heads (default) or expand them per query head")
     p.add_argument("--output-scale", choices=("fit", "one"), default=d.output_scale,
                    help="per-head output scale: least squares to the teacher's attention output, or 1")
     p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=d.gate,
@@ -65,8 +67,8 @@ def cmd_from_hf(args):
     from retconvert.convert.sources import load_teacher
 
     options = ConvertOptions(
-        decay=args.decay, score_bias=args.score_bias, sink=args.sink, head_norm=args.head_norm, output_scale=args.output_scale,
-        gate=args.gate, retention_mode=args.retention_mode, chunk_size=args.chunk_size,
+        decay=args.decay, score_bias=args.score_bias, sink=args.sink, head_norm=args.head_norm,
+        kv_heads=args.kv_heads, output_scale=args.output_scale, gate=args.gate, retention_mode=args.retention_mode, chunk_size=args.chunk_size,
         calib_data=args.calib_data, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
     )
     options.validate()

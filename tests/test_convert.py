@@ -16,12 +16,26 @@ from retconvert.convert.families import family_for, map_state_dict
 from retconvert.errors import RetconvertError
 
 TEACHERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "qwen2": tiny_qwen2}
+PAIRS = {name: (make, "keep") for name, make in TEACHERS.items()}
+PAIRS["llama-expanded-kv"] = (tiny_llama, "expand")
 
 
-@pytest.fixture(params=list(TEACHERS))
+@pytest.fixture(params=list(PAIRS))
 def pair(request):
-    teacher = TEACHERS[request.param]()
-    return teacher, build_student(teacher, ConvertOptions()).eval()
+    make, kv_heads = PAIRS[request.param]
+    teacher = make()
+    return teacher, build_student(teacher, ConvertOptions(kv_heads=kv_heads)).eval()
+
+
+def test_kept_and_expanded_kv_heads_give_the_same_model():
+    teacher = tiny_llama()  # 4 query heads, 2 key/value heads
+    kept = build_student(teacher, ConvertOptions(kv_heads="keep")).eval()
+    expanded = build_student(teacher, ConvertOptions(kv_heads="expand")).eval()
+    assert kept.config.num_key_value_heads == 2 and expanded.config.num_key_value_heads == 4
+    assert sum(p.numel() for p in kept.parameters()) < sum(p.numel() for p in expanded.parameters())
+    ids = torch.randint(3, 128, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(kept(ids).logits, expanded(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_every_teacher_tensor_is_mapped_or_dropped(pair):
@@ -149,7 +163,7 @@ def test_meta_device_shapes_gpt2_large_and_llama3_8b():
             teacher = AutoModelForCausalLM.from_config(cfg)
             student = build_student(teacher, ConvertOptions(score_bias=False, sink=False))
         n = sum(p.numel() for p in student.parameters())
-        assert 0.95 * params < n < 1.15 * params, n  # + expanded K/V for Llama-3 (GQA 4x)
+        assert 0.99 * params < n < 1.01 * params, n  # grouped-query K/V kept: the teacher's size
 
 
 # --------------------------------------------------------------------------------------------

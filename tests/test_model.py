@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from tiny import assert_loads_with_remote_code
+from tiny import VARIANTS, assert_close, assert_loads_with_remote_code, random_ids, tiny_config, tiny_model
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -15,40 +15,6 @@ from retconvert.models import RetNetConfig, RetNetForCausalLM, RetNetState
 retention_module = importlib.import_module("retconvert.models.retention")  # the package exports a same-named function
 
 MODES = ("parallel", "chunkwise", "recurrent")
-TOL = 1e-5  # fp32, relative to the largest logit
-
-
-def tiny_config(**overrides) -> RetNetConfig:
-    kwargs = dict(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        chunk_size=8,  # test sequences span several chunks, the last one partial
-        initializer_range=0.2,  # large enough that retention visibly shapes the logits
-        pad_token_id=0,
-    )
-    kwargs.update(overrides)
-    return RetNetConfig(**kwargs)
-
-
-def tiny_model(**overrides) -> RetNetForCausalLM:
-    torch.manual_seed(0)
-    model = RetNetForCausalLM(tiny_config(**overrides)).eval()
-    # Parameters that start at 0 or 1 get random values, so that they are actually tested.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("score_bias", "head_norm_weight", "head_norm_bias", "norm.weight", "norm.bias",
-                              "sink_key", "sink_value", "sink_weight")):
-                p.add_(torch.randn_like(p) * 0.5)
-    return model
-
-
-def assert_close(got, want, tol=TOL, what="logits"):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
 @torch.no_grad()
@@ -58,41 +24,9 @@ def logits(model, ids, mode=None, **kwargs):
     return model(ids, use_cache=False, **kwargs).logits
 
 
-def random_ids(B, T, seed=1):
-    return torch.randint(1, 100, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
 # ------------------------------------------------------------------------------------------
 # The three forms
 # ------------------------------------------------------------------------------------------
-
-VARIANTS = {
-    "default": {},  # xpos, groupnorm, paper normalisation, value_factor 2, mlp, layernorm
-    "rotary": dict(position_embedding_type="rotary"),
-    "rotary-llama3": dict(position_embedding_type="rotary", rotary_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16)),
-    "no-positions": dict(position_embedding_type="none"),
-    "head-rmsnorm": dict(head_norm="rmsnorm"),
-    "head-norm-affine": dict(head_norm_affine=True),
-    "head-norm-none": dict(head_norm="none"),
-    "normalization-none": dict(retention_normalization="none"),
-    "score-bias": dict(score_bias=True),
-    "attention-sink": dict(attention_sink=True),
-    "converted-like": dict(position_embedding_type="rotary", value_factor=1, head_norm="none", head_norm_affine=True,
-                           score_bias=True, attention_sink=True, use_output_gate=False, learnable_decay=True),
-    "gqa": dict(num_key_value_heads=2),
-    "value-factor-1": dict(value_factor=1),
-    "glu": dict(mlp_type="glu", hidden_act="silu"),
-    "rmsnorm": dict(norm_type="rmsnorm"),
-    "learned-positions": dict(position_embedding_type="none", learned_position_embeddings=True),
-    "parallel-residual": dict(parallel_residual=True),
-    "no-output-gate": dict(use_output_gate=False),
-    "per-layer-decay": dict(decay_gammas=[[0.5, 0.8, 0.95, 0.99], [0.6, 0.9, 0.97, 0.995]]),
-    "llama-like": dict(position_embedding_type="rotary", head_norm="rmsnorm", num_key_value_heads=1,
-                       value_factor=1, mlp_type="glu", hidden_act="silu", norm_type="rmsnorm",
-                       use_output_gate=False, score_bias=True, attention_bias=True, embed_scale=2.0),
-}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -1,0 +1,116 @@
+"""The packed decoder (models/decoding_retnet.py) against the module path, for every feature."""
+
+import pytest
+from tiny import VARIANTS, assert_close, random_ids, tiny_model
+import torch
+
+from retconvert.models.decoding_retnet import RetNetDecoder
+
+
+@torch.no_grad()
+def module_path(model, ids, prefix, attention_mask=None):
+    """Logits of positions prefix-1 ... T-1 from a chunkwise prefill plus single-token steps."""
+    model.config.retention_mode = "chunkwise"
+    mask = attention_mask
+    out = model(ids[:, :prefix], attention_mask=None if mask is None else mask[:, :prefix], use_cache=True)
+    state, steps = out.past_key_values, [out.logits[:, -1]]
+    for t in range(prefix, ids.shape[1]):
+        out = model(ids[:, t:t + 1], attention_mask=None if mask is None else mask[:, :t + 1],
+                    past_key_values=state, use_cache=True)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1), state
+
+
+def decoder_path(decoder, ids, prefix, attention_mask=None):
+    mask = None if attention_mask is None else attention_mask[:, :prefix]
+    steps = [decoder.prefill(ids[:, :prefix], mask).clone()]
+    for t in range(prefix, ids.shape[1]):
+        steps.append(decoder.step(ids[:, t]).clone())
+    return torch.stack(steps, 1)
+
+
+CASES = [(variant, "auto") for variant in VARIANTS] + [
+    (variant, kernel) for variant in ("converted-gqa", "default")
+    for kernel in ("torch:out_in", "torch:in_out", "numpy:in_out", "numpy:out_in")]
+
+
+@pytest.mark.parametrize("variant,kernel", CASES)
+def test_decoder_matches_module_path(variant, kernel):
+    model = tiny_model(**VARIANTS[variant])
+    ids = random_ids(2, 23)
+    want, want_state = module_path(model, ids, prefix=9)
+    decoder = RetNetDecoder(model, batch_size=2, kernel=kernel)
+    assert_close(decoder_path(decoder, ids, prefix=9), want, what=variant)
+    # The exported state continues the module path exactly.
+    got_state = decoder.export_state()
+    assert got_state.seen_tokens == want_state.seen_tokens == 23
+    for got, exp in zip(got_state.states, want_state.states):
+        assert_close(got, exp, what="state")
+
+
+@pytest.mark.parametrize("variant", ["converted-gqa", "llama-like", "default"])
+def test_decoder_left_padded_batch(variant):
+    model = tiny_model(**VARIANTS[variant])
+    ids = random_ids(3, 20, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    want, _ = module_path(model, ids, prefix=12, attention_mask=mask)
+    got = decoder_path(RetNetDecoder(model, batch_size=3), ids, prefix=12, attention_mask=mask)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_stay_close(dtype):
+    model = tiny_model(**VARIANTS["converted-gqa"])
+    ids = random_ids(1, 30)
+    want, _ = module_path(model, ids, prefix=10)
+    got = decoder_path(RetNetDecoder(model, dtype=dtype), ids, prefix=10)
+    assert got.dtype == torch.float32
+    # Weights rounded to 8 (bf16) or 11 (fp16) significant bits; the tiny model's large
+    # random weights (std 0.2) amplify that more than a trained model does.
+    assert_close(got, want, tol=6e-2 if dtype == torch.bfloat16 else 1e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_generate_matches_hf_generate():
+    model = tiny_model(**VARIANTS["converted-gqa"])
+    ids = random_ids(2, 13)
+    want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    got = RetNetDecoder(model, batch_size=2).generate(ids, max_new_tokens=10)
+    assert torch.equal(got, want)
+
+
+def test_generate_stops_rows_at_eos():
+    model = tiny_model(**VARIANTS["converted-gqa"])
+    ids = random_ids(2, 8)
+    free = RetNetDecoder(model, batch_size=2).generate(ids, max_new_tokens=12)
+    eos = int(free[0, 10])  # a token row 0 emits at its third step
+    got = RetNetDecoder(model, batch_size=2).generate(ids, max_new_tokens=12, eos_token_id=eos)
+    first = (got[0, 8:] == eos).nonzero()[0].item()
+    assert (got[0, 8 + first:] == eos).all()
+    assert torch.equal(got[:, :8 + first + 1], free[:, :8 + first + 1])
+
+
+def test_sampling_is_seeded():
+    model = tiny_model(**VARIANTS["converted-gqa"])
+    ids = random_ids(1, 8)
+    dec = RetNetDecoder(model)
+    runs = [dec.generate(ids, 10, do_sample=True, top_k=5, temperature=0.8,
+                         generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_state_buffer_is_fixed_and_reused():
+    model = tiny_model(**VARIANTS["converted-gqa"])
+    dec = RetNetDecoder(model)
+    dec.prefill(random_ids(1, 50))
+    buffer, nbytes = dec.state.data_ptr(), dec.state.nbytes
+    for t in range(20):
+        dec.step(torch.tensor([t + 1]))
+    assert dec.state.data_ptr() == buffer and dec.state.nbytes == nbytes
+
+
+def test_bad_kernel_is_an_error():
+    with pytest.raises(ValueError, match="kernel"):
+        RetNetDecoder(tiny_model(), kernel="numpy:rows")
