@@ -122,6 +122,11 @@ def write_report(results: dict, plots: List[str]) -> str:
         for L in settings.get("contexts", []):
             rows.append((f"decode tokens/s, batch {b}, context {L}", lambda m, b=b, L=L: _get(
                 _find(_points(m, "speed", "decode"), context_tokens=L, batch_size=b), "tokens_per_s")))
+    if any(_points(m, "speed", "decode_packed") for m in models):
+        for b in settings.get("batch_sizes", []):
+            for L in settings.get("contexts", []):
+                rows.append((f"decode latency ms, packed decoder, batch {b}, context {L}", lambda m, b=b, L=L: _get(
+                    _find(_points(m, "speed", "decode_packed"), context_tokens=L, batch_size=b), "latency_ms")))
     modes = []
     for m in models:
         for p in _points(m, "speed", "prefill"):
@@ -206,9 +211,11 @@ def write_plots(results: dict, folder: Path) -> List[str]:
         fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4), squeeze=False)
         for ax, b in zip(axes[0], batch_sizes):
             for m in models:
-                pts = [p for p in _points(m, "speed", "decode") if p["batch_size"] == b]
-                if pts:
-                    ax.plot([p["context_tokens"] for p in pts], [p["latency_ms"] for p in pts], "o-", label=label(m))
+                for part, extra in (("decode", ""), ("decode_packed", "packed decoder")):
+                    pts = [p for p in _points(m, "speed", part) if p["batch_size"] == b]
+                    if pts:
+                        ax.plot([p["context_tokens"] for p in pts], [p["latency_ms"] for p in pts], "o-",
+                                label=label(m, extra))
             _axes(ax, f"decode latency, batch {b}", "context (tokens)", "ms per step")
         save(fig, "latency_vs_context.png")
 

@@ -2,7 +2,8 @@
 
 Teacher: a plain transformers forward that fills its KV cache (prefill), then one
 `model(input_ids=next, past_key_values=cache)` per token. Student: the same calls; its
-RetNetState makes every single-token step recurrent, whatever `retention_mode` says.
+RetNetState makes every single-token step recurrent, whatever `retention_mode` says. A
+RetNet is also decoded by its packed decoder (models/decoding_retnet.py), reported apart.
 
 Each curve comes from one loop over the measurement points; at every point the models
 take turns step by step, so a slow phase of a shared machine hits both alike. Warm-up
@@ -54,9 +55,42 @@ def expand(cache, batch: int):
     return cache
 
 
+class _Decoder:
+    """A RetNet's packed decoder (models/decoding_retnet.py), run with the same calls as a model."""
+
+    def __init__(self, m):
+        from retconvert.models.decoding_retnet import RetNetDecoder
+
+        self.m, self.decoder = m, RetNetDecoder(m.model)
+
+    def start(self, cache, token, batch: int):
+        cache = expand(cache, batch)
+        positions = torch.full((batch,), cache.get_seq_length(), dtype=torch.long, device=self.m.device)
+        self.decoder.load_state(cache, positions)
+        return self.decoder, token.view(-1).repeat(batch)
+
+    @staticmethod
+    def step(decoder, token):
+        return decoder, decoder.step(token).argmax(-1)
+
+
+def decode_engines(models) -> list:
+    """(model, engine name, decoder or None): every model through transformers' call, and each
+    RetNet also through its packed decoder."""
+    engines = []
+    for m in models:
+        engines.append((m, "module", None))
+        if m.is_retnet:
+            engines.append((m, "packed", _Decoder(m)))
+    return engines
+
+
 def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int, warmup: int) -> Dict[str, list]:
-    """{model name: [{"context_tokens", "batch_size", "latency_ms", "tokens_per_s", "steps"}]}."""
+    """{"curves": {model name: points}, "packed": {RetNet name: points of its packed decoder}, ...};
+    a point is {"context_tokens", "batch_size", "latency_ms", "tokens_per_s", "steps"}."""
+    engines = decode_engines(models)
     curves = {m.name: [] for m in models}
+    packed = {m.name: [] for m in models if m.is_retnet}
     skipped = []
     for length in contexts:
         base = {}
@@ -68,38 +102,41 @@ def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int
                     raise
                 skipped.append({"model": m.name, "context_tokens": length, "reason": "out of memory at prefill"})
         for batch in batch_sizes:
-            state, times = {}, {m.name: [] for m in models}
-            for m in models:
+            state, times = {}, {i: [] for i in range(len(engines))}
+            for i, (m, engine, dec) in enumerate(engines):
                 if m.name not in base:
                     continue
                 cache, token = base[m.name]
                 try:
-                    state[m.name] = (expand(cache, batch), token.expand(batch, 1).contiguous())
+                    state[i] = dec.start(cache, token, batch) if dec else (expand(cache, batch),
+                                                                           token.expand(batch, 1).contiguous())
                 except RuntimeError as e:
                     if not is_oom(e):
                         raise
-                    skipped.append({"model": m.name, "context_tokens": length, "batch_size": batch,
-                                    "reason": "out of memory copying the cache"})
+                    skipped.append({"model": m.name, "engine": engine, "context_tokens": length,
+                                    "batch_size": batch, "reason": "out of memory copying the cache"})
             for step in range(warmup + steps):
-                for m in models:  # alternate, step by step
-                    if m.name not in state:
+                for i, (m, engine, dec) in enumerate(engines):  # alternate, step by step
+                    if i not in state:
                         continue
-                    cache, token = state[m.name]
-                    t, state[m.name] = timed(lambda: decode_step(m, cache, token), m.device)
+                    cache, token = state[i]
+                    fn = (lambda: dec.step(cache, token)) if dec else (lambda: decode_step(m, cache, token))
+                    t, state[i] = timed(fn, m.device)
                     if step >= warmup:
-                        times[m.name].append(t)
+                        times[i].append(t)
             line = []
-            for m in models:
-                if times[m.name]:
-                    t = median(times[m.name])
-                    curves[m.name].append({"context_tokens": length, "batch_size": batch, "latency_ms": t * 1e3,
-                                           "tokens_per_s": batch / t, "steps": len(times[m.name])})
-                    line.append(f"{m.role} {t * 1e3:.2f} ms")
+            for i, (m, engine, dec) in enumerate(engines):
+                if times[i]:
+                    t = median(times[i])
+                    (packed if dec else curves)[m.name].append({
+                        "context_tokens": length, "batch_size": batch, "latency_ms": t * 1e3,
+                        "tokens_per_s": batch / t, "steps": len(times[i])})
+                    line.append(f"{m.role}{' (packed)' if dec else ''} {t * 1e3:.2f} ms")
             log(f"  decode at context {length}, batch {batch}: " + ", ".join(line))
             del state
         del base
         free_memory(models[0].device)
-    return {"curves": curves, "skipped_points": skipped}
+    return {"curves": curves, "packed": packed, "skipped_points": skipped}
 
 
 def prefill_variants(models) -> list:

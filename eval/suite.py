@@ -254,6 +254,9 @@ def _speed(models, entry, resolved, settings, guarded):
                              "method": "recurrent state" if m.is_retnet else "KV cache",
                              "statistic": f"median of {settings.decode_steps} steps after {settings.decode_warmup} "
                                           "warm-up steps, models alternating step by step", "unit": units}
+            if m.name in dec["packed"]:
+                res["decode_packed"] = {**res["decode"], "points": dec["packed"][m.name],
+                                        "method": "recurrent state, packed decoder (models/decoding_retnet.py)"}
         if pre is not None:
             res["prefill"] = {"points": pre["curves"][m.name],
                               "skipped_points": [s for s in pre["skipped_points"] if s["model"] == m.name],

@@ -151,6 +151,12 @@ def test_eval_all_suites(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
         dec = r["speed"]["decode"]["points"]
         assert {(p["context_tokens"], p["batch_size"]) for p in dec} == {(16, 1), (16, 4), (32, 1), (32, 4)}
         assert all(p["latency_ms"] > 0 and p["tokens_per_s"] > 0 for p in dec)
+        packed = r["speed"].get("decode_packed", {}).get("points", [])
+        if m["is_retnet"]:  # the packed decoder is timed on the same points
+            assert [(p["context_tokens"], p["batch_size"]) for p in packed] == \
+                [(p["context_tokens"], p["batch_size"]) for p in dec]
+        else:
+            assert not packed
         pre = r["speed"]["prefill"]["points"]
         assert {p["mode"] for p in pre} == ({"parallel", "chunkwise"} if m["is_retnet"] else {"attention"})
         assert len(r["memory"]["points"]) == 2
@@ -168,7 +174,7 @@ def test_eval_all_suites(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
     assert not [x for x in results["skipped"] if x["suite"] not in ("energy", "memory.peak_rss")], results["skipped"]
 
     report = (out / "report.md").read_text()
-    assert "## Quality" in report and "## Speed" in report and "ratio" in report
+    assert "## Quality" in report and "## Speed" in report and "ratio" in report and "packed decoder" in report
     for png in ("latency_vs_context.png", "prefill_vs_length.png", "memory_vs_context.png",
                 "passkey_accuracy.png", "position_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png

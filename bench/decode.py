@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Decoding speed of a teacher and its RetNet student, against the memory-bandwidth bound.
+
+At each context length P (the number of tokens already consumed) and batch size, the
+variants below take turns step by step (so a slow phase of a shared machine hits all of
+them alike); warm-up steps are excluded and the median per-token latency is reported:
+
+  teacher              transformers' own path: model(input_ids=token, past_key_values=cache),
+                       DynamicCache holding P keys/values per layer (what HF generate() runs)
+  student/module       the same call on the RetNet (its RetNetState makes each step recurrent)
+  student/decoder-fp32 models/decoding_retnet.py: packed weights, static shapes, fp32
+  student/decoder-bf16 ... with bfloat16 weights (half the bytes; state and norms stay fp32)
+  student/decoder-fp16 ... with float16 weights
+
+Batch 1 starts from a real prefill of P random tokens. Larger batches copy the batch-1
+cache/state B times (the timing of a step does not depend on what the cache holds); a
+point whose cache would exceed --max-cache-bytes is skipped with its size as the reason.
+
+The bound: time to stream the weights once per token = weight bytes / bandwidth, with the
+bandwidth measured in the same run by a large tensor copy (bytes copied / time, the figure
+the issue quotes as ~23 GB/s) and, for reference, by a large read-only reduction.
+
+The student is the converter's weight mapping of the teacher (`--student DIR` loads a
+trained checkpoint instead): speed does not depend on the values of the weights.
+
+  .venv/bin/python bench/decode.py --out docs/bench/decode.json
+  .venv/bin/python bench/decode.py --contexts 128,1024 --batches 1 --steps 8 --quick   # a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import log, machine_info, run_header, write_json  # noqa: E402
+
+
+def int_list(s: str):
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", default="smollm2-135m")
+    p.add_argument("--student", help="a RetNet checkpoint folder (default: the teacher's weights mapped by the converter)")
+    p.add_argument("--contexts", type=int_list, default=[128, 1024, 4096, 8192])
+    p.add_argument("--batches", type=int_list, default=[1, 16, 64])
+    p.add_argument("--steps", type=int, default=24, help="timed steps per point and variant")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--variants", default="teacher,student/module,student/decoder-fp32,student/decoder-bf16,"
+                                         "student/decoder-fp16")
+    p.add_argument("--module-batches", type=int_list, default=[1],
+                   help="batch sizes at which the (slow) student module path is also timed")
+    p.add_argument("--max-cache-bytes", type=float, default=6e9, help="skip points whose KV cache exceeds this")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="fewer steps: a smoke run")
+    p.add_argument("--out", help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def bandwidth(torch, nbytes: int = 1 << 29, repeats: int = 7) -> dict:
+    """GB/s of a large copy (bytes copied per second) and of a read-only sum."""
+    a = torch.ones(nbytes // 4)
+    b = torch.empty_like(a)
+
+    def med(fn):
+        fn()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        return statistics.median(runs)
+
+    copy_s = med(lambda: b.copy_(a))
+    sum_s = med(lambda: a.sum())
+    return {"tensor_bytes": a.nbytes, "copy_GBps": a.nbytes / copy_s / 1e9, "read_GBps": a.nbytes / sum_s / 1e9,
+            "method": "median of 7: b.copy_(a) (bytes copied / s) and a.sum() (bytes read / s), 512 MiB fp32"}
+
+
+class Variant:
+    """One way of decoding: `start(batch_state)` then `step()` returns the next token ids."""
+
+    def __init__(self, name, model=None, decoder=None):
+        self.name, self.model, self.decoder = name, model, decoder
+
+    def start(self, cache, token, batch: int):
+        """Continue from a batch-1 prefill (its cache and next token), copied to `batch` rows."""
+        cache = copy.deepcopy(cache)
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        if self.decoder is not None:
+            self.decoder.load_state(cache, torch_full(batch, cache.get_seq_length()))
+            self.token = token.view(-1).repeat(batch)
+        else:
+            self.cache, self.token = cache, token.repeat(batch, 1)
+
+    def step(self):
+        if self.decoder is not None:
+            self.token = self.decoder.step(self.token).argmax(-1)
+        else:
+            out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+            self.cache, self.token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def stop(self):
+        self.cache = None
+
+
+def torch_full(batch: int, position: int):
+    import torch
+
+    return torch.full((batch,), position, dtype=torch.long)
+
+
+def kv_cache_bytes(cfg, batch: int, context: int) -> int:
+    """Keys and values of a Llama-style teacher: 2 x layers x kv_heads x head_dim x tokens x 4 B."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * batch * 4
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.steps, args.warmup = min(args.steps, 6), min(args.warmup, 2)
+    from transformers import AutoModelForCausalLM
+
+    import retconvert  # noqa: F401  (registers the RetNet Auto classes)
+    from retconvert.convert.convert import ConvertOptions, build_student
+    from retconvert.convert.sources import load_teacher
+    from retconvert.models.decoding_retnet import RetNetDecoder
+
+    result = {**run_header("decode"), "machine": machine_info(), "settings": vars(args)}
+    log("measuring memory bandwidth")
+    result["bandwidth"] = bandwidth(torch)
+    log(f"  copy {result['bandwidth']['copy_GBps']:.1f} GB/s, read {result['bandwidth']['read_GBps']:.1f} GB/s")
+
+    teacher = load_teacher(args.teacher).model
+    if args.student:
+        student = AutoModelForCausalLM.from_pretrained(args.student).eval()
+        result["student"] = {"source": args.student}
+    else:
+        student = build_student(teacher, ConvertOptions()).eval()
+        result["student"] = {"source": "converter weight mapping of the teacher, uncalibrated (speed only)",
+                             "options": vars(ConvertOptions())}
+    student.config.retention_mode = "chunkwise"
+    wanted = args.variants.split(",")
+    variants = []
+    if "teacher" in wanted:
+        variants.append(Variant("teacher", model=teacher))
+    if "student/module" in wanted:
+        variants.append(Variant("student/module", model=student))
+    weight_bytes = {"teacher": sum(p.numel() * p.element_size() for p in teacher.parameters()),
+                    "student/module": sum(p.numel() * p.element_size() for p in student.parameters())}
+    for dtype_name in ("fp32", "bf16", "fp16"):
+        name = f"student/decoder-{dtype_name}"
+        if name in wanted:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+            dec = RetNetDecoder(student, batch_size=1, dtype=dtype)
+            variants.append(Variant(name, decoder=dec))
+            weight_bytes[name] = dec.weight_bytes()
+            result.setdefault("decoder_kernels", {})[name] = sorted({m.kernel for m in dec._matrices()})
+    result["weight_bytes"] = weight_bytes
+    result["parameters"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
+                            "student": sum(p.numel() for p in student.parameters())}
+
+    points, skipped = [], []
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for context in args.contexts:
+            ids = torch.randint(0, teacher.config.vocab_size, (1, context), generator=g)
+            bases = {}  # one prefill per model; the decoders continue from the student's
+            for name, model in (("teacher", teacher), ("student", student)):
+                log(f"prefill {context} tokens: {name}")
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                bases[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+            for batch in args.batches:
+                active = []
+                for v in variants:
+                    if v.name == "student/module" and batch not in args.module_batches:
+                        continue
+                    if v.name == "teacher" and kv_cache_bytes(teacher.config, batch, context) > args.max_cache_bytes:
+                        skipped.append({"variant": v.name, "context": context, "batch": batch,
+                                        "reason": f"KV cache {kv_cache_bytes(teacher.config, batch, context) / 1e9:.1f} GB "
+                                                  f"> --max-cache-bytes {args.max_cache_bytes / 1e9:.1f} GB"})
+                        continue
+                    v.start(*bases[v.name.split("/")[0]], batch)
+                    active.append(v)
+                times = {v.name: [] for v in active}
+                for step in range(args.warmup + args.steps):
+                    for v in active:  # alternate, step by step
+                        t0 = time.perf_counter()
+                        v.step()
+                        if step >= args.warmup:
+                            times[v.name].append(time.perf_counter() - t0)
+                for v in active:
+                    v.stop()
+                    t = statistics.median(times[v.name])
+                    points.append({"variant": v.name, "context": context, "batch": batch, "latency_ms": t * 1e3,
+                                   "tokens_per_s": batch / t, "steps": len(times[v.name]),
+                                   "all_ms": [x * 1e3 for x in times[v.name]]})
+                log(f"  context {context} batch {batch}: " + ", ".join(
+                    f"{p['variant']} {p['latency_ms']:.1f} ms" for p in points[-len(active):]))
+            del bases
+    result["points"], result["skipped"] = points, skipped
+    result["summary"] = summarise(points, result["bandwidth"], weight_bytes, args)
+    print_summary(result["summary"])
+    if args.out:
+        write_json(args.out, result)
+        log(f"wrote {args.out}")
+    return 0
+
+
+def summarise(points, bw, weight_bytes, args) -> dict:
+    """Ratios the issue asks for, all from this run."""
+    at = {(p["variant"], p["context"], p["batch"]): p["latency_ms"] for p in points}
+    lo, hi = min(args.contexts), max(args.contexts)
+    out = {"flatness": {}, "vs_teacher": {}, "bound": {}, "batched_tokens_per_s": {}}
+    for name in sorted({p["variant"] for p in points}):
+        if (name, lo, 1) in at and (name, hi, 1) in at:
+            out["flatness"][name] = {f"latency_{hi}_over_{lo}": at[(name, hi, 1)] / at[(name, lo, 1)]}
+        for ctx in args.contexts:
+            if name != "teacher" and ("teacher", ctx, 1) in at and (name, ctx, 1) in at:
+                out["vs_teacher"].setdefault(name, {})[str(ctx)] = at[("teacher", ctx, 1)] / at[(name, ctx, 1)]
+        if (name, lo, 1) in at:
+            bound_ms = weight_bytes[name] / (bw["copy_GBps"] * 1e9) * 1e3
+            best = min(at[(name, c, 1)] for c in args.contexts if (name, c, 1) in at)
+            out["bound"][name] = {"weight_bytes": weight_bytes[name], "bound_ms_copy_bandwidth": bound_ms,
+                                  "bound_ms_read_bandwidth": weight_bytes[name] / (bw["read_GBps"] * 1e9) * 1e3,
+                                  "fraction_of_copy_bound_at_context_" + str(lo): bound_ms / at[(name, lo, 1)],
+                                  "best_latency_ms": best}
+    for p in points:
+        out["batched_tokens_per_s"].setdefault(p["variant"], {}).setdefault(str(p["batch"]), {})[str(p["context"])] = \
+            round(p["tokens_per_s"], 1)
+    return out
+
+
+def print_summary(s):
+    for name, v in s["bound"].items():
+        log(f"{name:24s} bound {v['bound_ms_copy_bandwidth']:.1f} ms (copy bw), best {v['best_latency_ms']:.1f} ms")
+    for name, v in s["vs_teacher"].items():
+        log(f"{name:24s} speed-up vs teacher: " + ", ".join(f"{c}: {r:.2f}x" for c, r in v.items()))
+    for name, v in s["flatness"].items():
+        log(f"{name:24s} " + ", ".join(f"{k} = {r:.3f}" for k, r in v.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
