@@ -2,8 +2,12 @@
 """Decoding speed of a teacher and its RetNet student, against the memory-bandwidth bound.
 
 At each context length P (the number of tokens already consumed) and batch size, the
-variants below take turns step by step (so a slow phase of a shared machine hits all of
-them alike); warm-up steps are excluded and the median per-token latency is reported:
+variants below take turns in blocks of steps, --rounds times (so a slow phase of a shared
+machine hits all of them alike); the first steps of every block are warm-up and excluded,
+and the median per-token latency over the other steps is reported. Blocks, not single
+steps: numpy's OpenBLAS and torch's OpenMP keep their worker threads spinning for a while
+after each call, so a variant that ran just before another slows it down; the warm-up
+steps of a block absorb that. The variants:
 
   teacher              transformers' own path: model(input_ids=token, past_key_values=cache),
                        DynamicCache holding P keys/values per layer (what HF generate() runs)
@@ -17,14 +21,15 @@ cache/state B times (the timing of a step does not depend on what the cache hold
 point whose cache would exceed --max-cache-bytes is skipped with its size as the reason.
 
 The bound: time to stream the weights once per token = weight bytes / bandwidth, with the
-bandwidth measured in the same run by a large tensor copy (bytes copied / time, the figure
-the issue quotes as ~23 GB/s) and, for reference, by a large read-only reduction.
+bandwidth measured in the same run by a large tensor copy (bytes read + bytes written per
+second, the STREAM convention; ~23 GB/s here) and by a large read-only reduction (a matrix-
+vector product only reads its weights, so this is the tighter bound).
 
 The student is the converter's weight mapping of the teacher (`--student DIR` loads a
 trained checkpoint instead): speed does not depend on the values of the weights.
 
   .venv/bin/python bench/decode.py --out docs/bench/decode.json
-  .venv/bin/python bench/decode.py --contexts 128,1024 --batches 1 --steps 8 --quick   # a minute
+  .venv/bin/python bench/decode.py --contexts 128,1024 --batches 1 --quick   # a minute
 """
 
 from __future__ import annotations
@@ -50,8 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--student", help="a RetNet checkpoint folder (default: the teacher's weights mapped by the converter)")
     p.add_argument("--contexts", type=int_list, default=[128, 1024, 4096, 8192])
     p.add_argument("--batches", type=int_list, default=[1, 16, 64])
-    p.add_argument("--steps", type=int, default=24, help="timed steps per point and variant")
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3, help="blocks per point and variant")
+    p.add_argument("--block-steps", type=int, default=8, help="timed steps per block")
+    p.add_argument("--block-warmup", type=int, default=2, help="untimed steps at the start of each block")
+    p.add_argument("--settle-s", type=float, default=0.3,
+                   help="pause between blocks, so the previous variant's BLAS/OpenMP threads stop spinning")
     p.add_argument("--variants", default="teacher,student/module,student/decoder-fp32,student/decoder-bf16,"
                                          "student/decoder-fp16")
     p.add_argument("--module-batches", type=int_list, default=[1],
@@ -64,7 +72,7 @@ def parse_args(argv=None):
 
 
 def bandwidth(torch, nbytes: int = 1 << 29, repeats: int = 7) -> dict:
-    """GB/s of a large copy (bytes copied per second) and of a read-only sum."""
+    """GB/s of a large copy (bytes read + written per second, as STREAM counts) and of a read-only sum."""
     a = torch.ones(nbytes // 4)
     b = torch.empty_like(a)
 
@@ -79,29 +87,34 @@ def bandwidth(torch, nbytes: int = 1 << 29, repeats: int = 7) -> dict:
 
     copy_s = med(lambda: b.copy_(a))
     sum_s = med(lambda: a.sum())
-    return {"tensor_bytes": a.nbytes, "copy_GBps": a.nbytes / copy_s / 1e9, "read_GBps": a.nbytes / sum_s / 1e9,
-            "method": "median of 7: b.copy_(a) (bytes copied / s) and a.sum() (bytes read / s), 512 MiB fp32"}
+    return {"tensor_bytes": a.nbytes, "copy_GBps": 2 * a.nbytes / copy_s / 1e9, "read_GBps": a.nbytes / sum_s / 1e9,
+            "copy_s": copy_s, "sum_s": sum_s,
+            "method": "median of 7: b.copy_(a) ((read + written bytes) / s) and a.sum() (read bytes / s), 512 MiB fp32"}
 
 
 class Variant:
     """One way of decoding: `start(batch_state)` then `step()` returns the next token ids."""
 
-    def __init__(self, name, model=None, decoder=None):
-        self.name, self.model, self.decoder = name, model, decoder
+    def __init__(self, name, model=None, make_decoder=None):
+        self.name, self.model, self.make_decoder = name, model, make_decoder
+        self.decoders, self.decoder = {}, None  # one decoder per batch size: kernels are tuned for it
 
     def start(self, cache, token, batch: int):
         """Continue from a batch-1 prefill (its cache and next token), copied to `batch` rows."""
         cache = copy.deepcopy(cache)
         if batch > 1:
             cache.batch_repeat_interleave(batch)
-        if self.decoder is not None:
+        if self.make_decoder is not None:
+            if batch not in self.decoders:
+                self.decoders[batch] = self.make_decoder(batch)
+            self.decoder = self.decoders[batch]
             self.decoder.load_state(cache, torch_full(batch, cache.get_seq_length()))
             self.token = token.view(-1).repeat(batch)
         else:
             self.cache, self.token = cache, token.repeat(batch, 1)
 
     def step(self):
-        if self.decoder is not None:
+        if self.make_decoder is not None:
             self.token = self.decoder.step(self.token).argmax(-1)
         else:
             out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
@@ -130,7 +143,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.steps, args.warmup = min(args.steps, 6), min(args.warmup, 2)
+        args.rounds, args.block_steps, args.block_warmup = 1, 4, 1
     from transformers import AutoModelForCausalLM
 
     import retconvert  # noqa: F401  (registers the RetNet Auto classes)
@@ -164,10 +177,8 @@ def main(argv=None) -> int:
         name = f"student/decoder-{dtype_name}"
         if name in wanted:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-            dec = RetNetDecoder(student, batch_size=1, dtype=dtype)
-            variants.append(Variant(name, decoder=dec))
-            weight_bytes[name] = dec.weight_bytes()
-            result.setdefault("decoder_kernels", {})[name] = sorted({m.kernel for m in dec._matrices()})
+            variants.append(Variant(name, make_decoder=lambda b, dtype=dtype: RetNetDecoder(student, b, dtype)))
+            weight_bytes[name] = RetNetDecoder(student, 1, dtype).weight_bytes()
     result["weight_bytes"] = weight_bytes
     result["parameters"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
                             "student": sum(p.numel() for p in student.parameters())}
@@ -195,12 +206,14 @@ def main(argv=None) -> int:
                     v.start(*bases[v.name.split("/")[0]], batch)
                     active.append(v)
                 times = {v.name: [] for v in active}
-                for step in range(args.warmup + args.steps):
-                    for v in active:  # alternate, step by step
-                        t0 = time.perf_counter()
-                        v.step()
-                        if step >= args.warmup:
-                            times[v.name].append(time.perf_counter() - t0)
+                for _ in range(args.rounds):
+                    for v in active:  # take turns, a block each
+                        time.sleep(args.settle_s)
+                        for step in range(args.block_warmup + args.block_steps):
+                            t0 = time.perf_counter()
+                            v.step()
+                            if step >= args.block_warmup:
+                                times[v.name].append(time.perf_counter() - t0)
                 for v in active:
                     v.stop()
                     t = statistics.median(times[v.name])
@@ -210,13 +223,49 @@ def main(argv=None) -> int:
                 log(f"  context {context} batch {batch}: " + ", ".join(
                     f"{p['variant']} {p['latency_ms']:.1f} ms" for p in points[-len(active):]))
             del bases
+        result["flatness_interleaved"] = flatness(args, teacher, student, variants)
     result["points"], result["skipped"] = points, skipped
+    result["decoder_kernels"] = {v.name: {str(b): sorted({f"{tuple(m.w.shape)}: {m.kernel}" for m in d._matrices()})
+                                          for b, d in v.decoders.items()} for v in variants if v.decoders}
     result["summary"] = summarise(points, result["bandwidth"], weight_bytes, args)
     print_summary(result["summary"])
     if args.out:
         write_json(args.out, result)
         log(f"wrote {args.out}")
     return 0
+
+
+def flatness(args, teacher, student, variants) -> dict:
+    """Batch-1 latency at the shortest and longest context, measured in the same loop: each
+    student variant alternates blocks between a state after `lo` and one after `hi` tokens,
+    so the ratio hi/lo is free of the drift between points measured minutes apart."""
+    import torch
+
+    lo, hi = min(args.contexts), max(args.contexts)
+    g = torch.Generator().manual_seed(1)
+    starts = {}
+    for length in (lo, hi):
+        out = student(input_ids=torch.randint(0, student.config.vocab_size, (1, length), generator=g),
+                      use_cache=True, logits_to_keep=1)
+        starts[length] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+    result = {}
+    for v in variants:
+        if v.name == "teacher":
+            continue
+        times = {lo: [], hi: []}
+        for _ in range(args.rounds):
+            for length in (lo, hi):
+                v.start(*starts[length], 1)
+                time.sleep(args.settle_s)
+                for step in range(args.block_warmup + args.block_steps):
+                    t0 = time.perf_counter()
+                    v.step()
+                    if step >= args.block_warmup:
+                        times[length].append(time.perf_counter() - t0)
+        a, b = statistics.median(times[lo]), statistics.median(times[hi])
+        result[v.name] = {f"latency_ms_{lo}": a * 1e3, f"latency_ms_{hi}": b * 1e3, f"ratio_{hi}_over_{lo}": b / a}
+        log(f"  flatness {v.name}: {a * 1e3:.1f} ms at {lo}, {b * 1e3:.1f} ms at {hi} ({b / a:.3f})")
+    return result
 
 
 def summarise(points, bw, weight_bytes, args) -> dict:

@@ -86,8 +86,11 @@ def load_teacher(
         tokenizer = AutoTokenizer.from_pretrained(**where, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise _load_error(source, kind, e) from None
-    if getattr(model.config, "quantization_config", None) is not None and kind in ("builtin", "gguf"):
-        del model.config.quantization_config  # dequantised on load: the weights are plain floats now
+    if kind in ("builtin", "gguf"):  # dequantised on load: the weights are plain floats now, so the
+        # model may be cast, saved and trained like any other (transformers refuses while it looks quantised)
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.hf_quantizer, model.is_quantized = None, False
     model.to(device).eval().requires_grad_(False)
     return Teacher(model, tokenizer, source, kind, base_model)
 

@@ -47,19 +47,19 @@ def kernels_for(dtype: torch.dtype, device: torch.device) -> Tuple[str, ...]:
     return tuple(k for k in KERNELS if numpy_ok or k.startswith("torch"))
 
 
-def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device) -> str:
-    """The fastest way to multiply one vector by a weight of `shape` (out, in), timed once per
-    (shape, dtype, device) on enough copies that the product streams from memory as in
-    decoding. Libraries differ by shape, dtype and CPU: on one AMD EPYC, fp32 F.linear (MKL)
+def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device, rows: int = 1) -> str:
+    """The fastest way to multiply `rows` vectors (the batch) by a weight of `shape` (out, in),
+    timed once per (shape, dtype, device, rows) on enough copies that the product streams
+    from memory as in decoding. Libraries differ by shape, dtype and CPU: on one AMD EPYC, fp32 F.linear (MKL)
     streams 12 GB/s, MKL with W stored (in, out) 25 GB/s, OpenBLAS 25-37 GB/s."""
-    key = (tuple(shape), dtype, device.type)
+    key = (tuple(shape), dtype, device.type, rows)
     if key not in _KERNEL_CACHE:
         out_f, in_f = shape
         copies = max(1, min(64, (64 << 20) // (out_f * in_f * torch.finfo(dtype).bits // 8)))
-        x = torch.randn(1, in_f, device=device).to(dtype)
+        x = torch.randn(rows, in_f, device=device).to(dtype)
         timings = {}
         for kernel in kernels_for(dtype, device):
-            mats = [_Matrix(torch.randn(out_f, in_f, device=device), None, dtype, kernel) for _ in range(copies)]
+            mats = [_Matrix(torch.randn(out_f, in_f, device=device), None, dtype, kernel, rows) for _ in range(copies)]
             runs = []
             for _ in range(5):
                 _sync(device)
@@ -68,7 +68,7 @@ def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.dev
                     m(x)
                 _sync(device)
                 runs.append(time.perf_counter() - t0)
-            timings[kernel] = sorted(runs[1:])[len(runs[1:]) // 2]  # the first round is a warm-up
+            timings[kernel] = min(runs[1:])  # the first round is a warm-up; min: robust to other load
             del mats
         _KERNEL_CACHE[key] = min(timings, key=timings.get)
     return _KERNEL_CACHE[key]
@@ -91,9 +91,10 @@ def _norm(module):
 class _Matrix:
     """A packed weight (and optional bias) for `y = x W^T + b`, in the chosen kernel and dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, kernel: str):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, kernel: str,
+                 rows: int = 1):
         if kernel == "auto":
-            kernel = fastest_kernel(weight.shape, dtype, weight.device)
+            kernel = fastest_kernel(weight.shape, dtype, weight.device, rows)
         self.kernel, self.dtype = kernel, dtype
         library, layout = kernel.split(":")
         w = weight.detach().to(dtype)  # (out, in)
@@ -127,7 +128,8 @@ class RetNetDecoder:
         logits = dec.step(next_ids)                                    # next_ids (B,)
 
     The model is not modified. The decoder holds its own copy of the weights (in `dtype`)
-    and a fixed-size state for `batch_size` rows.
+    and a fixed-size state for `batch_size` rows; its matrix kernels are chosen for that batch
+    size (another batch size works, possibly with slower kernels).
     """
 
     def __init__(self, model, batch_size: int = 1, dtype: Optional[torch.dtype] = None, kernel: str = "auto"):
@@ -232,16 +234,16 @@ class RetNetDecoder:
         if mlp.glu:
             up = _Matrix(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                          None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]),
-                         self.dtype, self.kernel)
-            down = _Matrix(mlp.down_proj.weight, mlp.down_proj.bias, self.dtype, self.kernel)
+                         self.dtype, self.kernel, self.B)
+            down = _Matrix(mlp.down_proj.weight, mlp.down_proj.bias, self.dtype, self.kernel, self.B)
         else:
-            up = _Matrix(mlp.fc_in.weight, mlp.fc_in.bias, self.dtype, self.kernel)
-            down = _Matrix(mlp.fc_out.weight, mlp.fc_out.bias, self.dtype, self.kernel)
+            up = _Matrix(mlp.fc_in.weight, mlp.fc_in.bias, self.dtype, self.kernel, self.B)
+            down = _Matrix(mlp.fc_out.weight, mlp.fc_out.bias, self.dtype, self.kernel, self.B)
         gamma = ret.gamma.detach().float().to(dev)
         return {
             "norm1": _norm(block.input_layernorm), "norm2": _norm(block.post_retention_layernorm),
-            "qkv": _Matrix(torch.cat(rows), fused_bias if has_bias else None, self.dtype, self.kernel),
-            "o": _Matrix(wo, bo, self.dtype, self.kernel),
+            "qkv": _Matrix(torch.cat(rows), fused_bias if has_bias else None, self.dtype, self.kernel, self.B),
+            "o": _Matrix(wo, bo, self.dtype, self.kernel, self.B),
             "up": up, "down": down, "act": mlp.act, "glu": mlp.glu,
             "gamma": gamma,
             "sink": sink,
@@ -254,7 +256,7 @@ class RetNetDecoder:
         self.embed = model.model.embed_tokens.weight.detach()
         self.embed_pos = getattr(model.model, "embed_positions", None)
         self.final_norm = _norm(model.model.norm)
-        self.lm_head = _Matrix(model.lm_head.weight, None, self.dtype, self.kernel)
+        self.lm_head = _Matrix(model.lm_head.weight, None, self.dtype, self.kernel, self.B)
 
     def _matrices(self):
         yield self.lm_head
@@ -414,22 +416,25 @@ class RetNetDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Prompt (B, P) -> (B, P + max_new_tokens). Rows that emit `eos_token_id` are padded with
-        it afterwards (shapes stay static; the loop stops early once every row has finished)."""
+                 eos_token_id=None, pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Prompt (B, P) -> (B, P + max_new_tokens), as transformers' generate() returns it: a row
+        that emits an end token (`eos_token_id`, an int or a list) is filled with `pad_token_id`
+        (default: that end token) afterwards. Shapes stay static; the loop stops early once
+        every row has finished."""
         B, P = input_ids.shape
-        out = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=self.device)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           dtype=torch.long, device=self.device)
+        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        out = torch.full((B, P + max_new_tokens), pad, dtype=torch.long, device=self.device)
         out[:, :P] = input_ids
         logits = self.prefill(input_ids, attention_mask)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
-            token = self._choose(logits, do_sample, temperature, top_k, generator)
-            if eos_token_id is not None:
-                token = token.masked_fill(done, eos_token_id)
-                done |= token == eos_token_id
+            token = self._choose(logits, do_sample, temperature, top_k, generator).masked_fill(done, pad)
             out[:, P + i] = token
-            if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-                out[:, P + i + 1:] = eos_token_id if eos_token_id is not None else 0
+            done |= torch.isin(token, eos)
+            if i + 1 == max_new_tokens or bool(done.all()):
                 break
             logits = self.step(token)
         return out

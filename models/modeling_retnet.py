@@ -4,7 +4,7 @@ Reads top to bottom: positions -> multi-scale retention -> MLP -> block -> model
 Tensor layout inside retention is [B, T, H, D] (see `retention.py`).
 
 This file travels inside every checkpoint (see `auto_map`): it imports only torch,
-transformers and its two sibling files, never retconvert.
+transformers and its sibling files, never retconvert.
 """
 
 import math
@@ -532,3 +532,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
 
     def _reorder_cache(self, past_key_values: RetNetState, beam_idx):
         return past_key_values.reorder_cache(beam_idx)
+
+    def packed_decoder(self, batch_size: int = 1, dtype: Optional[torch.dtype] = None, kernel: str = "auto"):
+        """A fast decoder with packed weights and a fixed-size state (see decoding_retnet.py):
+        `model.packed_decoder().generate(input_ids, max_new_tokens)`."""
+        from .decoding_retnet import RetNetDecoder
+
+        return RetNetDecoder(self, batch_size=batch_size, dtype=dtype, kernel=kernel)

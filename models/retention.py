@@ -16,6 +16,7 @@ that. Every function returns `(output, final_state)`. Decay powers are computed 
 (or fp64 for fp64 inputs) as exp(n * log gamma), never as a division by gamma^n.
 """
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -141,11 +142,48 @@ RETENTION_FORMS = {
     "recurrent": retention_recurrent,
 }
 
+# --------------------------------------------------------------------------------------------
+# CUDA: fla's Triton kernels, when flash-linear-attention is installed (optional)
+# --------------------------------------------------------------------------------------------
+
+_FLA = None  # (chunk_simple_gla, fused_recurrent_simple_gla), or False once found missing
+
+
+def fla_kernels():
+    """fla's simple-GLA kernels, or None. Retention is simple GLA with a constant log-decay
+    per head; fla's own `chunk_retention` hard-codes the paper's decays, so it is not used."""
+    global _FLA
+    if _FLA is None:
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+            _FLA = (chunk_simple_gla, fused_recurrent_simple_gla)
+        except Exception:  # not installed, or no triton / GPU support
+            _FLA = False
+    return _FLA or None
+
+
+def use_fla(q: Tensor) -> bool:
+    """On CUDA with fla installed, unless RETCONVERT_FLA=0."""
+    return q.is_cuda and os.environ.get("RETCONVERT_FLA", "1") != "0" and fla_kernels() is not None
+
+
+def retention_fla(q, k, v, gamma, mode: str, initial_state=None) -> Tuple[Tensor, Tensor]:
+    """The same maths through fla's kernels ([B, T, H, D] layout, state [B, H, Dk, Dv]).
+    The decay goes in as a per-token log gate so that a learnable decay gets its gradient."""
+    chunk, recurrent = fla_kernels()
+    B, T, H, _ = q.shape
+    g = _log_gamma(gamma, q).float().view(1, 1, H).expand(B, T, H).contiguous()  # (B, T, H)
+    fn = recurrent if mode == "recurrent" else chunk
+    state = None if initial_state is None else initial_state.to(q.dtype)
+    return fn(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True)
+
 
 def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Optional[Tensor] = None):
-    """Dispatch to one of the three forms by name."""
-    if mode == "chunkwise":
-        return retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, initial_state=initial_state)
+    """Dispatch to one of the three forms by name (on CUDA with fla installed: its kernels)."""
     if mode not in RETENTION_FORMS:
         raise ValueError(f"unknown retention mode {mode!r}; choose one of {sorted(RETENTION_FORMS)}")
+    if use_fla(q):
+        return retention_fla(q, k, v, gamma, mode, initial_state=initial_state)
+    if mode == "chunkwise":
+        return retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, initial_state=initial_state)
     return RETENTION_FORMS[mode](q, k, v, gamma, initial_state=initial_state)

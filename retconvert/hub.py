@@ -38,7 +38,7 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 HIDDEN_PATTERNS = (".*", "*/.*")
 IGNORE_PATTERNS = list(PICKLE_PATTERNS) + list(HIDDEN_PATTERNS)
 # The code `trust_remote_code` imports; retconvert's save_pretrained copies it into every checkpoint.
-CODE_FILES = ("configuration_retnet.py", "modeling_retnet.py", "retention.py")
+CODE_FILES = ("configuration_retnet.py", "modeling_retnet.py", "retention.py", "decoding_retnet.py")
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -508,7 +508,9 @@ def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_r
             tok_line,
             'inputs = tok("The capital of France is", return_tensors="pt")',
             "out = model.generate(**inputs, max_new_tokens=20)",
-            "print(tok.decode(out[0], skip_special_tokens=True))", "```", "",
+            "print(tok.decode(out[0], skip_special_tokens=True))", "",
+            "# faster: packed weights and a static decode loop (same tokens, greedy)",
+            "out = model.packed_decoder().generate(inputs.input_ids, max_new_tokens=20)", "```", "",
             "`trust_remote_code=True` runs the modeling code shipped in this repo "
             f"({', '.join(f'`{c}`' for c in CODE_FILES)}); retconvert itself is not needed. The prompt is "
             f"processed in the `{config.get('retention_mode', 'chunkwise')}` form; decoding is always recurrent "

@@ -86,10 +86,12 @@ def test_generate_stops_rows_at_eos():
     ids = random_ids(2, 8)
     free = RetNetDecoder(model, batch_size=2).generate(ids, max_new_tokens=12)
     eos = int(free[0, 10])  # a token row 0 emits at its third step
-    got = RetNetDecoder(model, batch_size=2).generate(ids, max_new_tokens=12, eos_token_id=eos)
+    got = RetNetDecoder(model, batch_size=2).generate(ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
     first = (got[0, 8:] == eos).nonzero()[0].item()
-    assert (got[0, 8 + first:] == eos).all()
+    assert (got[0, 9 + first:] == 0).all()  # padded after its end token
     assert torch.equal(got[:, :8 + first + 1], free[:, :8 + first + 1])
+    want = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(got[:, :want.shape[1]], want)  # transformers stops when every row is done
 
 
 def test_sampling_is_seeded():

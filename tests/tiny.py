@@ -104,6 +104,10 @@ def assert_loads_with_remote_code(ckpt: Path, workdir: Path, ids: torch.Tensor, 
         assert err <= 1e-6, err
         new = model.generate(expected["ids"], max_new_tokens={new_tokens}, do_sample=False, pad_token_id=0)
         assert torch.equal(new, expected["generated"]), (new, expected["generated"])
+        packed = model.packed_decoder(batch_size=expected["ids"].shape[0]).generate(
+            expected["ids"], {new_tokens}, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
+        n = expected["generated"].shape[1]  # transformers stops early when every row has ended
+        assert torch.equal(packed[:, :n], expected["generated"]) and (packed[:, n:] == 0).all(), packed
         print("REMOTE-CODE-OK")
     """)
     env = dict(os.environ, HF_MODULES_CACHE=str(workdir / "modules"), HF_HUB_OFFLINE="1",
