@@ -69,13 +69,11 @@ class DistillationLoss(nn.Module):
         ce = F.cross_entropy(s, target[mask], reduction="sum") if alpha > 0 else zero
         kl = zero
         if has_teacher and alpha < 1:
-            log_q = F.log_softmax(s / T, dim=-1)
             if teacher_logits is not None:
-                t = teacher_logits[:, :-1][mask].float()
-                log_p = F.log_softmax(t / T, dim=-1)
-                kl = (log_p.exp() * (log_p - log_q)).sum()
+                kl = _full_kl(s, teacher_logits[:, :-1][mask].float(), T)
             else:
                 values, indices, lse = (x[:, :-1][mask] for x in teacher_topk)
+                log_q = F.log_softmax(s / T, dim=-1)
                 log_p = values.float() / T - lse.float()[:, None]  # (N, k) exact teacher log-probs
                 log_p_rest = _log1mexp(torch.logsumexp(log_p, -1))
                 log_q_k = log_q.gather(-1, indices.long())
@@ -88,6 +86,23 @@ class DistillationLoss(nn.Module):
             n = tokens.clamp_min(1).to(loss.dtype)
             loss, kl, ce = loss / n, kl / n, ce / n
         return LossParts(loss=loss, kl=kl, ce=ce, tokens=tokens)
+
+
+def _full_kl(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
+    """sum over rows of KL(softmax(t/T) || softmax(s/T)) for (N, V) logits, in few passes.
+
+    With p = softmax(t/T): KL = sum_i p_i (t_i - s_i) / T - lse(t/T) + lse(s/T), since the
+    p_i sum to 1. The teacher side needs no gradient; the student side is one logsumexp and
+    one row-wise dot product, instead of two log-softmaxes and three vocabulary-sized
+    temporaries (their gradient is the same: (softmax(s/T) - p) / T).
+    """
+    with torch.no_grad():
+        t_scaled = t / T
+        lse_t = torch.logsumexp(t_scaled, -1)  # (N,)
+        p = torch.exp(t_scaled - lse_t[:, None])  # (N, V)
+        p_dot_t = torch.bmm(p.unsqueeze(1), t_scaled.unsqueeze(2)).view(-1)  # (N,)
+    p_dot_s = torch.bmm(p.unsqueeze(1), s.unsqueeze(2)).view(-1) / T  # (N,)
+    return (p_dot_t - lse_t - p_dot_s + torch.logsumexp(s / T, -1)).sum()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

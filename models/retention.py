@@ -46,12 +46,16 @@ def retention_naive(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]
 
 
 def decay_matrix(gamma: Tensor, T: int, like: Tensor) -> Tensor:
-    """D[h, n, m] = gamma_h^(n - m) for n >= m, else 0.  Shape (H, T, T)."""
+    """D[h, n, m] = gamma_h^(n - m) for n >= m, else 0.  Shape (H, T, T).
+
+    Toeplitz: every diagonal is one power of gamma, so only the T powers are exponentiated
+    and the matrix is a strided view of them (zero-padded on the left for n < m), copied once.
+    """
     log_g = _log_gamma(gamma, like)
-    idx = torch.arange(T, device=like.device, dtype=log_g.dtype)
-    dist = idx[:, None] - idx[None, :]  # (T, T)
-    D = torch.exp(dist.clamp(min=0) * log_g[:, None, None])  # (H, T, T)
-    return D.masked_fill(dist < 0, 0.0)
+    powers = torch.exp(torch.arange(T, device=like.device, dtype=log_g.dtype)[None, :] * log_g[:, None])  # (H, T)
+    padded = torch.nn.functional.pad(powers, (T - 1, 0)).flip(-1)  # (H, 2T - 1): [g^(T-1) ... g^0, 0 ... 0]
+    # window s holds padded[s : s + T]; row n of D is window T - 1 - n.
+    return padded.unfold(-1, T, 1).flip(-2)
 
 
 def retention_parallel(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]:
@@ -59,7 +63,9 @@ def retention_parallel(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tens
     B, T, H, _ = q.shape
     D = decay_matrix(gamma, T, q).to(q.dtype)  # (H, T, T)
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
-    scores = (qh @ kh.transpose(-1, -2)) * D  # (B, H, T, T)
+    scores = qh @ kh.transpose(-1, -2)  # (B, H, T, T)
+    # In place when nothing needs the raw scores for a backward pass: one T^2 buffer fewer.
+    scores = scores * D if torch.is_grad_enabled() and (scores.requires_grad or D.requires_grad) else scores.mul_(D)
     o = scores @ vh  # (B, H, T, Dv)
 
     log_g = _log_gamma(gamma, q)
