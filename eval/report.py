@@ -139,8 +139,9 @@ def write_report(results: dict, plots: List[str]) -> str:
     table = _table(models, rows)
     if table:
         out += ["## Speed", ""] + table + [
-            "", "Decode: teacher with its KV cache, RetNet students recurrent; median per step, models alternating "
-                "step by step. Prefill modes: attention (teacher), parallel and chunkwise retention (students).", ""]
+            "", "Decode: teacher with its KV cache, RetNet students recurrent (transformers' call, and the packed "
+                "decoder of models/decoding_retnet.py); median per step, models taking turns in blocks of steps. "
+                "Prefill modes: attention (teacher), parallel and chunkwise retention (students).", ""]
 
     # Memory
     rows = []

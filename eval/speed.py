@@ -6,8 +6,10 @@ RetNetState makes every single-token step recurrent, whatever `retention_mode` s
 RetNet is also decoded by its packed decoder (models/decoding_retnet.py), reported apart.
 
 Each curve comes from one loop over the measurement points; at every point the models
-take turns step by step, so a slow phase of a shared machine hits both alike. Warm-up
-steps are excluded and medians reported. A long context is prefilled once per length
+take turns in blocks of steps (three rounds), so a slow phase of a shared machine hits all
+alike; the warm-up steps at the start of every block are excluded and medians reported.
+Blocks rather than single steps, with a short pause between them: BLAS and OpenMP worker
+threads keep spinning for a while after a call and would slow whichever model ran next. A long context is prefilled once per length
 (batch 1) and the cache copied to the larger batch sizes: decode timing does not depend
 on what the cache holds.
 """
@@ -53,6 +55,16 @@ def expand(cache, batch: int):
     if batch > 1:
         cache.batch_repeat_interleave(batch)
     return cache
+
+
+SETTLE_S = 0.3  # between blocks: the previous engine's BLAS/OpenMP threads stop spinning
+ROUNDS = 3
+
+
+def blocks(steps: int) -> List[int]:
+    """`steps` timed steps split into ROUNDS blocks (fewer when steps are few)."""
+    n = max(1, min(ROUNDS, steps))
+    return [steps // n + (1 if i < steps % n else 0) for i in range(n)]
 
 
 class _Decoder:
@@ -115,15 +127,17 @@ def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int
                         raise
                     skipped.append({"model": m.name, "engine": engine, "context_tokens": length,
                                     "batch_size": batch, "reason": "out of memory copying the cache"})
-            for step in range(warmup + steps):
-                for i, (m, engine, dec) in enumerate(engines):  # alternate, step by step
+            for block in blocks(steps):
+                for i, (m, engine, dec) in enumerate(engines):  # take turns, a block of steps each
                     if i not in state:
                         continue
-                    cache, token = state[i]
-                    fn = (lambda: dec.step(cache, token)) if dec else (lambda: decode_step(m, cache, token))
-                    t, state[i] = timed(fn, m.device)
-                    if step >= warmup:
-                        times[i].append(t)
+                    time.sleep(SETTLE_S)
+                    for step in range(warmup + block):
+                        cache, token = state[i]
+                        fn = (lambda: dec.step(cache, token)) if dec else (lambda: decode_step(m, cache, token))
+                        t, state[i] = timed(fn, m.device)
+                        if step >= warmup:
+                            times[i].append(t)
             line = []
             for i, (m, engine, dec) in enumerate(engines):
                 if times[i]:

@@ -252,8 +252,9 @@ def _speed(models, entry, resolved, settings, guarded):
             res["decode"] = {"points": dec["curves"][m.name],
                              "skipped_points": [s for s in dec["skipped_points"] if s["model"] == m.name],
                              "method": "recurrent state" if m.is_retnet else "KV cache",
-                             "statistic": f"median of {settings.decode_steps} steps after {settings.decode_warmup} "
-                                          "warm-up steps, models alternating step by step", "unit": units}
+                             "statistic": f"median of {settings.decode_steps} steps in up to 3 blocks, each after "
+                                          f"{settings.decode_warmup} warm-up steps, models taking turns by block",
+                             "unit": units}
             if m.name in dec["packed"]:
                 res["decode_packed"] = {**res["decode"], "points": dec["packed"][m.name],
                                         "method": "recurrent state, packed decoder (models/decoding_retnet.py)"}
