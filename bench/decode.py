@@ -35,7 +35,6 @@ trained checkpoint instead): speed does not depend on the values of the weights.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -101,14 +100,14 @@ class Variant:
 
     def start(self, cache, token, batch: int):
         """Continue from a batch-1 prefill (its cache and next token), copied to `batch` rows."""
-        cache = copy.deepcopy(cache)
-        if batch > 1:
-            cache.batch_repeat_interleave(batch)
+        from retconvert.eval.speed import expand
+
+        cache = expand(cache, batch)
         if self.make_decoder is not None:
             if batch not in self.decoders:
                 self.decoders[batch] = self.make_decoder(batch)
             self.decoder = self.decoders[batch]
-            self.decoder.load_state(cache, torch_full(batch, cache.get_seq_length()))
+            self.decoder.load_state(cache)
             self.token = token.view(-1).repeat(batch)
         else:
             self.cache, self.token = cache, token.repeat(batch, 1)
@@ -122,12 +121,6 @@ class Variant:
 
     def stop(self):
         self.cache = None
-
-
-def torch_full(batch: int, position: int):
-    import torch
-
-    return torch.full((batch,), position, dtype=torch.long)
 
 
 def kv_cache_bytes(cfg, batch: int, context: int) -> int:

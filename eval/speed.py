@@ -9,9 +9,9 @@ Each curve comes from one loop over the measurement points; at every point the m
 take turns in blocks of steps (three rounds), so a slow phase of a shared machine hits all
 alike; the warm-up steps at the start of every block are excluded and medians reported.
 Blocks rather than single steps, with a short pause between them: BLAS and OpenMP worker
-threads keep spinning for a while after a call and would slow whichever model ran next. A long context is prefilled once per length
-(batch 1) and the cache copied to the larger batch sizes: decode timing does not depend
-on what the cache holds.
+threads keep spinning for a while after a call and would slow whichever model ran next.
+A long context is prefilled once per length (batch 1) and the cache copied to the larger
+batch sizes: decode timing does not depend on what the cache holds.
 """
 
 import copy
@@ -76,9 +76,7 @@ class _Decoder:
         self.m, self.decoder = m, RetNetDecoder(m.model)
 
     def start(self, cache, token, batch: int):
-        cache = expand(cache, batch)
-        positions = torch.full((batch,), cache.get_seq_length(), dtype=torch.long, device=self.m.device)
-        self.decoder.load_state(cache, positions)
+        self.decoder.load_state(expand(cache, batch))
         return self.decoder, token.view(-1).repeat(batch)
 
     @staticmethod

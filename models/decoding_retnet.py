@@ -281,10 +281,13 @@ class RetNetDecoder:
         self.seen_tokens = 0
         self.logits = torch.empty(self.B, self.config.vocab_size, device=self.device)
 
-    def load_state(self, state: RetNetState, positions: torch.Tensor):
+    def load_state(self, state: RetNetState, positions: Optional[torch.Tensor] = None):
         """Take over a model state (e.g. after `model(prompt, use_cache=True)`); `positions` (B,)
-        is the position of the next token of each row (its count of real tokens)."""
-        B = positions.shape[0]
+        is the position of the next token of each row (its count of real tokens; default: every
+        token the state has seen, i.e. no padding)."""
+        B = state.states[0].shape[0]
+        if positions is None:
+            positions = torch.full((B,), state.seen_tokens, dtype=torch.long)
         if B != self.B:
             self.reset(B)
         for l, s in enumerate(state.states):
@@ -318,11 +321,7 @@ class RetNetDecoder:
         """Run the prompt (B, P) through the model's parallel/chunkwise forward, keep its state,
         and return the logits (B, V) of the last position."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        if attention_mask is None:
-            positions = torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long)
-        else:
-            positions = attention_mask.long().sum(-1)
-        self.load_state(out.past_key_values, positions)
+        self.load_state(out.past_key_values, None if attention_mask is None else attention_mask.long().sum(-1))
         self.logits.copy_(out.logits[:, -1].float())
         return self.logits
 
