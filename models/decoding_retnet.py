@@ -4,22 +4,29 @@ Batch-1 decoding is bound by streaming the weights from memory once per token. W
 the plain module path (`model(input_ids=token, past_key_values=state)`) away from that bound
 is everything around the matrix-vector products: ~100 small tensor ops per layer
 (concatenations for the score-bias and normaliser features, the sink, rotary, casts) and
-per-step allocations. This decoder packs the weights once and runs about 17 ops per layer:
+per-step allocations. This decoder packs the weights once and runs about 20 small ops per
+layer:
 
 * q, k, v (and the gate) come from one fused matrix product whose bias column adds the
   constant features retention needs (score bias b_h on q, 1 on k, 1 on v): no `cat`.
+* Norm weights (and LayerNorm shifts) are folded into the matrix that follows the norm, so
+  a norm is a bare normalisation. The key scale and the head-norm scale are folded too.
 * q/k channels are permuted inside each head so rotary pairs are adjacent; rotary is then
   one complex multiplication. Dot products are unchanged because q, k and the sink key
   are permuted alike.
 * The attention sink (a never-decaying rank-1 term) is folded into the state: the decoder
   keeps T = S + Sink and updates T <- gamma T + k^T v + (1 - gamma) Sink, so the output is a
-  single q @ T. The key scale and the head-norm scale are folded into the weights.
-* The state lives in one preallocated buffer updated in place; the residual add rides on
-  `addmm`; logits are written into a preallocated buffer.
+  single q @ T.
+* The state lives in one preallocated buffer updated in place; logits are written into a
+  preallocated buffer.
 * Each weight is stored for the matrix-vector kernel that streams it fastest (timed once per
   shape and dtype: torch in either layout, or numpy's OpenBLAS for fp32 on CPU; on one AMD
   EPYC the spread is 12 to 37 GB/s), optionally in bfloat16/float16 for half the bytes;
-  states and normalisations stay fp32.
+  states and normalisations stay fp32. On Linux CPUs the weights sit in transparent huge
+  pages: with 4 KiB pages, TLB misses cap streaming well below the memory bandwidth.
+* On CPU the small ops between the products run in numpy (the "numpy" backend), whose
+  per-call overhead on tiny arrays is a fraction of torch's; tensors are shared, not copied.
+  The "torch" backend runs the same code with torch ops, on any device.
 
 State layout: (B, Hkv, G, Dk', Dv') per layer with H = Hkv * G query heads, Dk' = Dk (+2 with
 score bias: the bias feature and a zero pad), Dv' = Dv (+1 with the paper normaliser).
@@ -28,38 +35,137 @@ score bias: the bias feature and a zero pad), Dv' = Dv (+1 with the paper normal
 Results match the module path to floating-point rounding (tests compare logits and states).
 """
 
+import mmap
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .modeling_retnet import RetNetState, paper_decay_norm, rotary_inv_freq
 
 KERNELS = ("torch:out_in", "torch:in_out", "numpy:in_out", "numpy:out_in")
+BACKENDS = ("numpy", "torch")
 _KERNEL_CACHE: Dict[tuple, str] = {}
+_HUGE_PAGE = 2 << 20
 
 
-def kernels_for(dtype: torch.dtype, device: torch.device) -> Tuple[str, ...]:
-    """Candidates: torch in both layouts; on CPU in fp32 also numpy's BLAS (OpenBLAS in the
-    numpy wheels), whose matrix-vector product streams faster than MKL's on some CPUs."""
-    numpy_ok = device.type == "cpu" and dtype == torch.float32
+# ------------------------------------------------------------------------ array backends
+
+
+class _NumpyOps:
+    """Small ops in numpy (CPU): ~0.5 us a call on tiny arrays, where a torch op costs 1.5-5 us.
+    `of` views a CPU tensor as an array without a copy; `apply` runs a torch function on one."""
+
+    xp = np
+
+    @staticmethod
+    def of(t: torch.Tensor) -> np.ndarray:
+        return t.numpy()
+
+    @staticmethod
+    def apply(fn: Callable, x: np.ndarray) -> np.ndarray:
+        return fn(torch.from_numpy(x)).numpy()
+
+    @staticmethod
+    def rotate(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
+        """x (..., D) fp32 with rotary pairs adjacent, times rot (..., D/2) complex64."""
+        return (x.view(np.complex64) * rot).view(np.float32)
+
+
+class _TorchOps:
+    """The same small ops with torch, on any device."""
+
+    xp = torch
+
+    @staticmethod
+    def of(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @staticmethod
+    def apply(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+        return fn(x)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+
+
+def _normalize(x, eps: float, center: bool):
+    """Normalise over the last axis without affine: (x - mean) / std when `center` (LayerNorm,
+    GroupNorm), else x / rms (RMSNorm). Written with operators numpy and torch share."""
+    n = x.shape[-1]
+    if center:
+        x = x - x.sum(-1, keepdims=True) * (1 / n)
+    return x * (1 / ((x * x).sum(-1, keepdims=True) * (1 / n) + eps) ** 0.5)
+
+
+# ------------------------------------------------------------------------ packed weights
+
+
+class HugePageArena:
+    """Carves CPU tensors out of large anonymous mappings that the kernel may back with 2 MiB
+    transparent huge pages (Linux, THP in `madvise` or `always` mode; elsewhere plain pages).
+
+    Streaming a large weight through 4 KiB pages misses the TLB every page; on a KVM guest each
+    miss is a two-level walk, which holds one core to ~20 GB/s where huge pages reach ~35 GB/s.
+    One arena packs many matrices back to back, so only the last partial huge page of a block
+    is not covered (a mapping per matrix would leave every matrix's tail and every matrix
+    under 2 MiB on small pages). A block lives as long as any tensor carved from it.
+    """
+
+    def __init__(self, block_bytes: int = 64 << 20):
+        self.block_bytes = block_bytes
+        self.buf, self.offset, self.end = None, 0, 0
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        count = int(np.prod(shape))
+        nbytes = count * torch.finfo(dtype).bits // 8
+        if self.buf is None or self.offset + nbytes > self.end:
+            self._new_block(nbytes)
+        # frombuffer keeps the mapping alive as long as this tensor (or a view of it) lives.
+        t = torch.frombuffer(self.buf, dtype=dtype, count=count, offset=self.offset).view(shape)
+        self.offset += -(-nbytes // 64) * 64  # the next tensor starts on a cache line
+        return t
+
+    def _new_block(self, nbytes: int):
+        size = max(self.block_bytes, -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE) + _HUGE_PAGE  # + room to align
+        # Private: a shared anonymous mapping is shmem, which THP leaves alone.
+        self.buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self.buf.madvise(mmap.MADV_HUGEPAGE)
+        self.offset = -np.frombuffer(self.buf, np.uint8, count=1).ctypes.data % _HUGE_PAGE
+        self.end = size
+
+
+def kernels_for(dtype: torch.dtype, device: torch.device, ops=None) -> Tuple[str, ...]:
+    """Candidates: torch in both layouts; with the numpy backend (CPU) in fp32 also numpy's BLAS
+    (OpenBLAS in the numpy wheels), whose matrix-vector product streams faster than MKL's on
+    some CPUs."""
+    ops = ops or (_NumpyOps if device.type == "cpu" else _TorchOps)
+    numpy_ok = ops is _NumpyOps and device.type == "cpu" and dtype == torch.float32
     return tuple(k for k in KERNELS if numpy_ok or k.startswith("torch"))
 
 
-def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device, rows: int = 1) -> str:
+def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.device, rows: int = 1,
+                   ops=None) -> str:
     """The fastest way to multiply `rows` vectors (the batch) by a weight of `shape` (out, in),
-    timed once per (shape, dtype, device, rows) on enough copies that the product streams
-    from memory as in decoding. Libraries differ by shape, dtype and CPU: on one AMD EPYC, fp32 F.linear (MKL)
-    streams 12 GB/s, MKL with W stored (in, out) 25 GB/s, OpenBLAS 25-37 GB/s."""
-    key = (tuple(shape), dtype, device.type, rows)
+    timed once per (shape, dtype, device, rows, backend) on enough copies that the product
+    streams from memory as in decoding. Libraries differ by shape, dtype and CPU: on one AMD
+    EPYC, fp32 F.linear (MKL) streams 12 GB/s, MKL with W stored (in, out) 25 GB/s, OpenBLAS
+    25-37 GB/s."""
+    ops = ops or (_NumpyOps if device.type == "cpu" else _TorchOps)
+    key = (tuple(shape), dtype, device.type, rows, ops.__name__)
     if key not in _KERNEL_CACHE:
         out_f, in_f = shape
         copies = max(1, min(64, (64 << 20) // (out_f * in_f * torch.finfo(dtype).bits // 8)))
-        x = torch.randn(rows, in_f, device=device).to(dtype)
+        x = ops.of(torch.randn(rows, in_f, device=device))
         timings = {}
-        for kernel in kernels_for(dtype, device):
-            mats = [_Matrix(torch.randn(out_f, in_f, device=device), None, dtype, kernel, rows) for _ in range(copies)]
+        for kernel in kernels_for(dtype, device, ops):
+            arena = HugePageArena() if device.type == "cpu" else None  # as the decoder stores them
+            mats = [_Matrix(torch.randn(out_f, in_f, device=device), None, dtype, kernel, ops, rows, arena)
+                    for _ in range(copies)]
             runs = []
             for _ in range(5):
                 _sync(device)
@@ -69,7 +175,7 @@ def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.dev
                 _sync(device)
                 runs.append(time.perf_counter() - t0)
             timings[kernel] = min(runs[1:])  # the first round is a warm-up; min: robust to other load
-            del mats
+            del mats, arena
         _KERNEL_CACHE[key] = min(timings, key=timings.get)
     return _KERNEL_CACHE[key]
 
@@ -79,42 +185,56 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _norm(module):
-    """The model's norm as one fused op (F.rms_norm / F.layer_norm) on fp32 activations."""
-    weight, shape, eps = module.weight.detach().float(), (module.weight.shape[0],), module.eps
-    if isinstance(module, torch.nn.LayerNorm):
-        bias = None if module.bias is None else module.bias.detach().float()
-        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
-    return lambda x: F.rms_norm(x, shape, weight, eps)
-
-
 class _Matrix:
-    """A packed weight (and optional bias) for `y = x W^T + b`, in the chosen kernel and dtype."""
+    """A packed weight (and optional bias) for `y = x W^T + b`, in the chosen kernel and dtype.
+    Inputs and outputs are fp32 arrays of the backend `ops` (numpy or torch)."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, kernel: str,
-                 rows: int = 1):
+                 ops, rows: int = 1, arena: Optional[HugePageArena] = None):
         if kernel == "auto":
-            kernel = fastest_kernel(weight.shape, dtype, weight.device, rows)
-        self.kernel, self.dtype = kernel, dtype
+            kernel = fastest_kernel(weight.shape, dtype, weight.device, rows, ops)
+        self.kernel, self.dtype, self.ops = kernel, dtype, ops
         library, layout = kernel.split(":")
         w = weight.detach().to(dtype)  # (out, in)
-        self.w = w.t().contiguous() if layout == "in_out" else w.contiguous()
+        w = w.t() if layout == "in_out" else w
+        self.w = torch.empty(w.shape, dtype=dtype, device=w.device) if arena is None else arena.empty(w.shape, dtype)
+        self.w.copy_(w)  # contiguous, in the chosen layout
         self.w_op = self.w if layout == "in_out" else self.w.t()  # (in, out), possibly a view
         self.w_numpy = self.w_op.numpy() if library == "numpy" else None
-        self.b = None if bias is None else bias.detach().to(dtype).contiguous()
+        self.b = None if bias is None else ops.of(bias.detach().float().contiguous())
 
-    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, in) -> (B, out) in x's dtype; `residual` (B, out) is added."""
-        if self.w_numpy is not None:  # fp32 on CPU: shares memory both ways, no copies
-            y = torch.from_numpy(x.contiguous().numpy() @ self.w_numpy)
-        elif residual is not None and residual.dtype == self.dtype:
-            y = torch.addmm(residual, x.to(self.dtype), self.w_op)
-            return y if self.b is None else y.add_(self.b)
+    def __call__(self, x, residual=None):
+        """x (B, in) -> (B, out), fp32; `residual` (B, out) is added."""
+        if self.w_numpy is not None:  # numpy backend, fp32: no conversions at all
+            y = x @ self.w_numpy
+        elif self.ops is _NumpyOps:  # torch kernel under the numpy backend: shared memory both ways
+            y = torch.mm(torch.from_numpy(x).to(self.dtype), self.w_op).float().numpy()
         else:
-            y = torch.mm(x.to(self.dtype), self.w_op).to(x.dtype)
+            y = torch.mm(x.to(self.dtype), self.w_op).float()
         if self.b is not None:
-            y = y.add_(self.b)
-        return y if residual is None else y.add_(residual)
+            y += self.b
+        if residual is not None:
+            y += residual
+        return y
+
+
+def _folded_norm(module) -> Tuple[torch.Tensor, Optional[torch.Tensor], float, bool]:
+    """A norm module as (scale, shift or None, eps, centered): what `_normalize` leaves out."""
+    scale = module.weight.detach().float()
+    shift = getattr(module, "bias", None)
+    return scale, None if shift is None else shift.detach().float(), module.eps, isinstance(module, torch.nn.LayerNorm)
+
+
+def _fold(norm, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """A matrix after a norm's affine, folded: W (s * x + t) + b = (W * s) x + (W t + b)."""
+    scale, shift = norm[:2]
+    weight = weight.detach().float()
+    if shift is not None:
+        bias = weight @ shift + (0 if bias is None else bias.detach().float())
+    return weight * scale[None, :], bias
+
+
+# ------------------------------------------------------------------------ the decoder
 
 
 class RetNetDecoder:
@@ -129,23 +249,37 @@ class RetNetDecoder:
 
     The model is not modified. The decoder holds its own copy of the weights (in `dtype`)
     and a fixed-size state for `batch_size` rows; its matrix kernels are chosen for that batch
-    size (another batch size works, possibly with slower kernels).
+    size (another batch size works, possibly with slower kernels). `backend` runs the small
+    ops in numpy ("numpy", CPU only) or torch; "auto" picks numpy on CPU.
     """
 
-    def __init__(self, model, batch_size: int = 1, dtype: Optional[torch.dtype] = None, kernel: str = "auto"):
+    def __init__(self, model, batch_size: int = 1, dtype: Optional[torch.dtype] = None, kernel: str = "auto",
+                 backend: str = "auto"):
         cfg = model.config
         self.model, self.config = model, cfg
         self.device = model.lm_head.weight.device
         self.dtype = dtype or model.lm_head.weight.dtype  # weights; activations and state stay fp32
-        if kernel != "auto" and kernel not in kernels_for(self.dtype, self.device):
-            raise ValueError(f"kernel={kernel!r} is not available for {self.dtype} on {self.device.type}; use 'auto' "
-                             f"(the fastest, measured per weight shape) or one of {', '.join(kernels_for(self.dtype, self.device))}")
+        if backend == "auto":
+            backend = "numpy" if self.device.type == "cpu" else "torch"
+        if backend not in BACKENDS or (backend == "numpy" and self.device.type != "cpu"):
+            raise ValueError(f"backend={backend!r} is not available on {self.device.type}; use 'auto', 'torch'"
+                             f"{' or numpy' if self.device.type == 'cpu' else ''}")
+        self.ops = _NumpyOps if backend == "numpy" else _TorchOps
+        available = kernels_for(self.dtype, self.device, self.ops)
+        if kernel != "auto" and kernel not in available:
+            raise ValueError(f"kernel={kernel!r} is not available for {self.dtype} on {self.device.type} with the "
+                             f"{backend} backend; use 'auto' (the fastest, measured per weight shape) or one of "
+                             f"{', '.join(available)}")
         self.kernel = kernel
         self.B = batch_size
+        self.arena = HugePageArena() if self.device.type == "cpu" else None  # where the packed weights live
 
         H, Hkv, Dk, Dv = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.qk_head_dim, cfg.v_head_dim
         self.H, self.Hkv, self.G, self.Dk, self.Dv = H, Hkv, H // Hkv, Dk, Dv
         self.rotary = cfg.position_embedding_type != "none"
+        # Read once: a transformers config attribute costs ~1 us per access, in the step's loop.
+        self.gate, self.parallel_residual, self.embed_scale = (
+            cfg.use_output_gate, cfg.parallel_residual, cfg.embed_scale)
         self.extra_k = 2 if cfg.score_bias else 0  # [bias feature, zero pad]: keeps Dk' even for rotary
         self.extra_v = 1 if cfg.retention_normalization == "paper" else 0
         self.Dkp, self.Dvp = Dk + self.extra_k, Dv + self.extra_v
@@ -158,14 +292,17 @@ class RetNetDecoder:
             self.layers = [self._pack_layer(block) for block in model.model.layers]
             self._pack_embeddings(model)
         self.uses_numpy = any(m.w_numpy is not None for m in self._matrices())
-        self.gamma = torch.stack([p["gamma"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)  # (L,1,Hkv,G)
+        self.gamma = torch.stack([p["gamma_t"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)  # (L,1,Hkv,G)
         self.inv_freq = rotary_inv_freq(cfg, self.device) if self.rotary else None
         self.reset()
+
+    def _matrix(self, weight, bias=None) -> _Matrix:
+        return _Matrix(weight, bias, self.dtype, self.kernel, self.ops, self.B, self.arena)
 
     # ---------------------------------------------------------------- packing
 
     def _pack_layer(self, block) -> dict:
-        cfg, ret = self.config, block.retention
+        cfg, ret, of = self.config, block.retention, self.ops.of
         H, Hkv, Dk, Dv, C = self.H, self.Hkv, self.Dk, self.Dv, cfg.hidden_size
         dev = self.device
 
@@ -202,8 +339,8 @@ class RetNetDecoder:
         if sum(len(b) for b in biases) % 2:  # an even row stride, so rotary can view pairs as complex
             rows.append(rows[0].new_zeros(1, C))
             biases.append(biases[0].new_zeros(1))
-        fused_bias = torch.cat(biases)
-        has_bias = bool(fused_bias.abs().max() > 0)
+        norm1, norm2 = _folded_norm(block.input_layernorm), _folded_norm(block.post_retention_layernorm)
+        w_qkv, b_qkv = _fold(norm1, torch.cat(rows), torch.cat(biases))
 
         # Output projection with the head-norm affine folded in: o_proj(gate * (o * w + b)).
         # The scale w commutes with the gate; the shift b does only without a gate.
@@ -211,7 +348,7 @@ class RetNetDecoder:
         bo = ret.o_proj.bias.float() if ret.o_proj.bias is not None else None
         head_affine = None
         if hasattr(ret, "head_norm_bias") and cfg.use_output_gate:  # applied before the gate
-            head_affine = (ret.head_norm_weight.float(), ret.head_norm_bias.float())
+            head_affine = (of(ret.head_norm_weight.detach().float()), of(ret.head_norm_bias.detach().float()))
         elif hasattr(ret, "head_norm_weight"):
             if hasattr(ret, "head_norm_bias"):
                 shift = wo @ ret.head_norm_bias.float()
@@ -220,6 +357,7 @@ class RetNetDecoder:
 
         # Sink folded into the state: Sink_h = w_h * [k_sink, 1, 0]^T [v_sink, 1].
         sink = None
+        gamma = ret.gamma.detach().float().to(dev)
         if cfg.attention_sink:
             ks = ret.sink_key.float()[:, self.perm]  # (H, Dk)
             if self.extra_k:
@@ -228,35 +366,37 @@ class RetNetDecoder:
             if self.extra_v:
                 vs = torch.cat([vs, vs.new_ones(H, 1)], 1)
             sink = ret.sink_weight.float()[:, None, None] * ks[:, :, None] * vs[:, None, :]  # (H, Dk', Dv')
-            sink = sink.view(1, Hkv, self.G, self.Dkp, self.Dvp)
+            sink = sink.view(1, Hkv, self.G, self.Dkp, self.Dvp).detach()
 
         mlp = block.mlp
         if mlp.glu:
-            up = _Matrix(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                         None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]),
-                         self.dtype, self.kernel, self.B)
-            down = _Matrix(mlp.down_proj.weight, mlp.down_proj.bias, self.dtype, self.kernel, self.B)
+            w_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            b_up = None if mlp.gate_proj.bias is None else torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+            down = mlp.down_proj
         else:
-            up = _Matrix(mlp.fc_in.weight, mlp.fc_in.bias, self.dtype, self.kernel, self.B)
-            down = _Matrix(mlp.fc_out.weight, mlp.fc_out.bias, self.dtype, self.kernel, self.B)
-        gamma = ret.gamma.detach().float().to(dev)
+            w_up, b_up, down = mlp.fc_in.weight, mlp.fc_in.bias, mlp.fc_out
         return {
-            "norm1": _norm(block.input_layernorm), "norm2": _norm(block.post_retention_layernorm),
-            "qkv": _Matrix(torch.cat(rows), fused_bias if has_bias else None, self.dtype, self.kernel, self.B),
-            "o": _Matrix(wo, bo, self.dtype, self.kernel, self.B),
-            "up": up, "down": down, "act": mlp.act, "glu": mlp.glu,
-            "gamma": gamma,
+            "norm1": norm1[2:], "norm2": norm2[2:],  # (eps, centered)
+            "qkv": self._matrix(w_qkv, b_qkv if bool(b_qkv.abs().max() > 0) else None),
+            "o": self._matrix(wo, bo),
+            "up": self._matrix(*_fold(norm2, w_up, b_up)),
+            "down": self._matrix(down.weight, down.bias),
+            "act": mlp.act, "glu": mlp.glu,
+            "gamma_t": gamma,
+            "gamma": of(gamma.view(1, Hkv, self.G, 1, 1).contiguous()),
             "sink": sink,
-            "sink_in": None if sink is None else (1 - gamma).view(1, self.Hkv, self.G, 1, 1) * sink,
-            "head_norm": ret.head_norm if cfg.head_norm != "none" else None,
+            "sink_in": None if sink is None else of(((1 - gamma).view(1, Hkv, self.G, 1, 1) * sink).contiguous()),
+            "head_norm": (cfg.head_norm_eps, cfg.head_norm == "groupnorm") if cfg.head_norm != "none" else None,
             "head_affine": head_affine,
         }
 
     def _pack_embeddings(self, model):
-        self.embed = model.model.embed_tokens.weight.detach()
-        self.embed_pos = getattr(model.model, "embed_positions", None)
-        self.final_norm = _norm(model.model.norm)
-        self.lm_head = _Matrix(model.lm_head.weight, None, self.dtype, self.kernel, self.B)
+        self.embed = self.ops.of(model.model.embed_tokens.weight.detach().float())
+        embed_pos = getattr(model.model, "embed_positions", None)
+        self.embed_pos = None if embed_pos is None else self.ops.of(embed_pos.weight.detach().float())
+        final = _folded_norm(model.model.norm)
+        self.final_norm = final[2:]
+        self.lm_head = self._matrix(*_fold(final, model.lm_head.weight, getattr(model.lm_head, "bias", None)))
 
     def _matrices(self):
         yield self.lm_head
@@ -280,6 +420,7 @@ class RetNetDecoder:
         self.positions = torch.zeros(self.B, dtype=torch.long, device=self.device)  # next position per row
         self.seen_tokens = 0
         self.logits = torch.empty(self.B, self.config.vocab_size, device=self.device)
+        self._logits = self.ops.of(self.logits)
 
     def load_state(self, state: RetNetState, positions: Optional[torch.Tensor] = None):
         """Take over a model state (e.g. after `model(prompt, use_cache=True)`); `positions` (B,)
@@ -341,75 +482,74 @@ class RetNetDecoder:
             torch.set_num_threads(threads)
 
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        B, Hkv, G = self.B, self.Hkv, self.G
+        of = self.ops.of
         pos = self.positions  # (B,)
-        x = F.embedding(token_ids.view(B), self.embed).float()  # (B, C)
-        if cfg.embed_scale != 1.0:
-            x = x * cfg.embed_scale
+        x = self.embed[of(token_ids.reshape(self.B))]  # (B, C), a fresh fp32 array
+        if self.embed_scale != 1.0:
+            x *= self.embed_scale
         if self.embed_pos is not None:
-            x = x + self.embed_pos(pos).float()
-        rot = self._rotation(pos)  # (B, 1, Dk'/2) complex, shared by all layers
+            x += self.embed_pos[of(pos)]
+        rot = None if not self.rotary else of(self._rotation(pos))  # (B, 1, Dk'/2) complex, shared by all layers
         norm_c = None
         if self.extra_v:  # paper normaliser c_n per (layer, row, head)
-            norm_c = paper_decay_norm(pos.view(1, B, 1, 1), self.gamma)  # (L, B, Hkv, G)
+            norm_c = of(paper_decay_norm(pos.view(1, self.B, 1, 1), self.gamma).reshape(-1, self.B, self.H, 1))
+        states = of(self.state)  # (L, B, Hkv, G, Dk', Dv'), updated in place
 
         for l, p in enumerate(self.layers):
-            r = self._retention(p["norm1"](x), p, l, rot, norm_c)  # (B, H * Dv)
-            if cfg.parallel_residual:
-                x = p["o"](r, residual=self._mlp(p["norm2"](x), p, residual=x))
+            c = None if norm_c is None else norm_c[l]
+            r = self._retention(_normalize(x, *p["norm1"]), p, states[l], rot, c)  # (B, H * Dv)
+            if self.parallel_residual:
+                x = p["o"](r, residual=self._mlp(_normalize(x, *p["norm2"]), p, residual=x))
             else:
                 x = p["o"](r, residual=x)
-                x = self._mlp(p["norm2"](x), p, residual=x)
-        x = self.final_norm(x)
-        self.logits.copy_(self.lm_head(x))
+                x = self._mlp(_normalize(x, *p["norm2"]), p, residual=x)
+        self._logits[...] = self.lm_head(_normalize(x, *self.final_norm))
         self.positions = pos + 1
         self.seen_tokens += 1
         return self.logits
 
-    def _rotation(self, pos: torch.Tensor) -> Optional[torch.Tensor]:
-        if not self.rotary:
-            return None
+    def _rotation(self, pos: torch.Tensor) -> torch.Tensor:
+        """Rotary phases for the next token of each row, (B, 1, Dk'/2) complex64."""
         angles = pos.float()[:, None] * self.inv_freq  # (B, Dk/2)
         rot = torch.polar(torch.ones_like(angles), angles)
         if self.extra_k:  # the bias feature and its pad are not rotated
             rot = torch.cat([rot, rot.new_ones(self.B, 1)], -1)
-        return rot[:, None]  # (B, 1, Dk'/2)
+        return rot[:, None]
 
-    def _retention(self, h, p, l, rot, norm_c) -> torch.Tensor:
+    def _retention(self, h, p, S, rot, norm_c):
+        """h (B, C) normalised input, S (B, Hkv, G, Dk', Dv') this layer's state -> (B, H * Dv)."""
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         qkv = p["qkv"](h)  # (B, H*Dk' + Hkv*Dk' + Hkv*Dv' [+ H*Dv])
         n_qk = (H + Hkv) * Dkp
-        qk = qkv[:, :n_qk].view(B, H + Hkv, Dkp)
+        qk = qkv[:, :n_qk].reshape(B, H + Hkv, Dkp)
         if rot is not None:
-            qk = torch.view_as_real(torch.view_as_complex(qk.view(B, H + Hkv, Dkp // 2, 2)) * rot).view(B, H + Hkv, Dkp)
+            qk = self.ops.rotate(qk, rot)
         q, k = qk[:, :H], qk[:, H:]
-        v = qkv[:, n_qk:n_qk + Hkv * Dvp].view(B, Hkv, Dvp)
+        v = qkv[:, n_qk:n_qk + Hkv * Dvp].reshape(B, Hkv, 1, 1, Dvp)
 
-        S = self.state[l]  # (B, Hkv, G, Dk', Dv'), sink included
-        S.mul_(p["gamma"].view(1, Hkv, G, 1, 1))
+        S *= p["gamma"]  # sink included: T <- gamma T + (1 - gamma) Sink + k^T v
         if p["sink_in"] is not None:
-            S.add_(p["sink_in"])
-        S.addcmul_(k.view(B, Hkv, 1, Dkp, 1), v.view(B, Hkv, 1, 1, Dvp))
-        o = torch.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).view(B, H, Dvp)  # (B, H, Dv')
-        if norm_c is not None:
-            o = o[..., :Dv] / torch.maximum(o[..., Dv:].abs(), norm_c[l].reshape(B, H, 1))
+            S += p["sink_in"]
+        S += k.reshape(B, Hkv, 1, Dkp, 1) * v
+        o = self.ops.xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, H, Dvp)
+        if norm_c is not None:  # (B, H, 1)
+            o = o[..., :Dv] / self.ops.xp.maximum(abs(o[..., Dv:]), norm_c)
         if p["head_norm"] is not None:
-            o = p["head_norm"](o.view(B, 1, H, Dv), affine=False).view(B, H, Dv)
+            o = _normalize(o, *p["head_norm"])
         o = o.reshape(B, H * Dv)
         if p["head_affine"] is not None:
-            o = torch.addcmul(p["head_affine"][1], o, p["head_affine"][0])
-        if self.config.use_output_gate:
-            o = F.silu(qkv[:, n_qk + Hkv * Dvp:]) * o
+            o = o * p["head_affine"][0] + p["head_affine"][1]
+        if self.gate:
+            o = self.ops.apply(F.silu, qkv[:, n_qk + Hkv * Dvp:n_qk + Hkv * Dvp + H * Dv]) * o
         return o
 
     def _mlp(self, h, p, residual):
         u = p["up"](h)
         if p["glu"]:
             n = u.shape[-1] // 2
-            a = p["act"](u[:, :n]) * u[:, n:]
+            a = self.ops.apply(p["act"], u[:, :n]) * u[:, n:]
         else:
-            a = p["act"](u)
+            a = self.ops.apply(p["act"], u)
         return p["down"](a, residual=residual)
 
     @torch.no_grad()

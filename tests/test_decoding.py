@@ -4,7 +4,10 @@ import pytest
 from tiny import VARIANTS, assert_close, random_ids, tiny_model
 import torch
 
-from retconvert.models.decoding_retnet import RetNetDecoder
+from retconvert.models.decoding_retnet import BACKENDS, RetNetDecoder, HugePageArena, kernels_for
+from retconvert.models import decoding_retnet
+
+OPS = {"numpy": decoding_retnet._NumpyOps, "torch": decoding_retnet._TorchOps}
 
 
 @torch.no_grad()
@@ -29,17 +32,17 @@ def decoder_path(decoder, ids, prefix, attention_mask=None):
     return torch.stack(steps, 1)
 
 
-CASES = [(variant, "auto") for variant in VARIANTS] + [
-    (variant, kernel) for variant in ("converted-gqa", "default")
-    for kernel in ("torch:out_in", "torch:in_out", "numpy:in_out", "numpy:out_in")]
+CASES = [(variant, "auto", backend) for variant in VARIANTS for backend in BACKENDS] + [
+    (variant, kernel, backend) for variant in ("converted-gqa", "default") for backend in BACKENDS
+    for kernel in kernels_for(torch.float32, torch.device("cpu"), OPS[backend])]
 
 
-@pytest.mark.parametrize("variant,kernel", CASES)
-def test_decoder_matches_module_path(variant, kernel):
+@pytest.mark.parametrize("variant,kernel,backend", CASES)
+def test_decoder_matches_module_path(variant, kernel, backend):
     model = tiny_model(**VARIANTS[variant])
     ids = random_ids(2, 23)
     want, want_state = module_path(model, ids, prefix=9)
-    decoder = RetNetDecoder(model, batch_size=2, kernel=kernel)
+    decoder = RetNetDecoder(model, batch_size=2, kernel=kernel, backend=backend)
     assert_close(decoder_path(decoder, ids, prefix=9), want, what=variant)
     # The exported state continues the module path exactly.
     got_state = decoder.export_state()
@@ -60,12 +63,13 @@ def test_decoder_left_padded_batch(variant):
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_weights_stay_close(dtype):
+def test_half_precision_weights_stay_close(dtype, backend):
     model = tiny_model(**VARIANTS["converted-gqa"])
     ids = random_ids(1, 30)
     want, _ = module_path(model, ids, prefix=10)
-    got = decoder_path(RetNetDecoder(model, dtype=dtype), ids, prefix=10)
+    got = decoder_path(RetNetDecoder(model, dtype=dtype, backend=backend), ids, prefix=10)
     assert got.dtype == torch.float32
     # Weights rounded to 8 (bf16) or 11 (fp16) significant bits; the tiny model's large
     # random weights (std 0.2) amplify that more than a trained model does.
@@ -113,6 +117,26 @@ def test_state_buffer_is_fixed_and_reused():
     assert dec.state.data_ptr() == buffer and dec.state.nbytes == nbytes
 
 
-def test_bad_kernel_is_an_error():
+def test_bad_kernel_or_backend_is_an_error():
     with pytest.raises(ValueError, match="kernel"):
         RetNetDecoder(tiny_model(), kernel="numpy:rows")
+    with pytest.raises(ValueError, match="kernel='numpy:in_out' is not available"):
+        RetNetDecoder(tiny_model(), kernel="numpy:in_out", backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        RetNetDecoder(tiny_model(), backend="jax")
+
+
+def test_huge_page_arena_packs_aligned_tensors_that_outlive_it():
+    arena = HugePageArena(block_bytes=4 << 20)
+    a = arena.empty((1024, 1536), torch.float32)  # 6 MiB: a block of its own
+    b = arena.empty((7, 3), torch.float16)
+    c = arena.empty((5,), torch.float32)  # after b, on the next cache line
+    if hasattr(decoding_retnet.mmap, "MADV_HUGEPAGE"):
+        assert a.data_ptr() % (2 << 20) == 0
+    assert c.data_ptr() - b.data_ptr() == 64
+    a.copy_(torch.arange(a.numel(), dtype=torch.float32).view_as(a))
+    b.fill_(2), c.fill_(3)
+    assert a[3, 5] == 3 * 1536 + 5 and (b == 2).all() and (c == 3).all()
+    view = a[1:].t()
+    del a, arena
+    assert view[0, 0] == 1536  # the mapping lives as long as a view of it
