@@ -372,7 +372,7 @@ def test_make_labels_masks_padding_and_boundaries():
 UNCALIBRATED = {"model.convert.decay": "retnet", "model.convert.score_bias": False,
                 "model.convert.output_scale": "one", "model.convert.sink": False, "model.convert.gate": False,
                 "model.convert.head_norm": "none"}
-PINNED_LOSSES = [2.5971626058283213, 2.605673397288603]  # KL in the few-pass form (losses._full_kl)
+PINNED_LOSSES = [2.5971626058283213, 2.605673397288603]  # unchanged by the blockwise KL and CE (losses._BlockwiseKLAndCE)
 
 
 def test_two_step_run_pins_losses(fx, tmp_path):
