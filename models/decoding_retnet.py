@@ -120,6 +120,8 @@ class HugePageArena:
         self.buf, self.offset, self.end = None, 0, 0
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no anonymous private mappings to advise
+            return torch.empty(shape, dtype=dtype)
         count = int(np.prod(shape))
         nbytes = count * torch.finfo(dtype).bits // 8
         if self.buf is None or self.offset + nbytes > self.end:
