@@ -22,7 +22,8 @@ Part `prefill` (--parts prefill)
 Part `peers` (--parts peers)
   The three retention forms on the same shapes (B=1, H=9, --peer-dims), same inputs,
   same decay (gamma_h = 1 - 2^(-5-h)), forward and forward+backward:
-    * ours:        models/retention.py retention_parallel / _chunkwise / _recurrent;
+    * ours:        models/retention.py retention_parallel (output_final_state=False, as the
+                   peers' parallel cores compute no state) / _chunkwise / _recurrent;
     * torchscale:  the retention core of torchscale.component.multiscale_retention
                    .MultiScaleRetention: parallel_forward / chunk_recurrent_forward /
                    recurrent_forward (one call per token, state dict carried), called on
@@ -251,7 +252,8 @@ def prep_ours(torch, ctx, p, T, rg, base):
     q, k, v = _leaves(base, rg)
     gamma = gamma_of(torch, p["H"])
     if form == "parallel":
-        return (lambda: mod.retention_parallel(q, k, v, gamma)[0]), (q, k, v)
+        # Like the peers' parallel cores, which return no state, ours skips it here.
+        return (lambda: mod.retention_parallel(q, k, v, gamma, output_final_state=False)[0]), (q, k, v)
     if form == "chunkwise":
         return (lambda: mod.retention_chunkwise(q, k, v, gamma, chunk_size=p["chunk"])[0]), (q, k, v)
     return (lambda: mod.retention_recurrent(q, k, v, gamma)[0]), (q, k, v)
@@ -968,8 +970,9 @@ def header(args, threads) -> Dict[str, Any]:
         "sdpa": "transformers.integrations.sdpa_attention.sdpa_attention_forward(module(num_key_value_groups=H/Hkv, "
                 "is_causal=True), q, k, v, attention_mask=None, dropout=0, scaling=D^-0.5): the teacher's attention "
                 "core without projections or RoPE; see checks.sdpa for the torch call it makes",
-        "ours": "models/retention.py retention_parallel / retention_chunkwise(chunk_size) / retention_recurrent, "
-                "output only (the returned final state is computed but not used in the loss); decay matrices built inside",
+        "ours": "models/retention.py retention_parallel(output_final_state=False) / retention_chunkwise(chunk_size) / "
+                "retention_recurrent, output only (chunkwise and recurrent compute the final state but the loss does "
+                "not use it); decay matrices built inside",
         "torchscale": "MultiScaleRetention.parallel_forward(qr,kr,v,mask) | chunk_recurrent_forward(qr,kr,v,inner_mask)"
                       ".reshape(B,T,H,Dv) | recurrent_forward(one token, state dict) called T times (inputs unbound per "
                       "token, outputs stacked); masks from RetNetRelPos built untimed (their build time is under "

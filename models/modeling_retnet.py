@@ -203,16 +203,18 @@ class MultiScaleRetention(nn.Module):
         position_ids: torch.LongTensor,  # (B, T)
         token_mask: Optional[torch.Tensor] = None,  # (B, T), 0 for padding
         state: Optional[torch.Tensor] = None,  # (B, H, Dk', Dv')
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        o, state = self.mix(x, position_ids, token_mask, state)
+        output_final_state: bool = True,  # False: no state is computed (None is returned)
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        o, state = self.mix(x, position_ids, token_mask, state, output_final_state)
         return self.o_proj(o), state
 
-    def mix(self, x, position_ids, token_mask=None, state=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def mix(self, x, position_ids, token_mask=None, state=None,
+            output_final_state: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Everything but the output projection: (B, T, H * Dv), the counterpart of the
         attention output before o_proj in a Transformer (what conversion aligns)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, position_ids)
-        o, state = self.retain(q, k, v, position_ids, token_mask, state)
+        o, state = self.retain(q, k, v, position_ids, token_mask, state, output_final_state=output_final_state)
         o = self.head_norm(o).reshape(B, T, self.num_heads * self.v_dim)
         if self.config.use_output_gate:
             o = F.silu(self.g_proj(x)) * o
@@ -233,7 +235,7 @@ class MultiScaleRetention(nn.Module):
         return q, k * self.scale, v
 
     def retain(self, q, k, v, position_ids, token_mask=None, state=None, gamma=None, score_bias=None,
-               sink_weight=None):
+               sink_weight=None, output_final_state: bool = True):
         """Retention of projected q, k, v plus the configured normalisation: (B, T, H, Dv).
 
         `gamma`, `score_bias` and `sink_weight` (H,) default to the layer's own; conversion
@@ -253,7 +255,8 @@ class MultiScaleRetention(nn.Module):
             v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)
 
         mode = cfg.retention_mode if T > 1 else "recurrent"
-        o, state = retention(q, k, v, gamma, mode, chunk_size=cfg.chunk_size, initial_state=state)
+        o, state = retention(q, k, v, gamma, mode, chunk_size=cfg.chunk_size, initial_state=state,
+                             output_final_state=output_final_state)
 
         if sink is not None:  # the sink's value, and its score in the row sum
             G = H // self.num_heads
@@ -314,8 +317,8 @@ class RetNetBlock(nn.Module):
         self.post_retention_layernorm = make_norm(config)
         self.mlp = RetNetMLP(config)
 
-    def forward(self, x, position_ids, token_mask=None, state=None):
-        r, state = self.retention(self.input_layernorm(x), position_ids, token_mask, state)
+    def forward(self, x, position_ids, token_mask=None, state=None, output_final_state: bool = True):
+        r, state = self.retention(self.input_layernorm(x), position_ids, token_mask, state, output_final_state)
         if self.parallel_residual:
             return x + r + self.mlp(self.post_retention_layernorm(x)), state
         x = x + r
@@ -420,10 +423,10 @@ class RetNetModel(RetNetPreTrainedModel):
             layer_state = state.states[i] if state is not None else None
             if self.gradient_checkpointing and self.training:
                 x, new_state = torch.utils.checkpoint.checkpoint(
-                    layer, x, position_ids, token_mask, layer_state, use_reentrant=False
+                    layer, x, position_ids, token_mask, layer_state, state is not None, use_reentrant=False
                 )
-            else:
-                x, new_state = layer(x, position_ids, token_mask, layer_state)
+            else:  # without a cache no layer computes its final state
+                x, new_state = layer(x, position_ids, token_mask, layer_state, state is not None)
             if state is not None:
                 state.states[i] = new_state
         x = self.norm(x)

@@ -12,8 +12,10 @@ so that, with an initial state S_{-1}, position t (counted from 0) sees
     o_t = sum_{s <= t} gamma^(t-s) (q_t . k_s) v_s  +  gamma^(t+1) q_t S_{-1}.
 
 No scaling, normalisation or gating happens here; the layer in `modeling_retnet.py` does
-that. Every function returns `(output, final_state)`. Decay powers are computed in fp32
-(or fp64 for fp64 inputs) as exp(n * log gamma), never as a division by gamma^n.
+that. Every function returns `(output, final_state)`; the three forms skip the final state
+(and return None for it) with `output_final_state=False`, as training without a cache
+does. Decay powers are computed in fp32 (or fp64 for fp64 inputs) as exp(n * log gamma),
+never as a division by gamma^n.
 """
 
 import os
@@ -66,7 +68,7 @@ def _masked(scores: Tensor, D: Tensor) -> Tensor:
     return scores.mul_(D)
 
 
-def retention_parallel(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]:
+def retention_parallel(q, k, v, gamma, initial_state=None, output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
     """O(T^2) form: O = (Q K^T * D) V, the training form of the paper."""
     B, T, H, _ = q.shape
     D = decay_matrix(gamma, T, q).to(q.dtype)  # (H, T, T)
@@ -75,17 +77,20 @@ def retention_parallel(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tens
 
     log_g = _log_gamma(gamma, q)
     pos = torch.arange(T, device=q.device, dtype=log_g.dtype)
-    # Weight of token s in the final state: gamma^(T-1-s).
-    w_state = torch.exp((T - 1 - pos)[None, :] * log_g[:, None]).to(q.dtype)  # (H, T)
-    state = (kh * w_state[None, :, :, None]).transpose(-1, -2) @ vh  # (B, H, Dk, Dv)
+    state = None
+    if output_final_state:  # weight of token s in the final state: gamma^(T-1-s)
+        w_state = torch.exp((T - 1 - pos)[None, :] * log_g[:, None]).to(q.dtype)  # (H, T)
+        state = (kh * w_state[None, :, :, None]).transpose(-1, -2) @ vh  # (B, H, Dk, Dv)
     if initial_state is not None:
         w_in = torch.exp((pos + 1)[None, :] * log_g[:, None]).to(q.dtype)  # (H, T)
         o = o + (qh @ initial_state) * w_in[None, :, :, None]
-        state = state + initial_state * torch.exp(T * log_g).to(q.dtype)[None, :, None, None]
+        if output_final_state:
+            state = state + initial_state * torch.exp(T * log_g).to(q.dtype)[None, :, None, None]
     return o.transpose(1, 2), state
 
 
-def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None) -> Tuple[Tensor, Tensor]:
+def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None,
+                        output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
     """O(T * C) form: parallel inside chunks of `chunk_size`, recurrent across them.
 
     One chunk at a time: a chunk's products (B x H matrices of C x C and C x D) stay in the
@@ -125,13 +130,17 @@ def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None
     for n, (q_n, k_n, v_n) in enumerate(zip(qc.unbind(2), kc.unbind(2), vc.unbind(2))):  # (B, H, C, D)
         o_n = _masked(q_n @ k_n.transpose(-1, -2), D) @ v_n  # inside the chunk
         outs.append((o_n + (q_n * w_q) @ S).transpose(1, 2))  # + from earlier chunks, through the state
-        if n == N - 1 and last < C:
-            decay, w_k = state_weights(last)
+        if n == N - 1:
+            if not output_final_state:
+                S = None
+                break
+            if last < C:
+                decay, w_k = state_weights(last)
         S = S * decay + (k_n * w_k).transpose(-1, -2) @ v_n
     return torch.cat(outs, dim=1)[:, :T], S  # (B, T, H, Dv): one copy, straight into the layout
 
 
-def retention_recurrent(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]:
+def retention_recurrent(q, k, v, gamma, initial_state=None, output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
     """O(1)-state form, one token at a time: the decoding form."""
     B, T, H, Dk = q.shape
     g = gamma.to(q.dtype).view(1, H, 1, 1)
@@ -140,7 +149,7 @@ def retention_recurrent(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Ten
     for q_t, k_t, v_t in zip(q.unbind(1), k.unbind(1), v.unbind(1)):  # unbind: see retention_chunkwise
         S = g * S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, Dk, Dv)
         outs.append((q_t.unsqueeze(-2) @ S).squeeze(-2))  # (B, H, Dv)
-    return torch.stack(outs, dim=1), S
+    return torch.stack(outs, dim=1), S if output_final_state else None
 
 
 RETENTION_FORMS = {
@@ -174,7 +183,7 @@ def use_fla(q: Tensor) -> bool:
     return q.is_cuda and os.environ.get("RETCONVERT_FLA", "1") != "0" and fla_kernels() is not None
 
 
-def retention_fla(q, k, v, gamma, mode: str, initial_state=None) -> Tuple[Tensor, Tensor]:
+def retention_fla(q, k, v, gamma, mode: str, initial_state=None, output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
     """The same maths through fla's kernels ([B, T, H, D] layout, state [B, H, Dk, Dv]).
     The decay goes in as a per-token log gate so that a learnable decay gets its gradient."""
     chunk, recurrent = fla_kernels()
@@ -182,15 +191,18 @@ def retention_fla(q, k, v, gamma, mode: str, initial_state=None) -> Tuple[Tensor
     g = _log_gamma(gamma, q).float().view(1, 1, H).expand(B, T, H).contiguous()  # (B, T, H)
     fn = recurrent if mode == "recurrent" else chunk
     state = None if initial_state is None else initial_state.to(q.dtype)
-    return fn(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True)
+    return fn(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=output_final_state)
 
 
-def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Optional[Tensor] = None):
-    """Dispatch to one of the three forms by name (on CUDA with fla installed: its kernels)."""
+def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Optional[Tensor] = None,
+              output_final_state: bool = True):
+    """Dispatch to one of the three forms by name (on CUDA with fla installed: its kernels).
+    With `output_final_state=False` the state is not computed and None is returned for it."""
     if mode not in RETENTION_FORMS:
         raise ValueError(f"unknown retention mode {mode!r}; choose one of {sorted(RETENTION_FORMS)}")
+    kwargs = {"initial_state": initial_state, "output_final_state": output_final_state}
     if use_fla(q):
-        return retention_fla(q, k, v, gamma, mode, initial_state=initial_state)
+        return retention_fla(q, k, v, gamma, mode, **kwargs)
     if mode == "chunkwise":
-        return retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, initial_state=initial_state)
-    return RETENTION_FORMS[mode](q, k, v, gamma, initial_state=initial_state)
+        return retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, **kwargs)
+    return RETENTION_FORMS[mode](q, k, v, gamma, **kwargs)

@@ -129,6 +129,25 @@ def test_dispatcher():
         retention(q, k, v, gamma, "fused")
 
 
+@pytest.mark.parametrize("initial_state", [False, True], ids=["zero", "init"])
+@pytest.mark.parametrize("T", [1, 63, 65])
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_without_final_state(mode, T, initial_state):
+    """output_final_state=False returns None for the state and the same output and gradients."""
+    leaves = make_inputs(T, torch.float64, initial_state)
+    gamma = torch.tensor(GAMMAS, dtype=torch.float64)
+    args = (leaves["q"], leaves["k"], leaves["v"], gamma, mode)
+    kwargs = {"chunk_size": 16, "initial_state": leaves.get("initial_state")}
+    o, _ = retention(*args, **kwargs)
+    o_only, s = retention(*args, **kwargs, output_final_state=False)
+    assert s is None
+    assert_close("output", o_only, o, 1e-12)
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(2), dtype=o.dtype)
+    for name, g_only, g in zip(leaves, torch.autograd.grad((o_only * w).sum(), list(leaves.values())),
+                               torch.autograd.grad((o * w).sum(), list(leaves.values()))):
+        assert_close(f"d/d{name}", g_only, g, 1e-12)
+
+
 def test_state_continues_across_calls():
     """Splitting a sequence and passing the state along equals one call (the decoding contract)."""
     leaves = make_inputs(50, torch.float64, initial_state=False)
