@@ -76,7 +76,7 @@ def _fit_scale(o: torch.Tensor, y: torch.Tensor):
 @torch.no_grad()
 def layer_error(layer, q, k, v, pos, y):
     """The layer's own retention (its current gamma, b, sink) vs y, after the best scale per head."""
-    o, _ = layer.retain(q, k, v, pos)
+    o, _ = layer.retain(q, k, v, pos, output_final_state=False)
     return _fit_scale(layer.head_norm(o, affine=False), y)
 
 

@@ -166,7 +166,7 @@ class Trainer:
                 for i, block in enumerate(student.model.layers):
                     with torch.no_grad():
                         x = block.input_layernorm(hidden[i].float())
-                    out, _ = block.retention.mix(x, pos)
+                    out, _ = block.retention.mix(x, pos, output_final_state=False)
                     losses.append(attention_transfer_loss(out, captured[i]))
                 loss = torch.stack(losses).mean()
                 loss_value = loss.item()
