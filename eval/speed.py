@@ -68,16 +68,20 @@ def blocks(steps: int) -> List[int]:
 
 
 class _Decoder:
-    """A RetNet's packed decoder (models/decoding_retnet.py), run with the same calls as a model."""
+    """A RetNet's packed decoder (models/decoding_retnet.py), run with the same calls as a model.
+    One decoder per batch size, built on first use: its matrix kernels are chosen for it."""
 
     def __init__(self, m):
-        from retconvert.models.decoding_retnet import RetNetDecoder
-
-        self.m, self.decoder = m, RetNetDecoder(m.model)
+        self.m, self.decoders = m, {}
 
     def start(self, cache, token, batch: int):
-        self.decoder.load_state(expand(cache, batch))
-        return self.decoder, token.view(-1).repeat(batch)
+        from retconvert.models.decoding_retnet import RetNetDecoder
+
+        if batch not in self.decoders:
+            self.decoders[batch] = RetNetDecoder(self.m.model, batch_size=batch)
+        decoder = self.decoders[batch]
+        decoder.load_state(expand(cache, batch))
+        return decoder, token.view(-1).repeat(batch)
 
     @staticmethod
     def step(decoder, token):
