@@ -37,7 +37,7 @@ Results match the module path to floating-point rounding (tests compare logits a
 
 import mmap
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -220,20 +220,28 @@ class _Matrix:
         return y
 
 
-def _folded_norm(module) -> Tuple[torch.Tensor, Optional[torch.Tensor], float, bool]:
-    """A norm module as (scale, shift or None, eps, centered): what `_normalize` leaves out."""
-    scale = module.weight.detach().float()
-    shift = getattr(module, "bias", None)
-    return scale, None if shift is None else shift.detach().float(), module.eps, isinstance(module, torch.nn.LayerNorm)
+class _Norm(NamedTuple):
+    """A norm module split into what `_normalize` applies (eps, centered) and the affine part
+    (scale, shift) that `_fold` moves into the next matrix."""
+
+    scale: torch.Tensor
+    shift: Optional[torch.Tensor]
+    eps: float
+    centered: bool  # LayerNorm subtracts the mean; RMSNorm does not
+
+    @classmethod
+    def of(cls, module) -> "_Norm":
+        shift = getattr(module, "bias", None)
+        return cls(module.weight.detach().float(), None if shift is None else shift.detach().float(), module.eps,
+                   isinstance(module, torch.nn.LayerNorm))
 
 
-def _fold(norm, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+def _fold(norm: _Norm, weight: torch.Tensor, bias: Optional[torch.Tensor]):
     """A matrix after a norm's affine, folded: W (s * x + t) + b = (W * s) x + (W t + b)."""
-    scale, shift = norm[:2]
     weight = weight.detach().float()
-    if shift is not None:
-        bias = weight @ shift + (0 if bias is None else bias.detach().float())
-    return weight * scale[None, :], bias
+    if norm.shift is not None:
+        bias = weight @ norm.shift + (0 if bias is None else bias.detach().float())
+    return weight * norm.scale[None, :], bias
 
 
 # ------------------------------------------------------------------------ the decoder
@@ -341,7 +349,7 @@ class RetNetDecoder:
         if sum(len(b) for b in biases) % 2:  # an even row stride, so rotary can view pairs as complex
             rows.append(rows[0].new_zeros(1, C))
             biases.append(biases[0].new_zeros(1))
-        norm1, norm2 = _folded_norm(block.input_layernorm), _folded_norm(block.post_retention_layernorm)
+        norm1, norm2 = _Norm.of(block.input_layernorm), _Norm.of(block.post_retention_layernorm)
         w_qkv, b_qkv = _fold(norm1, torch.cat(rows), torch.cat(biases))
 
         # Output projection with the head-norm affine folded in: o_proj(gate * (o * w + b)).
@@ -378,7 +386,7 @@ class RetNetDecoder:
         else:
             w_up, b_up, down = mlp.fc_in.weight, mlp.fc_in.bias, mlp.fc_out
         return {
-            "norm1": norm1[2:], "norm2": norm2[2:],  # (eps, centered)
+            "norm1": (norm1.eps, norm1.centered), "norm2": (norm2.eps, norm2.centered),  # for _normalize
             "qkv": self._matrix(w_qkv, b_qkv if bool(b_qkv.abs().max() > 0) else None),
             "o": self._matrix(wo, bo),
             "up": self._matrix(*_fold(norm2, w_up, b_up)),
@@ -396,8 +404,8 @@ class RetNetDecoder:
         self.embed = self.ops.of(model.model.embed_tokens.weight.detach().float())
         embed_pos = getattr(model.model, "embed_positions", None)
         self.embed_pos = None if embed_pos is None else self.ops.of(embed_pos.weight.detach().float())
-        final = _folded_norm(model.model.norm)
-        self.final_norm = final[2:]
+        final = _Norm.of(model.model.norm)
+        self.final_norm = (final.eps, final.centered)
         self.lm_head = self._matrix(*_fold(final, model.lm_head.weight, getattr(model.lm_head, "bias", None)))
 
     def _matrices(self):
