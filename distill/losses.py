@@ -65,8 +65,10 @@ class DistillationLoss(nn.Module):
         has_teacher = teacher_logits is not None or teacher_topk is not None
         alpha = self.alpha if has_teacher else 1.0
         full_kl = teacher_logits is not None and alpha < 1
-        kl, ce = _BlockwiseKLAndCE.apply(student_logits, teacher_logits if full_kl else None, rows,
-                                         target[rows], T, full_kl, alpha > 0)
+        kl = ce = student_logits.new_zeros((), dtype=torch.float32)
+        if full_kl or alpha > 0:  # not for a pure top-k KL: its rows are gathered below
+            kl, ce = _BlockwiseKLAndCE.apply(student_logits, teacher_logits if full_kl else None, rows,
+                                             target[rows], T, full_kl, alpha > 0)
         if teacher_topk is not None and teacher_logits is None and alpha < 1:
             s = student_logits[rows].float()  # (N, V): scored positions only
             values, indices, lse = (x[rows] for x in teacher_topk)
