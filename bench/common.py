@@ -184,10 +184,8 @@ class CpuMonitor:
             steal = (sys1["steal"] - self._sys0["steal"]) / self._tick
             out["other_busy_cores"] = max(busy - self_cpu, 0.0) / wall
             out["steal_cores"] = steal / wall
-        try:
-            out["loadavg"] = list(os.getloadavg())
-        except OSError:
-            pass
+        if loadavg() is not None:
+            out["loadavg"] = loadavg()
         return out
 
 
@@ -196,6 +194,28 @@ def other_busy_cores(sample_s: float = 1.0) -> Optional[float]:
     with CpuMonitor() as mon:
         time.sleep(sample_s)
     return mon.result.get("other_busy_cores")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def contention_limit(threads: int, tolerance: float) -> float:
+    """Cores other processes may keep busy before a measurement with `threads` threads counts
+    as contended: the cores our threads do not need, plus `tolerance`."""
+    return max(usable_cpus() - threads, 0) + tolerance
+
+
+def loadavg() -> Optional[List[float]]:
+    """The 1, 5 and 15 minute load averages, or None where the OS has none."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def wait_for_quiet(max_wait_s: float, threshold_cores: float, sample_s: float = 1.0, poll_s: float = 4.0) -> Dict[str, Any]:
@@ -346,10 +366,8 @@ def machine_info(torch_threads: Optional[int] = None) -> Dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    try:
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_usable"] = usable_cpus()
     try:
         import psutil
 
@@ -359,10 +377,8 @@ def machine_info(torch_threads: Optional[int] = None) -> Dict[str, Any]:
         info["memory_available_bytes_at_start"] = vm.available
     except Exception:  # psutil is optional
         pass
-    try:
-        info["loadavg_at_start"] = list(os.getloadavg())
-    except OSError:
-        pass
+    if loadavg() is not None:
+        info["loadavg_at_start"] = loadavg()
     try:
         import torch
 

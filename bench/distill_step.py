@@ -61,9 +61,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     REPO,
     CpuMonitor,
+    contention_limit,
     file_sha256,
     fmt_seconds,
     git_state,
+    loadavg,
     log,
     machine_info,
     maxrss_bytes,
@@ -73,6 +75,7 @@ from common import (  # noqa: E402
     summarize,
     time_callable,
     to_json,
+    usable_cpus,
     wait_for_quiet,
     write_json,
 )
@@ -157,11 +160,7 @@ def main(argv=None) -> int:
     if threads > 0:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    contention_limit = max(usable - threads, 0) + args.quiet_threshold
+    limit = contention_limit(threads, args.quiet_threshold)
     torch.manual_seed(args.seed)
 
     files = ["bench/distill_step.py", "bench/common.py", "distill/trainer.py", "distill/losses.py",
@@ -335,7 +334,7 @@ def main(argv=None) -> int:
         "teacher_base_model": teacher.base_model, "dtype": "float32", "autocast_bf16": autocast,
         "batch": B, "seq_len": T, "tokens_per_step": B * T, "data": data_info,
         "cases": cases, "repeats": args.repeats, "warmup_rounds": args.warmup, "threads": threads,
-        "seed": args.seed, "contention_limit_cores": contention_limit,
+        "seed": args.seed, "contention_limit_cores": limit,
         "loss": {"class": "retconvert.distill.losses.DistillationLoss", "temperature": s2.temperature,
                  "alpha": s2.alpha, "reduction": "sum, divided by the scored tokens as in the trainer"},
         "optimizer": {"engine": "retconvert.distill.engine.PlainEngine (AdamW + LambdaLR warmup/cosine)",
@@ -364,16 +363,16 @@ def main(argv=None) -> int:
     )
 
     if args.wait_quiet > 0:
-        q = wait_for_quiet(args.wait_quiet, contention_limit)
+        q = wait_for_quiet(args.wait_quiet, limit)
         result["wait_for_quiet"] = q
         log(f"waited {q['waited_s']:.0f} s for a quiet machine (quiet: {q['quiet']}, "
             f"other busy cores {q['other_busy_cores']})")
     busy = other_busy_cores(1.0)
     result["other_busy_cores_before_timing"] = busy
-    if busy is not None and threads > 1 and busy > contention_limit:
+    if busy is not None and threads > 1 and busy > limit:
         # OpenMP workers spin-wait for a descheduled sibling: with more torch threads than idle
         # cores every step gets slower, and unevenly so (bench/README.md, "Threads").
-        log(f"warning: other processes keep {busy:.1f} of {usable} cores busy and torch uses {threads} threads; "
+        log(f"warning: other processes keep {busy:.1f} of {usable_cpus()} cores busy and torch uses {threads} threads; "
             "the timings will be inflated and noisy: wait for an idle machine or pass --threads 1")
 
     # ---------------------------------------------------------------------------------------
@@ -413,7 +412,7 @@ def main(argv=None) -> int:
             "tokens_per_s_wall": tokens / wall["median_s"] if wall.get("median_s") else None,
             "tokens_per_s_cpu": tokens / cpu["median_s"] if cpu.get("median_s") else None,
             "other_busy_cores_median": summarize(busy).get("median_s") if busy else None,
-            "contended_steps": sum(b > contention_limit for b in busy),
+            "contended_steps": sum(b > limit for b in busy),
             "runs": runs[c],
         }
 
@@ -452,10 +451,8 @@ def main(argv=None) -> int:
     result["cases"] = per_case
     result["code"]["sha256_at_end"] = {f: file_sha256(REPO / f) for f in files}
     result["code"]["changed_during_run"] = result["code"]["sha256_at_end"] != result["code"]["sha256_at_start"]
-    try:
-        result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    if loadavg() is not None:
+        result["machine"]["loadavg_at_end"] = loadavg()
     result["total_wall_s"] = time.perf_counter() - t_start
     if cache_dir is not None:
         cache_dir.cleanup()

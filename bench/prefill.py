@@ -77,12 +77,14 @@ import retention as rbench  # noqa: E402  (bench/retention.py: shared loaders, b
 from common import (  # noqa: E402
     REPO,
     CpuMonitor,
+    contention_limit,
     PeakRSS,
     emit_worker_result,
     file_sha256,
     fmt_bytes,
     fmt_seconds,
     git_state,
+    loadavg,
     log,
     machine_info,
     run_header,
@@ -1004,11 +1006,7 @@ def main(argv=None) -> int:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    args.contention_limit = max(usable - threads, 0) + args.quiet_threshold
+    args.contention_limit = contention_limit(threads, args.quiet_threshold)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = set(args.parts) - {"prefill", "peers"}
     if bad:
@@ -1040,10 +1038,8 @@ def main(argv=None) -> int:
     result["summary"] = summarise(cases, args, checks)
     result["total_wall_s"] = time.perf_counter() - t_start
     result["total_waited_for_quiet_s"] = sum(runner.waits)
-    try:
-        result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    if loadavg() is not None:
+        result["machine"]["loadavg_at_end"] = loadavg()
     print_tables(result["summary"])
     print(to_json(result))
     if args.out:

@@ -60,12 +60,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     REPO,
     CpuMonitor,
+    contention_limit,
     PeakRSS,
     emit_worker_result,
     file_sha256,
     fmt_bytes,
     fmt_seconds,
     git_state,
+    loadavg,
     log,
     machine_info,
     wait_for_quiet,
@@ -439,8 +441,9 @@ def median_of(case: Dict[str, Any], mode: str, metric: str = "wall") -> Optional
 
 
 def loglog_slope(points: List[tuple]) -> Optional[float]:
-    """Least-squares slope of log(time) vs log(T)."""
-    pts = [(math.log(t), math.log(y)) for t, y in points if y]
+    """Least-squares slope of log(y) vs log(T) (y: a time or a byte count). Points without a
+    positive y are left out: a memory probe whose peak stayed under its baseline reads <= 0."""
+    pts = [(math.log(t), math.log(y)) for t, y in points if y is not None and y > 0]
     if len(pts) < 2:
         return None
     mx = sum(x for x, _ in pts) / len(pts)
@@ -561,13 +564,7 @@ def main(argv=None) -> int:
     import torch  # the parent only needs it for the default thread count and machine info
 
     threads = args.threads or torch.get_num_threads()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 1
-    # Others may use the cores our threads do not need; beyond that (plus a tolerance) the
-    # measurement counts as contended.
-    args.contention_limit = max(usable - threads, 0) + args.quiet_threshold
+    args.contention_limit = contention_limit(threads, args.quiet_threshold)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     B, H, Dk, Dv = args.batch, args.heads, args.dk, args.dv
     specs = []
@@ -749,10 +746,8 @@ def main(argv=None) -> int:
     result["summary"] = summarise(cases, decode, args)
     result["code"]["sha256_at_end"] = file_sha256(RETENTION_FILE)
     result["code"]["changed_during_run"] = result["code"]["sha256_at_end"] != result["code"]["sha256_at_start"]
-    try:
-        result["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    except OSError:
-        pass
+    if loadavg() is not None:
+        result["machine"]["loadavg_at_end"] = loadavg()
     result["total_wall_s"] = time.perf_counter() - t_start
     result["total_waited_for_quiet_s"] = sum(waits)
 
