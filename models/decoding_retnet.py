@@ -92,6 +92,11 @@ class _TorchOps:
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot).flatten(-2)
 
 
+def _default_ops(device: torch.device):
+    """numpy for the small ops on CPU, torch elsewhere (what backend="auto" picks)."""
+    return _NumpyOps if device.type == "cpu" else _TorchOps
+
+
 def _normalize(x, eps: float, center: bool):
     """Normalise over the last axis without affine: (x - mean) / std when `center` (LayerNorm,
     GroupNorm), else x / rms (RMSNorm). Written with operators numpy and torch share."""
@@ -145,7 +150,7 @@ def kernels_for(dtype: torch.dtype, device: torch.device, ops=None) -> Tuple[str
     """Candidates: torch in both layouts; with the numpy backend (CPU) in fp32 also numpy's BLAS
     (OpenBLAS in the numpy wheels), whose matrix-vector product streams faster than MKL's on
     some CPUs."""
-    ops = ops or (_NumpyOps if device.type == "cpu" else _TorchOps)
+    ops = ops or _default_ops(device)
     numpy_ok = ops is _NumpyOps and device.type == "cpu" and dtype == torch.float32
     return tuple(k for k in KERNELS if numpy_ok or k.startswith("torch"))
 
@@ -157,7 +162,7 @@ def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.dev
     streams from memory as in decoding. Libraries differ by shape, dtype and CPU: on one AMD
     EPYC, fp32 F.linear (MKL) streams 12 GB/s, MKL with W stored (in, out) 25 GB/s, OpenBLAS
     25-37 GB/s."""
-    ops = ops or (_NumpyOps if device.type == "cpu" else _TorchOps)
+    ops = ops or _default_ops(device)
     key = (tuple(shape), dtype, device.type, rows, ops.__name__)
     if key not in _KERNEL_CACHE:
         out_f, in_f = shape
@@ -270,10 +275,10 @@ class RetNetDecoder:
         self.device = model.lm_head.weight.device
         self.dtype = dtype or model.lm_head.weight.dtype  # weights; activations and state stay fp32
         if backend == "auto":
-            backend = "numpy" if self.device.type == "cpu" else "torch"
+            backend = "numpy" if _default_ops(self.device) is _NumpyOps else "torch"
         if backend not in BACKENDS or (backend == "numpy" and self.device.type != "cpu"):
-            raise ValueError(f"backend={backend!r} is not available on {self.device.type}; use 'auto', 'torch'"
-                             f"{' or numpy' if self.device.type == 'cpu' else ''}")
+            choices = "'auto', 'torch' or 'numpy'" if self.device.type == "cpu" else "'auto' or 'torch'"
+            raise ValueError(f"backend={backend!r} is not available on {self.device.type}; use {choices}")
         self.ops = _NumpyOps if backend == "numpy" else _TorchOps
         available = kernels_for(self.dtype, self.device, self.ops)
         if kernel != "auto" and kernel not in available:
