@@ -454,6 +454,17 @@ def write_json(path: os.PathLike, obj: Any) -> Path:
     return path
 
 
+def emit_result(result: Dict[str, Any], out: Optional[os.PathLike] = None) -> None:
+    """The end of a benchmark run: record the load average, print the JSON on stdout and,
+    with `out`, also write it there."""
+    if loadavg() is not None:
+        result["machine"]["loadavg_at_end"] = loadavg()
+    print(to_json(result))
+    if out:
+        write_json(out, result)
+        log(f"wrote {out}")
+
+
 def log(msg: str) -> None:
     """Progress goes to stderr; stdout is reserved for the JSON result."""
     sys.stderr.write(msg + "\n")

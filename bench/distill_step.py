@@ -62,10 +62,10 @@ from common import (  # noqa: E402
     REPO,
     CpuMonitor,
     contention_limit,
+    emit_result,
     file_sha256,
     fmt_seconds,
     git_state,
-    loadavg,
     log,
     machine_info,
     maxrss_bytes,
@@ -74,10 +74,8 @@ from common import (  # noqa: E402
     run_header,
     summarize,
     time_callable,
-    to_json,
     usable_cpus,
     wait_for_quiet,
-    write_json,
 )
 
 DEFAULT_CONFIG = "configs/distill/smollm2-135m.yaml"
@@ -451,17 +449,12 @@ def main(argv=None) -> int:
     result["cases"] = per_case
     result["code"]["sha256_at_end"] = {f: file_sha256(REPO / f) for f in files}
     result["code"]["changed_during_run"] = result["code"]["sha256_at_end"] != result["code"]["sha256_at_start"]
-    if loadavg() is not None:
-        result["machine"]["loadavg_at_end"] = loadavg()
     result["total_wall_s"] = time.perf_counter() - t_start
     if cache_dir is not None:
         cache_dir.cleanup()
 
     print_table(result)
-    print(to_json(result))
-    if args.out:
-        write_json(args.out, result)
-        log(f"wrote {args.out}")
+    emit_result(result, args.out)
     return 0
 
 

@@ -78,20 +78,18 @@ from common import (  # noqa: E402
     REPO,
     CpuMonitor,
     contention_limit,
+    emit_result,
     PeakRSS,
     emit_worker_result,
     file_sha256,
     fmt_bytes,
     fmt_seconds,
     git_state,
-    loadavg,
     log,
     machine_info,
     run_header,
     run_worker,
     time_callable,
-    to_json,
-    write_json,
 )
 
 MODES = ("fwd", "fwd_bwd")
@@ -1038,13 +1036,8 @@ def main(argv=None) -> int:
     result["summary"] = summarise(cases, args, checks)
     result["total_wall_s"] = time.perf_counter() - t_start
     result["total_waited_for_quiet_s"] = sum(runner.waits)
-    if loadavg() is not None:
-        result["machine"]["loadavg_at_end"] = loadavg()
     print_tables(result["summary"])
-    print(to_json(result))
-    if args.out:
-        write_json(args.out, result)
-        log(f"wrote {args.out}")
+    emit_result(result, args.out)
     return 0
 
 

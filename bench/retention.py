@@ -61,13 +61,13 @@ from common import (  # noqa: E402
     REPO,
     CpuMonitor,
     contention_limit,
+    emit_result,
     PeakRSS,
     emit_worker_result,
     file_sha256,
     fmt_bytes,
     fmt_seconds,
     git_state,
-    loadavg,
     log,
     machine_info,
     wait_for_quiet,
@@ -75,8 +75,6 @@ from common import (  # noqa: E402
     run_worker,
     summarize,
     time_callable,
-    to_json,
-    write_json,
 )
 
 RETENTION_FILE = REPO / "models" / "retention.py"
@@ -746,17 +744,11 @@ def main(argv=None) -> int:
     result["summary"] = summarise(cases, decode, args)
     result["code"]["sha256_at_end"] = file_sha256(RETENTION_FILE)
     result["code"]["changed_during_run"] = result["code"]["sha256_at_end"] != result["code"]["sha256_at_start"]
-    if loadavg() is not None:
-        result["machine"]["loadavg_at_end"] = loadavg()
     result["total_wall_s"] = time.perf_counter() - t_start
     result["total_waited_for_quiet_s"] = sum(waits)
 
     print_tables(result["summary"])
-    text = to_json(result)
-    print(text)
-    if args.out:
-        write_json(args.out, result)
-        log(f"wrote {args.out}")
+    emit_result(result, args.out)
     return 0
 
 
