@@ -10,7 +10,8 @@ Layout under `<out_dir>/checkpoints/`:
 
 A checkpoint is first written to `.tmp-step-...` (all ranks write into the same folder),
 then renamed by rank 0 and `latest` is replaced atomically, so a kill at any moment leaves
-the previous checkpoint intact. Only the `keep` newest are kept.
+the previous checkpoint intact. Only the `keep` newest are kept. Stage 1 keeps its own in
+`<out_dir>/checkpoints-stage1/`, same layout (its model, Adam and warmup scheduler).
 """
 
 import json
@@ -41,8 +42,10 @@ def set_rng_state(state: dict):
 
 
 class CheckpointManager:
-    def __init__(self, out_dir: Path, dist, keep: int = 2):
-        self.root = Path(out_dir) / "checkpoints"
+    """Atomic checkpoints under `<out_dir>/<name>/` (stage 2: "checkpoints", stage 1: "checkpoints-stage1")."""
+
+    def __init__(self, out_dir: Path, dist, keep: int = 2, name: str = "checkpoints"):
+        self.root = Path(out_dir) / name
         self.dist = dist
         self.keep = max(1, keep)
         if dist.is_main:

@@ -83,14 +83,22 @@ class DataSection:
 
 @dataclass
 class Stage1Section:
-    """Attention transfer: each retention layer regresses the teacher's attention output."""
+    """Attention transfer: each layer's attention path regresses the teacher's attention output
+    (after o_proj) on the teacher's own layer input (distill/attention_transfer.py)."""
 
-    steps: int = 0  # 0 skips the stage
-    lr: float = 1e-2
+    steps: int = 0  # the most steps; 0 skips the stage
+    train: str = "full"  # "full": every attention-path parameter; "lora": low-rank deltas on its linear maps
+    lr: float = 1e-2  # what retention adds (decay, score bias, sink, head norm, ...)
+    proj_lr: float = 1e-4  # the linear maps (q, k, v, o, gate), or their low-rank deltas
+    lora_rank: int = 8  # train: lora
+    warmup_steps: int = 10  # linear warmup of both learning rates, then constant
     micro_batch_size: int = 4
     seq_len: int = 256
-    qk_lora_rank: int = 0  # > 0: low-rank deltas on q_proj/k_proj, merged afterwards
     log_every: int = 10
+    eval_every: int = 0  # steps between held-out per-layer errors (on eval_rows rows set aside); 0: none
+    eval_rows: int = 4
+    patience: int = 0  # stop after this many evals without a min_improvement gain; 0: run all steps
+    min_improvement: float = 0.01  # relative gain of the held-out mean error that counts as progress
 
 
 @dataclass
@@ -129,7 +137,9 @@ class RunSection:
     deepspeed: Optional[str] = None  # DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); null: plain torch
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end
-    checkpoint_every: int = 50  # 0: never (only the final export)
+    checkpoint_every: int = 50  # steps; 0: never (only the final export)
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0: off
+    eval_at_tokens: List[int] = field(default_factory=list)  # also evaluate once stage 2 has seen these tokens
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
@@ -154,6 +164,7 @@ CHOICES = {
     "model.scratch.arch": ("retnet", "llama"),
     "run.dtype": ("float32", "bfloat16"),
     "stage2.finetune": ("full", "lora"),
+    "stage1.train": ("full", "lora"),
     "model.convert.decay": ("retnet", "calibrated"),
     "model.convert.head_norm": ("none", "rmsnorm", "groupnorm"),
     "model.convert.kv_heads": ("keep", "expand"),
@@ -238,6 +249,16 @@ def _check_ranges(cfg: DistillConfig):
     positive("stage2.temperature", cfg.stage2.temperature)
     positive("stage1.steps", cfg.stage1.steps, zero_ok=True)
     positive("stage1.micro_batch_size", cfg.stage1.micro_batch_size)
+    positive("stage1.seq_len", cfg.stage1.seq_len)
+    positive("stage1.lora_rank", cfg.stage1.lora_rank)
+    positive("stage1.eval_every", cfg.stage1.eval_every, zero_ok=True)
+    positive("stage1.eval_rows", cfg.stage1.eval_rows)
+    positive("stage1.patience", cfg.stage1.patience, zero_ok=True)
+    positive("run.checkpoint_minutes", cfg.run.checkpoint_minutes, zero_ok=True)
+    for tokens in cfg.run.eval_at_tokens:
+        positive("run.eval_at_tokens", tokens, zero_ok=True)
+    if cfg.stage1.patience > 0 and cfg.stage1.eval_every == 0:
+        raise ConfigError("stage1.patience needs held-out evals; set stage1.eval_every (e.g. 25)")
     positive("run.checkpoint_every", cfg.run.checkpoint_every, zero_ok=True)
     if not 0.0 <= cfg.stage2.alpha <= 1.0:
         raise ConfigError(f"stage2.alpha: {cfg.stage2.alpha} must be in [0, 1]")
@@ -314,9 +335,9 @@ def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConf
 
 
 def resolve_path(spec: Optional[str]) -> Optional[str]:
-    """Expand `${shared_data}` / `${repo}`; leave `hf:` specs alone; relative paths stay relative to CWD."""
+    """Expand `${shared_data}` / `${repo}` and a leading `~`; leave `hf:` specs alone; relative paths stay relative to CWD."""
     if spec is None or spec.startswith("hf:"):
         return spec
     from retconvert.paths import REPO_ROOT, shared_data_dir
 
-    return spec.replace("${shared_data}", str(shared_data_dir())).replace("${repo}", str(REPO_ROOT))
+    return os.path.expanduser(spec).replace("${shared_data}", str(shared_data_dir())).replace("${repo}", str(REPO_ROOT))

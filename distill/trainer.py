@@ -17,19 +17,18 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets, has_attention_path, layer_errors
 from retconvert.distill.checkpoint import CheckpointManager, save_student
 from retconvert.distill.config import DistillConfig
 from retconvert.distill.data import PackedStream, eval_token_ids, make_labels
 from retconvert.distill.engine import Distributed, make_engine
-from retconvert.distill.losses import DistillationLoss, attention_transfer_loss
+from retconvert.distill.losses import DistillationLoss
 from retconvert.distill.metrics import MetricsLogger, progress_bar
 from retconvert.distill.models import (
-    LowRankDelta,
     build_student,
     count_parameters,
     load_scratch_tokenizer,
     load_teacher_model,
-    retention_parameters,
     scratch_model,
     unwrap,
     wrap_lora,
@@ -41,6 +40,14 @@ class TrainingDiverged(RetconvertError):
     """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
+def converged(history, patience: int, min_improvement: float) -> bool:
+    """True when the best of the last `patience` values is not `min_improvement` (relative)
+    below the best before them; never with patience 0 or too short a history."""
+    if patience <= 0 or len(history) <= patience:
+        return False
+    return min(history[-patience:]) > min(history[:-patience]) * (1 - min_improvement)
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -50,7 +57,7 @@ def seed_everything(seed: int):
 class Trainer:
     def __init__(self, cfg: DistillConfig, log=print):
         self.cfg = cfg
-        self.out_dir = Path(cfg.run.out_dir)
+        self.out_dir = Path(cfg.run.out_dir).expanduser()
         self.dist = Distributed(cfg)
         self._log = log
         self.t0 = time.time()
@@ -69,7 +76,8 @@ class Trainer:
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
-        earlier = [self.out_dir / n for n in ("checkpoints", "final", "metrics.jsonl", "stage1-student.pt")]
+        earlier = [self.out_dir / n for n in ("checkpoints", "checkpoints-stage1", "final", "metrics.jsonl",
+                                              "stage1-student.pt")]
         if not cfg.run.resume and any(p.exists() for p in earlier):
             if not cfg.run.overwrite:
                 raise RetconvertError(f"{self.out_dir} holds an earlier run; pass --resume to continue it, "
@@ -101,8 +109,8 @@ class Trainer:
         if self.teacher is None and cfg.model.student is None:
             self.student, self.origin = scratch_model(cfg, self.tokenizer), {"scratch": asdict(cfg.model.scratch)}
         else:
-            weights_follow = self.resume_from is not None or (
-                cfg.run.resume and cfg.stage1.steps > 0 and self.stage1_file.is_file())
+            stage1_saved = self.stage1_file.is_file() or (self.out_dir / "checkpoints-stage1" / "latest").is_file()
+            weights_follow = self.resume_from is not None or (cfg.run.resume and cfg.stage1.steps > 0 and stage1_saved)
             self.student, self.origin = build_student(cfg, self.teacher, log=self.log, calibrate=not weights_follow)
         self.student.float().to(cfg.run.device)
         self.params_total = count_parameters(self.student)
@@ -114,11 +122,12 @@ class Trainer:
     # Stage 1: attention transfer
     # ----------------------------------------------------------------------------------------
     def attention_transfer(self):
-        """Per layer, train what retention adds so that the retention output (before o_proj)
-        matches the teacher's attention output on the teacher's own layer inputs."""
+        """Stage 1: each layer's attention path learns the teacher's attention output on the
+        teacher's own layer input (distill/attention_transfer.py), until `stage1.steps` or until
+        the held-out per-layer error stops improving (`stage1.patience`). Resumable from
+        `<out_dir>/checkpoints-stage1`; the result is kept in `stage1-student.pt`."""
         cfg, s1 = self.cfg, self.cfg.stage1
-        if self.teacher is None or s1.steps == 0 or not hasattr(self.student, "model") \
-                or not hasattr(self.student.model, "layers") or not hasattr(self.student.model.layers[0], "retention"):
+        if self.teacher is None or s1.steps == 0 or not has_attention_path(self.student):
             return
         if self.resume_from is not None:
             self.log("stage 1: skipped (resuming stage 2 from a checkpoint)")
@@ -129,74 +138,90 @@ class Trainer:
             return
         from retconvert.convert.families import family_for
 
-        family = family_for(self.teacher.model.config)
-        teacher, student = self.teacher.model, self.student
-        gen = torch.Generator().manual_seed(cfg.run.seed + 1)
         seed_everything(cfg.run.seed + 1)
         stream = PackedStream(cfg.data.train, self.tokenizer, s1.seq_len, seed=cfg.run.seed + 1,
                               shuffle_buffer=cfg.data.shuffle_buffer, text_field=cfg.data.text_field)
-
-        student.requires_grad_(False)
-        params = [p for _, p in retention_parameters(student)]
-        deltas = []
-        if s1.qk_lora_rank > 0:
-            for block in student.model.layers:
-                for name in ("q_proj", "k_proj"):
-                    delta = LowRankDelta(getattr(block.retention, name), s1.qk_lora_rank, gen)
-                    setattr(block.retention, name, delta.to(cfg.run.device))
-                    deltas.append((block.retention, name, delta))
-                    params += [delta.A, delta.B]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.Adam(params, lr=s1.lr)
-
-        captured: Dict[int, torch.Tensor] = {}
-        hooks = [teacher.get_submodule(family.attention_output.format(i=i)).register_forward_pre_hook(
-            lambda _m, args, i=i: captured.__setitem__(i, args[0].float()))
-            for i in range(teacher.config.num_hidden_layers)]
-        bar = progress_bar(s1.steps, 0, self.dist.is_main and cfg.run.progress, "stage 1 (attention transfer)")
-        loss_value = float("nan")
-        try:
-            for step in range(1, s1.steps + 1):
+        held_out = stream.next_rows(s1.eval_rows).to(cfg.run.device) if s1.eval_every > 0 else None  # never trained on
+        path = AttentionPath(self.student, s1.train, s1.lr, s1.proj_lr, s1.lora_rank, s1.warmup_steps,
+                             torch.Generator().manual_seed(cfg.run.seed + 1))
+        self.log(f"stage 1: attention transfer ({s1.train}), {path.trainable / 1e6:.2f}M trainable parameters, "
+                 f"{s1.micro_batch_size} x {s1.seq_len} tokens a step, at most {s1.steps} steps")
+        manager = CheckpointManager(self.out_dir, self.dist, self.cfg.run.keep_checkpoints, name="checkpoints-stage1")
+        state = {"step": 0, "history": [], "done": False}
+        latest = manager.latest() if cfg.run.resume else None
+        if latest is not None:
+            state = manager.load(latest, path)
+            stream.load_state_dict(state["data"])
+            self.log(f"stage 1: resumed from {latest} at step {state['step']}")
+        tokens_per_step = s1.micro_batch_size * s1.seq_len
+        bar = progress_bar(s1.steps, state["step"], self.dist.is_main and cfg.run.progress,
+                           "stage 1 (attention transfer)")
+        self._last_checkpoint = time.time()
+        with TeacherTargets(self.teacher.model, family_for(self.teacher.model.config)) as targets:
+            if held_out is not None and state["step"] == 0:
+                state["history"].append(self._stage1_eval(targets, held_out, 0, 0))
+            step = state["step"]
+            while not state["done"] and step < s1.steps:
+                step, t_step = step + 1, time.time()
                 ids = stream.next_rows(s1.micro_batch_size).to(cfg.run.device)
-                with torch.no_grad():
-                    hidden = teacher(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-                pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-                losses = []
-                for i, block in enumerate(student.model.layers):
-                    with torch.no_grad():
-                        x = block.input_layernorm(hidden[i].float())
-                    out, _ = block.retention.mix(x, pos, output_final_state=False)
-                    losses.append(attention_transfer_loss(out, captured[i]))
-                loss = torch.stack(losses).mean()
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(f"stage 1 loss is {loss_value} at step {step}; lower stage1.lr "
-                                           f"(now {s1.lr})")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                inputs, outputs = targets(ids)
+                errors = layer_errors(self.student, inputs, outputs, backward_scale=1.0 / len(inputs))
+                mean = sum(errors) / len(errors)
+                if not math.isfinite(mean):
+                    raise TrainingDiverged(f"stage 1 error is {mean} at step {step}; lower stage1.lr (now {s1.lr}) "
+                                           f"or stage1.proj_lr (now {s1.proj_lr})")
+                path.step()
                 if step % s1.log_every == 0 or step == s1.steps or step == 1:
-                    self.metrics.write({"event": "stage1", "step": step, "loss": loss_value,
-                                        "layer_rel_mse": [round(x.item(), 6) for x in losses]}, step)
+                    self.metrics.write({"event": "stage1", "step": step, "tokens": step * tokens_per_step,
+                                        "loss": mean, "layer_rel_mse": [round(x, 6) for x in errors],
+                                        "tokens_per_s": round(tokens_per_step / (time.time() - t_step), 1),
+                                        "elapsed_s": round(time.time() - self.t0, 2)}, step)
+                if s1.eval_every > 0 and step % s1.eval_every == 0:
+                    state["history"].append(self._stage1_eval(targets, held_out, step, step * tokens_per_step))
+                    state["done"] = converged(state["history"], s1.patience, s1.min_improvement)
                 if bar is not None:
-                    bar.set_postfix(rel_mse=f"{loss_value:.4f}")
+                    bar.set_postfix(rel_mse=f"{mean:.4f}")
                     bar.update(1)
-        finally:
-            for h in hooks:
-                h.remove()
-            if bar is not None:
-                bar.close()
-        for module, name, delta in deltas:
-            setattr(module, name, delta.merge())
-        student.requires_grad_(True)
-        self.log(f"stage 1: {s1.steps} steps, final mean relative MSE {loss_value:.4f}")
-        self.result["stage1_loss"] = loss_value
-        if self.dist.is_main and cfg.run.checkpoint_every > 0:
+                if self._checkpoint_due(step, final=state["done"] or step == s1.steps):
+                    manager.save(step, path, {**state, "step": step, "data": stream.state_dict()})
+        if bar is not None:
+            bar.close()
+        self.student = path.finish()
+        reason = "held-out error converged" if state["done"] else "step limit"
+        self.log(f"stage 1: stopped at step {step} ({step * tokens_per_step:,} tokens, {reason}); "
+                 f"held-out mean relative error {state['history'][-1] if state['history'] else float('nan'):.4f}")
+        self.result["stage1_loss"] = state["history"][-1] if state["history"] else mean
+        self.result["stage1_steps"] = step
+        if self.dist.is_main and self._checkpoints_enabled():
             tmp = self.stage1_file.with_suffix(".tmp")
-            torch.save(student.state_dict(), tmp)
+            torch.save(self.student.state_dict(), tmp)
             os.replace(tmp, self.stage1_file)
         self.dist.barrier()
+
+    @torch.no_grad()
+    def _stage1_eval(self, targets: TeacherTargets, ids: torch.Tensor, step: int, tokens: int) -> float:
+        """Per-layer relative error on the held-out rows; logged as event `stage1_eval`; returns the mean."""
+        errors = layer_errors(self.student, *targets(ids))
+        mean = sum(errors) / len(errors)
+        self.metrics.write({"event": "stage1_eval", "step": step, "tokens": tokens, "mean": mean,
+                            "layer_rel_mse": [round(x, 6) for x in errors]}, step)
+        self.log(f"stage 1, step {step} ({tokens:,} tokens): held-out mean relative error {mean:.4f}")
+        return mean
+
+    def _checkpoints_enabled(self) -> bool:
+        return self.cfg.run.checkpoint_every > 0 or self.cfg.run.checkpoint_minutes > 0
+
+    def _checkpoint_due(self, step: int, final: bool) -> bool:
+        """Every `run.checkpoint_every` steps, every `run.checkpoint_minutes` of wall time, and at
+        the end (when either is on). The ranks agree (their clocks may not)."""
+        run = self.cfg.run
+        due = self._checkpoints_enabled() and (
+            final or (run.checkpoint_every > 0 and step % run.checkpoint_every == 0)
+            or (run.checkpoint_minutes > 0 and time.time() - self._last_checkpoint >= 60 * run.checkpoint_minutes))
+        due = float(self.dist.all_reduce_sum(torch.tensor([float(due)]))) > 0
+        if due:
+            self._last_checkpoint = time.time()
+        return due
 
     # ----------------------------------------------------------------------------------------
     # Stage 2: logit distillation (or from-scratch training)
@@ -230,6 +255,7 @@ class Trainer:
             from retconvert.distill.logit_cache import TopKLogitCache
 
             cache = TopKLogitCache.open(cfg, self.teacher, self.tokenizer, dist, log=self.log)
+        self.tokens_per_step = s2.micro_batch_size * s2.grad_accum * dist.world * cfg.data.seq_len
         start = 0
         if self.resume_from is not None:
             state = self.checkpoints.load(self.resume_from, engine)
@@ -243,6 +269,8 @@ class Trainer:
         loss_fn = DistillationLoss(s2.temperature, s2.alpha, reduction="sum")
         micro, accum, world = s2.micro_batch_size, s2.grad_accum, dist.world
         global_rows = micro * accum * world
+        eval_points = [t for t in cfg.run.eval_at_tokens if t > 0]  # 0 is the evaluation before step 1
+        self._last_checkpoint = time.time()
         autocast = cfg.run.dtype == "bfloat16" and not dist.use_deepspeed
         device_type = "cuda" if str(cfg.run.device).startswith("cuda") else "cpu"
         scale = engine.loss_scale(accum, world)
@@ -287,19 +315,22 @@ class Trainer:
                 sums = dist.all_reduce_sum(sums) / max(n_global, 1)
                 last_loss = float(sums[0])
                 tokens_seen += global_rows * cfg.data.seq_len
+                tokens_before, tokens_after = (step - 1) * self.tokens_per_step, step * self.tokens_per_step
                 dt = time.time() - t_step
                 tok_s = global_rows * cfg.data.seq_len / max(dt, 1e-9)
                 if step % cfg.run.log_every == 0 or step == s2.steps:
                     self.metrics.write({"event": "train", "step": step, "loss": last_loss, "kl": float(sums[1]),
                                         "ce": float(sums[2]), "lr": engine.lr, "grad_norm": engine.last_grad_norm,
-                                        "tokens": n_global, "tokens_per_s": round(tok_s, 1),
+                                        "tokens": n_global, "tokens_seen": tokens_after,
+                                        "tokens_per_s": round(tok_s, 1),
                                         "elapsed_s": round(time.time() - self.t0, 2)}, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
                     bar.update(1)
-                if cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0 and step != s2.steps:
+                if step != s2.steps and ((cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0)
+                                         or any(tokens_before < t <= tokens_after for t in eval_points)):
                     self.evaluate(step)
-                if cfg.run.checkpoint_every > 0 and (step % cfg.run.checkpoint_every == 0 or step == s2.steps):
+                if self._checkpoint_due(step, final=step == s2.steps):
                     self.checkpoints.save(step, engine, {"step": step, "data": stream.state_dict()})
                     if os.environ.get("RETCONVERT_TEST_HANG_AFTER_CHECKPOINT") == str(step):
                         time.sleep(3600)  # test hook: wait here to be killed (tests/test_distill.py)
@@ -332,7 +363,8 @@ class Trainer:
                                                     batch_size=d.eval_batch_size).ppl
         if was_training:
             module.train()
-        self.metrics.write({"event": "eval", "step": step, **{f"ppl_{k}": v for k, v in out.items()}}, step)
+        seen = {"tokens_seen": step * self.tokens_per_step} if hasattr(self, "tokens_per_step") else {}
+        self.metrics.write({"event": "eval", "step": step, **seen, **{f"ppl_{k}": v for k, v in out.items()}}, step)
         self.log(f"step {step}: held-out perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()))
         return out
 
@@ -352,8 +384,9 @@ class Trainer:
                 model = wrap_lora(model, cfg)
             model.load_state_dict(state)
             model = unwrap(model).float().eval()
-            info = {"config": cfg.to_dict(), "origin": self.origin,
-                    "result": {k: v for k, v in self.result.items() if k != "eval"}, "eval": self.result.get("eval")}
+            from retconvert.provenance import distillation_record
+
+            info = distillation_record(cfg, self.result, origin=self.origin, world_size=self.dist.world)
             gen = getattr(self.teacher.model, "generation_config", None) if self.teacher is not None else None
             save_student(model, self.tokenizer, out, info, generation_config=gen, readme=self._readme())
             self.log(f"wrote {out}")
