@@ -249,14 +249,13 @@ class MultiScaleRetention(nn.Module):
             b = self.score_bias if score_bias is None else score_bias
             q = torch.cat([q, b.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
             k = torch.cat([k, k.new_ones(B, T, H, 1)], -1)
-        if token_mask is not None:  # padding neither enters the state nor reaches other tokens
-            k = k * token_mask[:, :, None, None].to(k.dtype)
         if cfg.retention_normalization == "paper":  # carry the row sums of the scores along
             v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)
 
+        # Padding neither enters the state nor decays it (see retention.py).
         mode = cfg.retention_mode if T > 1 else "recurrent"
         o, state = retention(q, k, v, gamma, mode, chunk_size=cfg.chunk_size, initial_state=state,
-                             output_final_state=output_final_state)
+                             output_final_state=output_final_state, token_mask=token_mask)
 
         if sink is not None:  # the sink's value, and its score in the row sum
             G = H // self.num_heads

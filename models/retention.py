@@ -11,6 +11,11 @@ so that, with an initial state S_{-1}, position t (counted from 0) sees
 
     o_t = sum_{s <= t} gamma^(t-s) (q_t . k_s) v_s  +  gamma^(t+1) q_t S_{-1}.
 
+Padding (`token_mask` [B, T], 0 for a pad) leaves the state exactly as it was: a masked
+position adds no key and has decay 1, i.e. S_t = S_{t-1}. Every exponent above then counts
+real tokens only (t - s becomes n_t - n_s with n_t the real tokens in 0..t), so a row with
+pads anywhere gives its real tokens the outputs of the same row without them.
+
 No scaling, normalisation or gating happens here; the layer in `modeling_retnet.py` does
 that. Every function returns `(output, final_state)`; the three forms skip the final state
 (and return None for it) with `output_final_state=False`, as training without a cache
@@ -31,8 +36,41 @@ def _log_gamma(gamma: Tensor, like: Tensor) -> Tensor:
     return gamma.to(device=like.device, dtype=dtype).log()  # (H,)
 
 
-def retention_naive(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]:
-    """Reference: the recurrence written out, one token at a time, in fp64."""
+def _decay_counts(token_mask: Optional[Tensor], T: int, log_g: Tensor) -> Tensor:
+    """n[b, t]: decay steps up to and including position t, i.e. real tokens in 0..t:
+    (B, T) from a mask, (1, T) = 1..T without one. Position t sees key s with gamma^(n_t - n_s)."""
+    if token_mask is None:
+        return torch.arange(1, T + 1, device=log_g.device, dtype=log_g.dtype)[None]
+    return token_mask.to(log_g.dtype).cumsum(-1)
+
+
+def _decay_weights(log_g: Tensor, n: Tensor, dtype: torch.dtype):
+    """Decay weights of one block of positions with decay counts n (B', C) (see `_decay_counts`,
+    counted from the block's start), each (B', H, ...) in `dtype`:
+        D      (B', H, C, C)  gamma^(n_i - n_j) for i >= j, else 0   (key j seen from query i)
+        w_in   (B', H, C, 1)  gamma^(n_i)                            (the incoming state, at i)
+        w_out  (B', H, C, 1)  gamma^(n_last - n_j)                   (key j in the outgoing state)
+        decay  (B', H, 1, 1)  gamma^(n_last)                         (the state across the block)
+    """
+    C = n.shape[-1]
+    lg = log_g[None, :, None]  # (1, H, 1)
+    diff = (n[:, :, None] - n[:, None, :]).clamp(min=0)  # (B', C, C); above the diagonal: masked below
+    upper = torch.ones(C, C, dtype=torch.bool, device=n.device).triu(1)
+    D = torch.exp(diff[:, None] * lg[..., None]).masked_fill(upper, 0.0)
+    w_in = torch.exp(n[:, None, :] * lg)[..., None]
+    w_out = torch.exp((n[:, -1:] - n)[:, None, :] * lg)[..., None]
+    decay = torch.exp(n[:, -1:, None] * lg)[..., None]
+    return D.to(dtype), w_in.to(dtype), w_out.to(dtype), decay.to(dtype)
+
+
+def _mask_keys(k: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+    """Padding (token_mask 0) contributes no key: neither to other tokens nor to the state."""
+    return k if token_mask is None else k * token_mask[:, :, None, None].to(k.dtype)
+
+
+def retention_naive(q, k, v, gamma, initial_state=None, token_mask=None) -> Tuple[Tensor, Tensor]:
+    """Reference: the recurrence written out, one token at a time, in fp64. A masked position
+    leaves the state as it was (no key, no decay)."""
     B, T, H, Dk = q.shape
     S = q.new_zeros(B, H, Dk, v.shape[-1], dtype=torch.float64)
     if initial_state is not None:
@@ -41,7 +79,8 @@ def retention_naive(q, k, v, gamma, initial_state=None) -> Tuple[Tensor, Tensor]
     outs = []
     for t in range(T):
         kv = k[:, t].double().unsqueeze(-1) * v[:, t].double().unsqueeze(-2)  # (B, H, Dk, Dv)
-        S = g * S + kv
+        S_next = g * S + kv
+        S = S_next if token_mask is None else torch.where(token_mask[:, t].bool().view(B, 1, 1, 1), S_next, S)
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].double(), S))
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1]).double()
     return o.to(v.dtype), S.to(v.dtype)
@@ -68,42 +107,54 @@ def _masked(scores: Tensor, D: Tensor) -> Tensor:
     return scores.mul_(D)
 
 
-def retention_parallel(q, k, v, gamma, initial_state=None, output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
-    """O(T^2) form: O = (Q K^T * D) V, the training form of the paper."""
+def retention_parallel(q, k, v, gamma, initial_state=None, output_final_state: bool = True,
+                       token_mask=None) -> Tuple[Tensor, Tensor]:
+    """O(T^2) form: O = (Q K^T * D) V, the training form of the paper. With `token_mask`
+    (B, T), D is per row, (B, H, T, T): its exponents count real tokens only."""
     B, T, H, _ = q.shape
-    D = decay_matrix(gamma, T, q).to(q.dtype)  # (H, T, T)
-    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    log_g = _log_gamma(gamma, q)
+    n = _decay_counts(token_mask, T, log_g)  # (B or 1, T)
+    if token_mask is None:
+        D = decay_matrix(gamma, T, q).to(q.dtype)  # (H, T, T): Toeplitz, T powers exponentiated
+        w_in = w_out = decay = None
+    else:
+        D, w_in, w_out, decay = _decay_weights(log_g, n, q.dtype)  # (B, H, T, T), ...
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, _mask_keys(k, token_mask), v))  # (B, H, T, D)
     o = _masked(qh @ kh.transpose(-1, -2), D) @ vh  # (B, H, T, Dv)
 
-    log_g = _log_gamma(gamma, q)
-    pos = torch.arange(T, device=q.device, dtype=log_g.dtype)
+    def powers(expo):  # gamma^expo for expo (B', T) -> (B', H, T, 1)
+        return torch.exp(expo[:, None, :] * log_g[None, :, None]).to(q.dtype)[..., None]
+
     state = None
-    if output_final_state:  # weight of token s in the final state: gamma^(T-1-s)
-        w_state = torch.exp((T - 1 - pos)[None, :] * log_g[:, None]).to(q.dtype)  # (H, T)
-        state = (kh * w_state[None, :, :, None]).transpose(-1, -2) @ vh  # (B, H, Dk, Dv)
+    if output_final_state:  # weight of key s in the final state: gamma^(n_last - n_s)
+        w_out = powers(n[:, -1:] - n) if w_out is None else w_out
+        state = (kh * w_out).transpose(-1, -2) @ vh  # (B, H, Dk, Dv)
     if initial_state is not None:
-        w_in = torch.exp((pos + 1)[None, :] * log_g[:, None]).to(q.dtype)  # (H, T)
-        o = o + (qh @ initial_state) * w_in[None, :, :, None]
+        w_in = powers(n) if w_in is None else w_in
+        o = o + (qh @ initial_state) * w_in
         if output_final_state:
-            state = state + initial_state * torch.exp(T * log_g).to(q.dtype)[None, :, None, None]
+            decay = powers(n[:, -1:]) if decay is None else decay  # (B', H, 1, 1)
+            state = state + initial_state * decay
     return o.transpose(1, 2), state
 
 
 def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None,
-                        output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
+                        output_final_state: bool = True, token_mask=None) -> Tuple[Tensor, Tensor]:
     """O(T * C) form: parallel inside chunks of `chunk_size`, recurrent across them.
 
     One chunk at a time: a chunk's products (B x H matrices of C x C and C x D) stay in the
     core's cache, where the same products batched over all chunks at once stream their
     intermediates through memory (1.4-1.8x slower on CPU, forward and backward).
-    Handles any T: the last chunk may be shorter, and its decay uses its true length, so
-    the final state is exact (a zero-padded tail must not decay the state further).
+    Handles any T: the last chunk is zero-padded and its decay counts only its true length,
+    so the final state is exact (a padded tail must not decay the state further). With
+    `token_mask` (B, T) the decay weights are per row and per chunk, counting real tokens.
     """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     C = chunk_size
     N = -(-T // C)  # number of chunks
     last = T - (N - 1) * C  # length of the last chunk
+    k = _mask_keys(k, token_mask)
     if last < C:
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, C - last)) for x in (q, k, v))
     # (B, H, N, C, D) views: a chunk's (B, H, C, D) slice is read in place by the products
@@ -111,44 +162,44 @@ def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None
     qc, kc, vc = (x.reshape(B, N, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
 
     log_g = _log_gamma(gamma, q)  # (H,)
-    j = torch.arange(C, device=q.device, dtype=log_g.dtype)
-    D = decay_matrix(gamma, C, q).to(q.dtype)  # (H, C, C)
-    # Position j of a chunk sees the incoming state decayed by gamma^(j+1).
-    w_q = torch.exp((j + 1)[None, :] * log_g[:, None]).to(q.dtype)[:, :, None]  # (H, C, 1)
+    if token_mask is None:  # the same weights for every chunk; the last one's counts stop at its length
+        j1 = _decay_counts(None, C, log_g)  # (1, C): 1..C
+        weights = _decay_weights(log_g, j1, q.dtype)
+        tail = _decay_weights(log_g, j1.clamp(max=last), q.dtype) if last < C else weights
+    else:  # (B, N, C): real tokens counted from each chunk's start
+        counts = torch.nn.functional.pad(token_mask.to(log_g.dtype), (0, N * C - T)).view(B, N, C).cumsum(-1)
 
-    def state_weights(length: int):
-        """(decay of the state over a chunk of `length`, weight of its key j in the state at
-        its end: gamma^(length-1-j), 0 for padded positions j >= length)."""
-        expo = length - 1 - j
-        w_k = torch.exp(expo.clamp(min=0)[None, :] * log_g[:, None]).masked_fill(expo[None] < 0, 0.0)
-        return torch.exp(length * log_g).to(q.dtype)[:, None, None], w_k.to(q.dtype)[:, :, None]  # (H,1,1), (H,C,1)
-
-    decay, w_k = state_weights(C)
     S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(q.dtype)
     outs = []
     # unbind, not indexing in the loop: the backward of x[:, :, n] writes a zero tensor the
     # size of x for every n, which makes the backward pass quadratic in T.
     for n, (q_n, k_n, v_n) in enumerate(zip(qc.unbind(2), kc.unbind(2), vc.unbind(2))):  # (B, H, C, D)
+        if token_mask is not None:
+            weights = _decay_weights(log_g, counts[:, n], q.dtype)
+        elif n == N - 1:
+            weights = tail
+        D, w_in, w_out, decay = weights
         o_n = _masked(q_n @ k_n.transpose(-1, -2), D) @ v_n  # inside the chunk
-        outs.append((o_n + (q_n * w_q) @ S).transpose(1, 2))  # + from earlier chunks, through the state
-        if n == N - 1:
-            if not output_final_state:
-                S = None
-                break
-            if last < C:
-                decay, w_k = state_weights(last)
-        S = S * decay + (k_n * w_k).transpose(-1, -2) @ v_n
+        outs.append((o_n + (q_n * w_in) @ S).transpose(1, 2))  # + from earlier chunks, through the state
+        if n == N - 1 and not output_final_state:
+            S = None
+            break
+        S = S * decay + (k_n * w_out).transpose(-1, -2) @ v_n
     return torch.cat(outs, dim=1)[:, :T], S  # (B, T, H, Dv): one copy, straight into the layout
 
 
-def retention_recurrent(q, k, v, gamma, initial_state=None, output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
-    """O(1)-state form, one token at a time: the decoding form."""
+def retention_recurrent(q, k, v, gamma, initial_state=None, output_final_state: bool = True,
+                        token_mask=None) -> Tuple[Tensor, Tensor]:
+    """O(1)-state form, one token at a time: the decoding form. A masked position keeps the
+    state exactly as it was."""
     B, T, H, Dk = q.shape
     g = gamma.to(q.dtype).view(1, H, 1, 1)
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
+    keep = [None] * T if token_mask is None else (token_mask.view(B, T, 1, 1) == 0).unbind(1)  # (B, 1, 1)
     outs = []
-    for q_t, k_t, v_t in zip(q.unbind(1), k.unbind(1), v.unbind(1)):  # unbind: see retention_chunkwise
-        S = g * S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, Dk, Dv)
+    for q_t, k_t, v_t, keep_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), keep):  # unbind: see chunkwise
+        S_next = g * S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, Dk, Dv)
+        S = S_next if keep_t is None else torch.where(keep_t[:, None], S, S_next)
         outs.append((q_t.unsqueeze(-2) @ S).squeeze(-2))  # (B, H, Dv)
     return torch.stack(outs, dim=1), S if output_final_state else None
 
@@ -184,24 +235,32 @@ def use_fla(q: Tensor) -> bool:
     return q.is_cuda and os.environ.get("RETCONVERT_FLA", "1") != "0" and fla_kernels() is not None
 
 
-def retention_fla(q, k, v, gamma, mode: str, initial_state=None, output_final_state: bool = True) -> Tuple[Tensor, Tensor]:
+def retention_fla(q, k, v, gamma, mode: str, initial_state=None, output_final_state: bool = True,
+                  token_mask=None) -> Tuple[Tensor, Tensor]:
     """The same maths through fla's kernels ([B, T, H, D] layout, state [B, H, Dk, Dv]).
-    The decay goes in as a per-token log gate so that a learnable decay gets its gradient."""
+    The decay goes in as a per-token log gate so that a learnable decay gets its gradient;
+    a masked position gets gate 0 (decay 1) and no key."""
     chunk, recurrent = fla_kernels()
     B, T, H, _ = q.shape
-    g = _log_gamma(gamma, q).float().view(1, 1, H).expand(B, T, H).contiguous()  # (B, T, H)
+    g = _log_gamma(gamma, q).float().view(1, 1, H).expand(B, T, H)  # (B, T, H)
+    g = (g if token_mask is None else g * token_mask[:, :, None].float()).contiguous()
     fn = recurrent if mode == "recurrent" else chunk
     state = None if initial_state is None else initial_state.to(q.dtype)
-    return fn(q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=output_final_state)
+    return fn(q, _mask_keys(k, token_mask), v, g=g, scale=1.0, initial_state=state,
+              output_final_state=output_final_state)
 
 
 def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Optional[Tensor] = None,
-              output_final_state: bool = True):
+              output_final_state: bool = True, token_mask: Optional[Tensor] = None):
     """Dispatch to one of the three forms by name (on CUDA with fla installed: its kernels).
-    With `output_final_state=False` the state is not computed and None is returned for it."""
+    With `output_final_state=False` the state is not computed and None is returned for it.
+    `token_mask` (B, T), 0 for padding: a padded position adds no key and does not decay the
+    state, wherever it sits, so the real tokens see exactly what they would without it."""
     if mode not in RETENTION_FORMS:
         raise ValueError(f"unknown retention mode {mode!r}; choose one of {sorted(RETENTION_FORMS)}")
-    kwargs = {"initial_state": initial_state, "output_final_state": output_final_state}
+    if token_mask is not None and mode != "recurrent" and not use_fla(q) and bool(token_mask.all()):
+        token_mask = None  # no padding: the forms' shared (Toeplitz) decay weights
+    kwargs = {"initial_state": initial_state, "output_final_state": output_final_state, "token_mask": token_mask}
     if use_fla(q):
         return retention_fla(q, k, v, gamma, mode, **kwargs)
     if mode == "chunkwise":
