@@ -9,6 +9,12 @@ A teacher tensor that matches no entry is an error: nothing is lost silently.
 
 Student parameters that retention adds (decay, score bias, head norm scale, gate) have no
 teacher counterpart; `NEW_PARAMETERS` lists them with their initialisation.
+
+Config fields get the same treatment as tensors: every field of the teacher's config is
+listed, in `COMMON_FIELDS` or the family's own table, as carried over (MAPPED), without
+effect on the forward pass (INERT), part of the softmax attention that retention replaces
+(REPLACED), or accepted only at the values the RetNet can express (`Only`). A field that is
+not listed (a new transformers release, a fork) stops the conversion with its name.
 """
 
 import re
@@ -50,6 +56,22 @@ class Transform:
 Target = Union[str, None, Transform]
 
 
+MAPPED = "mapped"  # carried over exactly by the family's retnet_config
+INERT = "inert"  # no effect on the forward pass in eval mode (dropout, initialisation, token ids, bookkeeping)
+REPLACED = "replaced"  # a detail of softmax attention, which retention replaces as a whole
+
+
+@dataclass(frozen=True)
+class Only:
+    """A field the RetNet can express at `values` only; any other value is refused, naming `why`."""
+
+    values: tuple
+    why: str
+
+
+Rule = Union[str, Only]
+
+
 @dataclass
 class Family:
     """How one `model_type` converts. See the module docstring."""
@@ -58,6 +80,7 @@ class Family:
     keys: Dict[str, Target]
     retnet_config: Callable[[object], dict]
     attention_output: str  # the teacher module whose *input* is the attention output, per layer
+    fields: Dict[str, Rule]  # the family's config fields, besides COMMON_FIELDS
     notes: str = ""
     _patterns: list = field(default_factory=list, repr=False)
 
@@ -139,11 +162,15 @@ def llama_config(cfg) -> dict:
 
 
 def qwen2_config(cfg) -> dict:
-    # Qwen2 has biases on q, k, v but not on o.
-    return {**llama_config(cfg), "attention_bias": True, "o_proj_bias": False}
+    # Qwen2 has biases on q, k, v but not on o, and none in the MLP (whatever the config says).
+    return {**llama_config(cfg), "attention_bias": True, "o_proj_bias": False, "mlp_bias": False}
 
 
 def gpt2_config(cfg) -> dict:
+    # Scores are q.k * scale, scale = head_dim^-0.5 (or 1 without scale_attn_weights), divided
+    # by layer_idx + 1 with scale_attn_by_inverse_layer_idx: one scale per layer.
+    scale = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+    by_layer = cfg.scale_attn_by_inverse_layer_idx
     return dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.n_embd,
@@ -160,8 +187,78 @@ def gpt2_config(cfg) -> dict:
         position_embedding_type="none",
         learned_position_embeddings=True,
         max_position_embeddings=cfg.n_positions,
+        qk_scale=[scale / (i + 1) for i in range(cfg.n_layer)] if by_layer else scale,
         tie_word_embeddings=True,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Config fields
+# --------------------------------------------------------------------------------------------
+
+COMMON_FIELDS: Dict[str, Rule] = {
+    **dict.fromkeys(("_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype",
+                     "id2label", "label2id", "model_type", "output_attentions", "output_hidden_states",
+                     "problem_type", "return_dict", "transformers_version", "use_cache", "initializer_range",
+                     "tokenizer_class", "prefix", "task_specific_params"), INERT),
+    "is_encoder_decoder": Only((False,), "an encoder-decoder model has no causal-LM RetNet counterpart"),
+    "tie_word_embeddings": MAPPED,
+}
+
+
+def _rule(family: "Family", name: str) -> Optional[Rule]:
+    if name in family.fields:
+        return family.fields[name]
+    if name in COMMON_FIELDS:
+        return COMMON_FIELDS[name]
+    if name.startswith("_") or name.endswith("_token_id"):  # private bookkeeping; token ids
+        return INERT
+    return None
+
+
+def check_config(family: "Family", hf_config):
+    """Every field of the teacher's config is known to the family and at a value the RetNet
+    expresses; raises RetconvertError naming the first field that is not."""
+    for name, value in hf_config.to_dict().items():
+        rule = _rule(family, name)
+        if rule is None:
+            raise RetconvertError(
+                f"{family.model_type} config field {name}={value!r} is unknown to the converter and may change "
+                f"the model's maths; add it to the {family.model_type} field table in convert/families.py "
+                "(mapped, inert or refused) before converting")
+        if isinstance(rule, Only) and value not in rule.values:
+            allowed = " or ".join(map(repr, rule.values))
+            raise RetconvertError(f"{family.model_type} config field {name}={value!r} cannot be converted: {rule.why} "
+                                  f"(supported: {allowed})")
+
+
+_DROPOUT = dict.fromkeys(("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                          "classifier_dropout"), INERT)
+GPT2_FIELDS: Dict[str, Rule] = {
+    **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                     "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx"), MAPPED),
+    **_DROPOUT,
+    # Scores computed in fp32 with the scale applied inside the product: the same maths, only
+    # more precise in half precision (the student's retention accumulates in its own way).
+    "reorder_and_upcast_attn": INERT,
+    "n_ctx": INERT,  # old alias of n_positions that the model never reads
+    **dict.fromkeys(("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+                     "summary_first_dropout"), INERT),  # the sequence-classification head
+    "add_cross_attention": Only((False,), "cross-attention to an encoder has no RetNet counterpart"),
+}
+LLAMA_FIELDS: Dict[str, Rule] = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                     "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias"), MAPPED),
+    **_DROPOUT,
+    "pretraining_tp": INERT,  # split matmuls in old releases: the same products
+}
+MISTRAL_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, "sliding_window": REPLACED}
+QWEN2_FIELDS: Dict[str, Rule] = {
+    **LLAMA_FIELDS,
+    **dict.fromkeys(("attention_bias", "mlp_bias"), INERT),  # Qwen2's modules never read them
+    **dict.fromkeys(("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"), REPLACED),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,13 +307,18 @@ for _p in ("weight", "bias"):
 
 FAMILIES: Dict[str, Family] = {
     "gpt2": Family("gpt2", GPT2_KEYS, gpt2_config, attention_output="transformer.h.{i}.attn.c_proj",
-                   notes="Conv1D weights transposed, fused c_attn split, learned absolute positions kept"),
+                   fields=GPT2_FIELDS,
+                   notes="Conv1D weights transposed, fused c_attn split, learned absolute positions kept, "
+                         "score scale per layer as the teacher's"),
     "llama": Family("llama", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                    fields=LLAMA_FIELDS,
                     notes="grouped-query K/V kept (or expanded per head), RoPE carried over with its theta and scaling"),
     "mistral": Family("mistral", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
-                      notes="as llama; the sliding window has no counterpart (decay plays its role)"),
+                      fields=MISTRAL_FIELDS,
+                      notes="as llama; the sliding window becomes retention (decay plays its role)"),
     "qwen2": Family("qwen2", LLAMA_KEYS, qwen2_config, attention_output="model.layers.{i}.self_attn.o_proj",
-                    notes="as llama, with q/k/v biases"),
+                    fields=QWEN2_FIELDS,
+                    notes="as llama, with q/k/v biases; the sliding window becomes retention"),
 }
 
 

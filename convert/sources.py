@@ -78,9 +78,9 @@ def load_teacher(
         config = AutoConfig.from_pretrained(**where, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise _load_error(source, kind, e) from None
-    from retconvert.convert.families import family_for
+    from retconvert.convert.families import check_config, family_for
 
-    family_for(config)  # unsupported model_type: a clear error before loading weights
+    check_config(family_for(config), config)  # unsupported model_type or field: a clear error before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(**where, **load_kw)
         tokenizer = AutoTokenizer.from_pretrained(**where, trust_remote_code=trust_remote_code)

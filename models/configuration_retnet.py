@@ -5,7 +5,7 @@ transformers code and nothing from retconvert.
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from transformers import PretrainedConfig
 
@@ -34,6 +34,11 @@ class RetNetConfig(PretrainedConfig):
         retention_mode: "parallel" (training), "chunkwise" (long sequences) or "recurrent".
             Read at every forward, so changing it on a loaded model takes effect.
         chunk_size: chunk length of the chunkwise form.
+        retention_window: 0 for pure retention (the default). W > 0: every retention layer also
+            attends to its last W tokens with exact softmax scores exp(q.k), the older tokens
+            through the decayed linear scores, both under one normaliser (see
+            `windowed_retention` in retention.py); needs retention_normalization="paper".
+            The recurrent state then keeps the last W keys and values beside the matrix.
         decay_gammas: initial per-head decay, one list per model (shared by all layers) or one
             list per layer; default: the paper's `1 - 2^(-5-h)`.
         learnable_decay: train the decays (stored as logits, so they stay in (0, 1)).
@@ -53,6 +58,8 @@ class RetNetConfig(PretrainedConfig):
             weighted w_h * (b_h + q.k_sink) in the scores: the counterpart of the attention
             sink of softmax Transformers (zero weight: no effect).
         use_output_gate: the paper's swish gate, `swish(x W_g) * retention(x)`.
+        qk_scale: the score scale (default head_dim ** -0.5), or one value per layer (GPT-2's
+            `scale_attn_by_inverse_layer_idx` divides layer i's scores by i + 1).
         embed_scale: multiplier of the token embeddings (torchscale uses sqrt(hidden_size)).
         parallel_residual: x + retention(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential.
     """
@@ -79,6 +86,7 @@ class RetNetConfig(PretrainedConfig):
         o_proj_bias: bool = False,
         retention_mode: str = "parallel",
         chunk_size: int = 64,
+        retention_window: int = 0,
         decay_gammas: Optional[Sequence] = None,
         learnable_decay: bool = False,
         position_embedding_type: str = "xpos",
@@ -86,7 +94,7 @@ class RetNetConfig(PretrainedConfig):
         rotary_scaling: Optional[dict] = None,
         learned_position_embeddings: bool = False,
         max_position_embeddings: int = 2048,
-        qk_scale: Optional[float] = None,
+        qk_scale: Optional[Union[float, Sequence[float]]] = None,
         retention_normalization: str = "paper",
         head_norm: str = "groupnorm",
         head_norm_affine: bool = False,
@@ -121,6 +129,7 @@ class RetNetConfig(PretrainedConfig):
         self.o_proj_bias = o_proj_bias
         self.retention_mode = retention_mode
         self.chunk_size = chunk_size
+        self.retention_window = retention_window
         self.decay_gammas = [list(map(float, g)) if isinstance(g, (list, tuple)) else float(g)
                              for g in decay_gammas] if decay_gammas is not None else None
         self.learnable_decay = learnable_decay
@@ -129,7 +138,7 @@ class RetNetConfig(PretrainedConfig):
         self.rotary_scaling = rotary_scaling
         self.learned_position_embeddings = learned_position_embeddings
         self.max_position_embeddings = max_position_embeddings
-        self.qk_scale = qk_scale
+        self.qk_scale = [float(x) for x in qk_scale] if isinstance(qk_scale, (list, tuple)) else qk_scale
         self.retention_normalization = retention_normalization
         self.head_norm = head_norm
         self.head_norm_affine = head_norm_affine
@@ -158,6 +167,12 @@ class RetNetConfig(PretrainedConfig):
     @property
     def v_head_dim(self) -> int:
         return self.qk_head_dim * self.value_factor
+
+    def layer_qk_scale(self, layer_idx: int) -> float:
+        """The score scale of one layer: `qk_scale` (its entry for the layer), else head_dim ** -0.5."""
+        if self.qk_scale is None:
+            return self.qk_head_dim**-0.5
+        return self.qk_scale[layer_idx] if isinstance(self.qk_scale, list) else self.qk_scale
 
     def layer_decay_gammas(self, layer_idx: int) -> list:
         """Initial decays of one layer's heads."""
@@ -193,6 +208,13 @@ class RetNetConfig(PretrainedConfig):
         choice("retention_mode", self.retention_mode, RETENTION_MODES)
         check(isinstance(self.chunk_size, int) and self.chunk_size > 0,
               f"chunk_size={self.chunk_size!r} must be a positive integer", "set chunk_size to e.g. 64")
+        check(isinstance(self.retention_window, int) and not isinstance(self.retention_window, bool)
+              and self.retention_window >= 0, f"retention_window={self.retention_window!r} must be an integer >= 0",
+              "set retention_window to 0 (pure retention) or a window length such as 64")
+        check(self.retention_window == 0 or self.retention_normalization == "paper",
+              f"retention_window={self.retention_window} needs retention_normalization='paper' (the window and "
+              f"the decayed state share one normaliser), not {self.retention_normalization!r}",
+              "set retention_normalization='paper' or retention_window=0")
         choice("position_embedding_type", self.position_embedding_type, POSITION_TYPES)
         choice("head_norm", self.head_norm, HEAD_NORMS)
         choice("norm_type", self.norm_type, NORM_TYPES)
@@ -205,6 +227,10 @@ class RetNetConfig(PretrainedConfig):
         if self.rotary_scaling is not None:
             kind = self.rotary_scaling.get("rope_type", self.rotary_scaling.get("type"))
             choice("rotary_scaling type", kind, ROPE_SCALINGS)
+        if isinstance(self.qk_scale, list):
+            check(len(self.qk_scale) == self.num_hidden_layers,
+                  f"qk_scale has {len(self.qk_scale)} values for {self.num_hidden_layers} layers",
+                  "give one score scale, or one per layer")
         if self.decay_gammas is not None:
             rows = self.decay_gammas if isinstance(self.decay_gammas[0], list) else [self.decay_gammas]
             check(len(rows) in (1, self.num_hidden_layers),

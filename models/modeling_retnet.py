@@ -147,7 +147,7 @@ class MultiScaleRetention(nn.Module):
         H, Hkv = config.num_attention_heads, config.num_key_value_heads
         Dk, Dv = config.qk_head_dim, config.v_head_dim
         self.num_heads, self.num_kv_heads, self.qk_dim, self.v_dim = H, Hkv, Dk, Dv
-        self.scale = config.qk_scale if config.qk_scale is not None else Dk**-0.5
+        self.scale = config.layer_qk_scale(layer_idx)
 
         self.q_proj = nn.Linear(config.hidden_size, H * Dk, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, Hkv * Dk, bias=config.attention_bias)

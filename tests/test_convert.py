@@ -119,6 +119,34 @@ def test_attention_scores_and_values_carry_over_exactly(pair):
     torch.testing.assert_close(v, v_teacher, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("flags", [
+    dict(scale_attn_by_inverse_layer_idx=True),  # layer i divides its scores by i + 1
+    dict(scale_attn_weights=False),  # no 1/sqrt(d)
+    dict(scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),  # fp32 scores, same maths
+])
+@torch.no_grad()
+def test_gpt2_attention_scaling_flags_carry_over(flags):
+    """Softmax of the student's scores equals the teacher's attention weights in every layer."""
+    teacher = tiny_gpt2(n_layer=3, attn_implementation="eager", **flags)
+    student = build_student(teacher, ConvertOptions()).eval()
+    ids = torch.randint(3, 128, (2, 9))
+    out = teacher(ids, output_attentions=True, output_hidden_states=True)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    for i, block in enumerate(student.model.layers):
+        q, k, _ = block.retention.project(block.input_layernorm(out.hidden_states[i]), torch.arange(9).expand(2, 9))
+        scores = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(~causal, float("-inf"))
+        torch.testing.assert_close(scores.softmax(-1), out.attentions[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("mystery_scale", 2.0), ("add_cross_attention", True),
+                                          ("is_encoder_decoder", True)])
+def test_config_field_the_converter_cannot_carry_is_refused_by_name(field, value):
+    teacher = tiny_gpt2()
+    setattr(teacher.config, field, value)
+    with pytest.raises(RetconvertError, match=f"config field {field}={value!r}"):
+        build_student(teacher, ConvertOptions())
+
+
 def test_llama3_rope_scaling_carries_over():
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
@@ -227,8 +255,15 @@ def _bert(folder):
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def _unknown_field(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["attn_temperature"] = 0.5
+    (folder / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("breakage, message", [
     (_corrupt, "corrupt"),
+    (_unknown_field, "config field attn_temperature=0.5 is unknown"),
     (_pickle_only, "--allow-pickle"),
     (_bert, "not supported; supported families"),
 ])
