@@ -24,7 +24,7 @@ never as a division by gamma^n.
 """
 
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -266,3 +266,223 @@ def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Op
     if mode == "chunkwise":
         return retention_chunkwise(q, k, v, gamma, chunk_size=chunk_size, **kwargs)
     return RETENTION_FORMS[mode](q, k, v, gamma, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Windowed retention: exact softmax over the last W tokens, decayed retention beyond them
+# --------------------------------------------------------------------------------------------
+#
+# Each position attends to its last W real tokens (itself included) with exact softmax
+# scores exp(s), and to every older real token through decayed linear scores
+# gamma^(n_t - n_s) s, both under one normaliser (the LoLCATs / Liger hybrid, with retention's
+# decay as the linear part). With s_j = q_t . k_j and n_t the real tokens up to t:
+#
+#     num_t = sum_{j in window} exp(s_j) v_j  +  sum_{j older} gamma^(n_t - n_j) s_j v_j  (+ sink)
+#     den_t = sum_{j in window} exp(s_j)      + |sum_{j older} gamma^(n_t - n_j) s_j     (+ sink)|
+#     o_t   = num_t / den_t
+#
+# A padded position (token_mask 0) is in no window, adds no key and does not count in any
+# distance, as in `retention()`. The linear part's row sum enters through |.|: linear scores
+# can be negative, and a denominator must stay positive (both variants measured in
+# docs/RESULTS.md). The decay counts from the token's own position, so the window replaces
+# the nearest W terms of plain retention, and W = 0 would leave plain retention.
+#
+# The recurrent state is a `WindowState`: the decayed matrix state of the tokens that have
+# left the window, plus the last W keys and values: decoding cost and memory are constant in
+# the context. All forms run the same block kernel (`_window_block`) over blocks of T
+# (parallel), `chunk_size` (chunkwise) or 1 (recurrent) positions; `windowed_retention_naive`
+# is the definition above written out, one token at a time, in fp64.
+
+
+class WindowState(NamedTuple):
+    """Recurrent state of windowed retention (one layer).
+
+    state:  [B, H, Dk, Dv + 1]  sum over the real tokens that have left the window of
+                                gamma^(n - n_j) k_j^T [v_j, 1], n the newest real token;
+                                the last column carries the key sums of the normaliser
+    keys:   [B, W, H, Dk]       the last W real tokens' keys, oldest first, zeros in empty slots
+    values: [B, W, H, Dv]       their values
+    mask:   [B, W] bool         True where a slot holds a token (empty slots come first)
+    """
+
+    state: Tensor
+    keys: Tensor
+    values: Tensor
+    mask: Tensor
+
+
+def empty_window_state(q: Tensor, v: Tensor, window: int) -> WindowState:
+    """The state before any token, for q [B, T, H, Dk] and v [B, T, H, Dv]."""
+    B, _, H, Dk = q.shape
+    Dv = v.shape[-1]
+    return WindowState(q.new_zeros(B, H, Dk, Dv + 1), q.new_zeros(B, window, H, Dk),
+                       v.new_zeros(B, window, H, Dv), torch.zeros(B, window, dtype=torch.bool, device=q.device))
+
+
+def _check_window(window: int, q: Tensor, initial_state: Optional[WindowState]):
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"windowed retention needs a window of at least 1 token, got {window!r}")
+    if initial_state is not None and initial_state.keys.shape[1] != window:
+        raise ValueError(f"the window state holds {initial_state.keys.shape[1]} tokens but the window is "
+                         f"{window}; pass a state made with the same window")
+
+
+def windowed_retention_naive(q, k, v, gamma, window: int, initial_state: Optional[WindowState] = None,
+                             token_mask=None, sink=None) -> Tuple[Tensor, WindowState]:
+    """Reference: the definition above, one row and one token at a time, in fp64.
+    `sink` = (score [B, T, H], value [H, Dv]): a never-decaying extra term of the linear part."""
+    _check_window(window, q, initial_state)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    s0 = initial_state if initial_state is not None else empty_window_state(q, v, window)
+    log_g = gamma.double().log().view(H, 1)  # (H, 1)
+    ones = torch.ones(H, 1, dtype=torch.float64)
+    out = torch.zeros(B, T, H, Dv, dtype=torch.float64)
+    states = []
+    for b in range(B):
+        cache = [(s0.keys[b, i].double(), s0.values[b, i].double()) for i in range(window) if s0.mask[b, i]]
+        tokens = list(cache)  # every real token in order, the cache's first: rank j - len(cache)
+        base = -len(cache)
+        n = -1  # rank of the newest real token among the new ones (-1: none yet)
+        for t in range(T):
+            if token_mask is None or token_mask[b, t]:
+                tokens.append((k[b, t].double(), v[b, t].double()))
+                n += 1
+            num = torch.zeros(H, Dv + 1, dtype=torch.float64)
+            lin = torch.exp((n + 1) * log_g) * torch.einsum("hk,hkv->hv", q[b, t].double(), s0.state[b].double())
+            for j, (k_j, v_j) in enumerate(tokens):
+                s = (q[b, t].double() * k_j).sum(-1, keepdim=True)  # (H, 1)
+                v1 = torch.cat([v_j, ones], -1)
+                dist = n - (j + base)
+                if dist < window:
+                    num = num + torch.exp(s) * v1
+                else:
+                    lin = lin + torch.exp(dist * log_g) * s * v1
+            if sink is not None:
+                lin = lin + sink[0][b, t].double()[:, None] * torch.cat([sink[1].double(), ones], -1)
+            out[b, t] = (num[:, :Dv] + lin[:, :Dv]) / (num[:, Dv:] + lin[:, Dv:].abs())
+        # final state: tokens older than the last W, decayed to the newest; the last W kept
+        S = torch.exp((n + 1) * log_g)[..., None] * s0.state[b].double()  # (H, Dk, Dv + 1)
+        for j, (k_j, v_j) in enumerate(tokens[: max(len(tokens) - window, 0)]):
+            w = torch.exp((n - (j + base)) * log_g)[..., None]  # (H, 1, 1)
+            S = S + w * k_j[:, :, None] * torch.cat([v_j, ones], -1)[:, None, :]
+        kept = tokens[-window:]
+        keys = torch.zeros(window, H, Dk, dtype=torch.float64)
+        values = torch.zeros(window, H, Dv, dtype=torch.float64)
+        mask = torch.zeros(window, dtype=torch.bool)
+        for i, (k_j, v_j) in enumerate(kept):
+            slot = window - len(kept) + i
+            keys[slot], values[slot], mask[slot] = k_j, v_j, True
+        states.append((S, keys, values, mask))
+    S, keys, values, mask = (torch.stack(x) for x in zip(*states))
+    return out.to(v.dtype), WindowState(S.to(v.dtype), keys.to(v.dtype), values.to(v.dtype), mask)
+
+
+def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final_state: bool):
+    """New positions q, k [B, C, H, Dk], v1 = [v, 1] [B, C, H, Dv + 1], valid [B, C] bool, after
+    `state`. Returns the window's softmax terms sum exp(s - m) [v, 1] [B, C, H, Dv + 1], their
+    shift m [B, C, H, 1] (>= 0, no gradient), the linear terms [B, C, H, Dv + 1] and the state
+    after the block (None unless `final_state`)."""
+    B, C, H, _ = q.shape
+    W = window
+    dtype = q.dtype
+    k_x = torch.cat([state.keys, k], 1)  # (B, J, H, Dk), J = W + C: the cache, then the block
+    v_x = torch.cat([torch.nn.functional.pad(state.values, (0, 1), value=1.0), v1], 1)  # (B, J, H, Dv + 1)
+    valid_x = torch.cat([state.mask, valid], 1)  # (B, J)
+    # rank of each real token, counted so that the block's first real token is 0 (the cache's are < 0)
+    rank = valid_x.cumsum(1) - state.mask.sum(1, keepdim=True) - 1  # (B, J)
+    n = rank[:, W:]  # (B, C): the newest real token at each position
+    dist = n[:, :, None] - rank[:, None, :]  # (B, C, J)
+    causal = torch.arange(W + C, device=q.device)[None, :] <= torch.arange(W, W + C, device=q.device)[:, None]
+    seen = causal & valid_x[:, None, :]  # (B, C, J)
+    in_window = (seen & (dist < W))[:, None]  # (B, 1, C, J)
+    older = (seen & (dist >= W))[:, None]
+
+    qh, kh, vh = q.transpose(1, 2), k_x.transpose(1, 2), v_x.transpose(1, 2)  # (B, H, ., D)
+    scores = qh @ kh.transpose(-1, -2)  # (B, H, C, J)
+    s_win = scores.masked_fill(~in_window, float("-inf"))  # -inf first: exp gives exact zeros, and zero gradients
+    m = s_win.amax(-1, keepdim=True).clamp(min=0).detach()  # (B, H, C, 1)
+    soft = torch.exp(s_win - m) @ vh  # (B, H, C, Dv + 1)
+    lg = log_g[None, :, None, None]  # (1, H, 1, 1)
+    decay = torch.exp(dist.clamp(min=0)[:, None].to(log_g.dtype) * lg).masked_fill(~older, 0.0)  # (B, H, C, J)
+    w_in = torch.exp((n + 1)[:, None, :, None].to(log_g.dtype) * lg)  # (B, H, C, 1): the state, seen from n
+    lin = (scores * decay.to(dtype)) @ vh + (qh * w_in.to(dtype)) @ state.state  # (B, H, C, Dv + 1)
+
+    new_state = None
+    if final_state:
+        last = valid.sum(1, keepdim=True) - 1  # (B, 1): rank of the newest real token
+        leaving = valid_x & (rank <= last - W)  # (B, J): real tokens beyond the window at the end
+        w_out = torch.exp((last - rank).clamp(min=0)[:, None].to(log_g.dtype) * log_g[None, :, None])  # (B, H, J)
+        w_out = w_out.masked_fill(~leaving[:, None], 0.0).to(dtype)
+        S = state.state * torch.exp((last + 1)[:, :, None, None].to(log_g.dtype) * lg).to(dtype) \
+            + (kh * w_out[..., None]).transpose(-1, -2) @ vh  # (B, H, Dk, Dv + 1)
+        # slot i of the new cache holds the real token of rank last - (W - 1 - i)
+        want = last - (W - 1) + torch.arange(W, device=q.device)[None, :]  # (B, W)
+        pick = ((rank[:, None, :] == want[:, :, None]) & valid_x[:, None, :]).to(dtype)  # (B, W, J)
+        keys = torch.einsum("bij,bjhd->bihd", pick, k_x)
+        values = torch.einsum("bij,bjhd->bihd", pick, v_x[..., :-1])
+        new_state = WindowState(S, keys, values, pick.sum(-1) > 0)
+    return soft.transpose(1, 2), m.transpose(1, 2), lin.transpose(1, 2), new_state
+
+
+def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[int] = None,
+                             initial_state: Optional[WindowState] = None, output_final_state: bool = True,
+                             token_mask=None):
+    """The two parts of windowed retention, unnormalised, block by block.
+
+    q, k [B, T, H, Dk], v [B, T, H, Dv], gamma [H]; `block_size` positions per block (None: one
+    block of T). Returns (soft, m, lin, state): soft = sum over the window of exp(s - m) [v, 1]
+    and lin = the linear terms, both [B, T, H, Dv + 1] (the last channel is the row sum), the
+    shift m [B, T, H, 1], and the final `WindowState` (None with output_final_state=False).
+    `combine_window` turns them into the output; conversion fits the parts separately.
+    """
+    _check_window(window, q, initial_state)
+    B, T, H, _ = q.shape
+    state = initial_state if initial_state is not None else empty_window_state(q, v, window)
+    state = WindowState(*(x.to(q.dtype) for x in state[:3]), state.mask.to(q.device, torch.bool))
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if token_mask is None else token_mask.bool()
+    v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)
+    log_g = _log_gamma(gamma, q)
+    C = T if block_size is None else block_size
+    parts = []
+    blocks = list(zip(*(x.split(max(C, 1), 1) for x in (q, k, v1, valid))))
+    for i, (q_c, k_c, v_c, valid_c) in enumerate(blocks):
+        carry = output_final_state or i < len(blocks) - 1
+        *out, state = _window_block(q_c, k_c, v_c, valid_c, log_g, window, state, carry)
+        parts.append(out)
+    if not parts:  # T = 0
+        empty = v1.new_zeros(B, 0, H, v1.shape[-1])
+        return empty, empty[..., :1], empty, state if output_final_state else None
+    soft, m, lin = (torch.cat(x, 1) for x in zip(*parts))
+    return soft, m, lin, state
+
+
+def combine_window(soft, m, lin, sink=None) -> Tensor:
+    """Output [B, T, H, Dv] from `windowed_retention_terms`' parts: (window + linear) over
+    (window row sum + |linear row sum|). `sink` = (score [B, T, H], value [H, Dv]) adds a
+    never-decaying term to the linear part."""
+    if sink is not None:
+        score, value = sink
+        lin = lin + score[..., None] * torch.nn.functional.pad(value.to(lin.dtype), (0, 1), value=1.0)
+    scale = torch.exp(-m)  # (B, T, H, 1): the linear part in the window's shifted units
+    num = soft[..., :-1] + scale * lin[..., :-1]
+    den = soft[..., -1:] + scale * lin[..., -1:].abs()
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)  # 0 where nothing is seen at all
+
+
+WINDOW_BLOCKS = {"parallel": None, "recurrent": 1}  # chunkwise: chunk_size
+
+
+def windowed_retention(q, k, v, gamma, window: int, mode: str, chunk_size: int = 64,
+                       initial_state: Optional[WindowState] = None, output_final_state: bool = True,
+                       token_mask: Optional[Tensor] = None, sink=None) -> Tuple[Tensor, Optional[WindowState]]:
+    """Windowed retention in one of the three forms: parallel (one block, O(T (T + W))),
+    chunkwise (blocks of `chunk_size`, O(T (C + W))) or recurrent (one token at a time, O(W)
+    per token and a constant-size state). Shapes as `retention()`; normalised output
+    [B, T, H, Dv] and a `WindowState`. See the section comment for the definition."""
+    if mode not in RETENTION_FORMS:
+        raise ValueError(f"unknown retention mode {mode!r}; choose one of {sorted(RETENTION_FORMS)}")
+    block = chunk_size if mode == "chunkwise" else WINDOW_BLOCKS[mode]
+    soft, m, lin, state = windowed_retention_terms(q, k, v, gamma, window, block, initial_state,
+                                                   output_final_state, token_mask)
+    return combine_window(soft, m, lin, sink), state
