@@ -39,11 +39,6 @@ class RetNetConfig(PretrainedConfig):
             through the decayed linear scores, both under one normaliser (see
             `windowed_retention` in retention.py); needs retention_normalization="paper".
             The recurrent state then keeps the last W keys and values beside the matrix.
-        retention_window: 0 for pure retention (the default). W > 0: every retention layer also
-            attends to its last W tokens with exact softmax scores exp(q.k), the older tokens
-            through the decayed linear scores, both under one normaliser (see
-            `windowed_retention` in retention.py); needs retention_normalization="paper".
-            The recurrent state then keeps the last W keys and values beside the matrix.
         decay_gammas: initial per-head decay, one list per model (shared by all layers) or one
             list per layer; default: the paper's `1 - 2^(-5-h)`.
         learnable_decay: train the decays (stored as logits, so they stay in (0, 1)).
@@ -92,7 +87,6 @@ class RetNetConfig(PretrainedConfig):
         retention_mode: str = "parallel",
         chunk_size: int = 64,
         retention_window: int = 0,
-        retention_window: int = 0,
         decay_gammas: Optional[Sequence] = None,
         learnable_decay: bool = False,
         position_embedding_type: str = "xpos",
@@ -135,7 +129,6 @@ class RetNetConfig(PretrainedConfig):
         self.o_proj_bias = o_proj_bias
         self.retention_mode = retention_mode
         self.chunk_size = chunk_size
-        self.retention_window = retention_window
         self.retention_window = retention_window
         self.decay_gammas = [list(map(float, g)) if isinstance(g, (list, tuple)) else float(g)
                              for g in decay_gammas] if decay_gammas is not None else None
@@ -215,13 +208,6 @@ class RetNetConfig(PretrainedConfig):
         choice("retention_mode", self.retention_mode, RETENTION_MODES)
         check(isinstance(self.chunk_size, int) and self.chunk_size > 0,
               f"chunk_size={self.chunk_size!r} must be a positive integer", "set chunk_size to e.g. 64")
-        check(isinstance(self.retention_window, int) and not isinstance(self.retention_window, bool)
-              and self.retention_window >= 0, f"retention_window={self.retention_window!r} must be an integer >= 0",
-              "set retention_window to 0 (pure retention) or a window length such as 64")
-        check(self.retention_window == 0 or self.retention_normalization == "paper",
-              f"retention_window={self.retention_window} needs retention_normalization='paper' (the window and "
-              f"the decayed state share one normaliser), not {self.retention_normalization!r}",
-              "set retention_normalization='paper' or retention_window=0")
         check(isinstance(self.retention_window, int) and not isinstance(self.retention_window, bool)
               and self.retention_window >= 0, f"retention_window={self.retention_window!r} must be an integer >= 0",
               "set retention_window to 0 (pure retention) or a window length such as 64")
