@@ -240,9 +240,13 @@ class MultiScaleRetention(nn.Module):
 
         `gamma`, `score_bias` and `sink_weight` (H,) default to the layer's own; conversion
         passes candidates here to fit them (H may then be a multiple of the layer's head count).
+        float16 inputs are retained in float32 (the state stays float32; the output is cast back).
         """
         cfg = self.config
         B, T, H, Dv = v.shape
+        dtype = v.dtype
+        if dtype == torch.float16:  # row sums and states outgrow fp16's 65,504 within a few
+            q, k, v = q.float(), k.float(), v.float()  # thousand tokens: accumulate in fp32
         gamma = self.gamma if gamma is None else gamma
         sink = self.sink(q, score_bias, sink_weight) if cfg.attention_sink else None  # (B, T, H)
         if cfg.score_bias:  # scores become b_h + q.k: a constant feature on each side
@@ -266,7 +270,7 @@ class MultiScaleRetention(nn.Module):
             o, s = o[..., :Dv], o[..., Dv:]
             c = paper_decay_norm(position_ids.clamp(min=0)[..., None], gamma)  # (B, T, H)
             o = o / torch.maximum(s.float().abs(), c[..., None]).to(o.dtype)
-        return o, state
+        return o.to(dtype), state
 
     def sink(self, q, score_bias=None, sink_weight=None) -> torch.Tensor:
         """Score of the attention sink, (B, T, H): w_h * (b_h + q . k_sink).
