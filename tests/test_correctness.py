@@ -118,3 +118,43 @@ def test_float16_holds_4096_tokens(mode):
     state = half(ids[:, :4000], use_cache=True).past_key_values
     steps = [half(ids[:, t:t + 1], past_key_values=state).logits for t in range(4000, 4096)]
     assert_close(torch.cat(steps, 1).float(), want[:, 4000:], tol=1e-2, what="float16 recurrent")
+
+
+# ------------------------------------------------------------------------------------------
+# Perplexity scores every token after the first exactly once, for any window and stride
+# ------------------------------------------------------------------------------------------
+
+
+class Bigram(torch.nn.Module):
+    """Logits that depend on the current token only: any scoring of token t gives the same
+    loss, so the total over windows equals the whole stream's iff each token is scored once."""
+
+    def __init__(self, vocab: int = 50):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table(input_ids))
+
+
+@pytest.mark.parametrize("window,stride", [(20, 20), (8, 4), (8, 8), (7, 7), (2, 1), (2, 5), (5, 1), (6, 11),
+                                           (19, 3), (64, 64)])
+def test_perplexity_scores_every_token_once(window, stride):
+    from retconvert.eval.perplexity import perplexity
+
+    model = Bigram()
+    ids = torch.randint(0, 50, (20,), generator=torch.Generator().manual_seed(0)).tolist()
+    whole = torch.nn.functional.cross_entropy(model(torch.tensor([ids])).logits[0, :-1], torch.tensor(ids[1:]))
+    for batch_size in (1, 3):
+        got = perplexity(model, ids, window=window, stride=stride, batch_size=batch_size)
+        assert got.tokens == 19, (window, stride)  # was 17 at (8, 8) and (7, 7)
+        assert got.nll == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_perplexity_window_too_small():
+    from retconvert.eval.perplexity import perplexity
+
+    with pytest.raises(ValueError, match="window >= 2"):
+        perplexity(Bigram(), list(range(10)), window=1, stride=1)
