@@ -23,6 +23,7 @@ from retconvert.data import iter_texts, token_stream
 from retconvert.errors import RetconvertError
 from retconvert.models import RetNetConfig, RetNetForCausalLM
 from retconvert.paths import atomic_output_dir, shared_data_dir
+from retconvert.provenance import conversion_record, strip_local_paths, teacher_license
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -214,8 +215,7 @@ def save_checkpoint(student: RetNetForCausalLM, teacher: Teacher, options: Conve
                     out: Path, dtype: str = "float32", force: bool = False, command: Optional[str] = None):
     """Write the student, its code, tokenizer, generation config and model card, atomically."""
     command = command or " ".join(["retconvert"] + sys.argv[1:])
-    student.config.conversion = {"teacher": teacher.base_model, "source": teacher.source,
-                                 "options": asdict(options), "retconvert_version": retconvert.__version__}
+    student.config.conversion = conversion_record(teacher, options, report, license=teacher_license(teacher))
     with atomic_output_dir(out, force=force) as tmp:
         student.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
         teacher.tokenizer.save_pretrained(tmp)
@@ -223,5 +223,5 @@ def save_checkpoint(student: RetNetForCausalLM, teacher: Teacher, options: Conve
         if gen is not None:
             gen.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(teacher, options, report, command))
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "conversion_report.json").write_text(json.dumps(strip_local_paths(report), indent=2))
     return out

