@@ -127,6 +127,11 @@ def write_report(results: dict, plots: List[str]) -> str:
             for L in settings.get("contexts", []):
                 rows.append((f"decode latency ms, packed decoder, batch {b}, context {L}", lambda m, b=b, L=L: _get(
                     _find(_points(m, "speed", "decode_packed"), context_tokens=L, batch_size=b), "latency_ms")))
+    for part, extra in (("generate", ""), ("generate_packed", ", packed decoder")):
+        if any(_points(m, "speed", part) for m in models):
+            for L in settings.get("contexts", []):
+                rows.append((f"generate() ms per new token{extra}, context {L}", lambda m, L=L, part=part: _get(
+                    _find(_points(m, "speed", part), context_tokens=L), "per_token_ms")))
     modes = []
     for m in models:
         for p in _points(m, "speed", "prefill"):
@@ -141,6 +146,7 @@ def write_report(results: dict, plots: List[str]) -> str:
         out += ["## Speed", ""] + table + [
             "", "Decode: teacher with its KV cache, RetNet students recurrent (transformers' call, and the packed "
                 "decoder of models/decoding_retnet.py); median per step, models taking turns in blocks of steps. "
+                "generate(): greedy, batch 1, as users call it; per new token with the prompt pass cancelled. "
                 "Prefill modes: attention (teacher), parallel and chunkwise retention (students).", ""]
 
     # Memory

@@ -1,9 +1,10 @@
 """Speed, memory and energy of decoding and prefill, teacher and student measured alternately.
 
 Teacher: a plain transformers forward that fills its KV cache (prefill), then one
-`model(input_ids=next, past_key_values=cache)` per token. Student: the same calls; its
-RetNetState makes every single-token step recurrent, whatever `retention_mode` says. A
-RetNet is also decoded by its packed decoder (models/decoding_retnet.py), reported apart.
+`model(input_ids=next, cache=cache)` per token. Student: the same calls; its RetNetState
+makes every single-token step recurrent, whatever `retention_mode` says. A RetNet is also
+decoded by its packed decoder (models/decoding_retnet.py), reported apart. `generate_curve`
+times `model.generate()` as users call it (a RetNet's steps then run in its packed decoder).
 
 Each curve comes from one loop over the measurement points; at every point the models
 take turns in blocks of steps (three rounds), so a slow phase of a shared machine hits all
@@ -22,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from retconvert.eval.common import PeakRSS, cache_nbytes, free_memory, is_oom, log, median, sync, timed
+from retconvert.models.modeling_retnet import CACHE_NAME
 
 
 def _forward_kwargs(model) -> dict:
@@ -33,13 +35,13 @@ def _forward_kwargs(model) -> dict:
 def prefill(m, ids: torch.Tensor):
     """Run the prompt, return (cache, next token ids (B, 1))."""
     out = m.model(input_ids=ids, use_cache=True, **_forward_kwargs(m.model))
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
 
 
 @torch.no_grad()
 def decode_step(m, cache, token):
-    out = m.model(input_ids=token, past_key_values=cache, use_cache=True)
-    return out.past_key_values, out.logits[:, -1:].argmax(-1)
+    out = m.model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
+    return out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
 
 
 def random_ids(m, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -153,6 +155,57 @@ def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int
         del base
         free_memory(models[0].device)
     return {"curves": curves, "packed": packed, "skipped_points": skipped}
+
+
+def generate_engines(models) -> list:
+    """(model, engine name, generate(ids, n) -> (B, P + n)): every model's `generate()` as users
+    call it (greedy, exactly n new tokens), and each RetNet's packed decoder, built once here."""
+    engines = []
+    for m in models:
+        pad = m.model.generation_config.pad_token_id
+        pad = pad if pad is not None else m.model.generation_config.eos_token_id
+
+        def call(ids, n, model=m.model, pad=pad):
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+
+        engines.append((m, "generate", call))
+        if m.is_retnet:
+            decoder = m.model.packed_decoder()
+            engines.append((m, "packed", lambda ids, n, d=decoder: d.generate(ids, n)))
+    return engines
+
+
+@torch.no_grad()
+def generate_curve(models, contexts: List[int], new_tokens: int, rounds: int = ROUNDS) -> Dict[str, dict]:
+    """Greedy generation after a batch-1 prompt of each length, engines taking turns every round.
+
+    Per point: `total_ms`, the median time of one call for `new_tokens` new tokens (prompt pass
+    included), and `per_token_ms`, the median of (t(new_tokens + 1) - t(1)) / new_tokens: the
+    cost of a generated token with the prompt pass and start-up cancelled. The first round is a
+    warm-up (a RetNet's generate() packs its decoder then). Returns {"generate": {model name:
+    points}, "packed": {RetNet name: points}}."""
+    engines = generate_engines(models)
+    out = {"generate": {m.name: [] for m in models}, "packed": {m.name: [] for m in models if m.is_retnet}}
+    for length in contexts:
+        times = {i: ([], []) for i in range(len(engines))}
+        for r in range(rounds + 1):
+            for i, (m, _, gen) in enumerate(engines):
+                ids = random_ids(m, 1, length, seed=r)
+                time.sleep(SETTLE_S)
+                one, _ = timed(lambda: gen(ids, 1), m.device)
+                full, _ = timed(lambda: gen(ids, new_tokens + 1), m.device)
+                if r:
+                    times[i][0].append(full)
+                    times[i][1].append((full - one) / new_tokens)
+        line = []
+        for i, (m, engine, _) in enumerate(engines):
+            total, per_token = median(times[i][0]), median(times[i][1])
+            out[engine][m.name].append({"context_tokens": length, "new_tokens": new_tokens, "rounds": rounds,
+                                        "total_ms": total * 1e3, "per_token_ms": per_token * 1e3})
+            line.append(f"{m.role}{' (packed)' if engine == 'packed' else ''} {per_token * 1e3:.1f} ms/token")
+        log(f"  generate after {length} tokens: " + ", ".join(line))
+        free_memory(models[0].device)
+    return out
 
 
 def prefill_variants(models) -> list:

@@ -238,12 +238,14 @@ def _longrange(models, entry, resolved, settings, guarded):
 
 
 def _speed(models, entry, resolved, settings, guarded):
-    from retconvert.eval.speed import decode_curve, prefill_curve
+    from retconvert.eval.speed import decode_curve, generate_curve, prefill_curve
 
     units = {"latency_ms": "milliseconds per decode step (one token per row)", "tokens_per_s":
              "generated tokens per second over the batch", "context_tokens": "tokens in the cache before timing"}
     dec = guarded("speed.decode", None, lambda: decode_curve(
         models, resolved["contexts"], settings.batch_sizes, settings.decode_steps, settings.decode_warmup))
+    gen = guarded("speed.generate", None, lambda: generate_curve(
+        models, resolved["contexts"], settings.decode_steps))
     pre = guarded("speed.prefill", None, lambda: prefill_curve(
         models, resolved["contexts"], settings.prefill_repeats, settings.prefill_warmup))
     for m in models:
@@ -258,6 +260,14 @@ def _speed(models, entry, resolved, settings, guarded):
             if m.name in dec["packed"]:
                 res["decode_packed"] = {**res["decode"], "points": dec["packed"][m.name],
                                         "method": "recurrent state, packed decoder (models/decoding_retnet.py)"}
+        if gen is not None:
+            res["generate"] = {"points": gen["generate"][m.name], "method": "model.generate(), greedy, batch 1",
+                               "statistic": "median over 3 rounds after a warm-up round, models taking turns",
+                               "unit": {"total_ms": "milliseconds per generate() call (prompt pass included)",
+                                        "per_token_ms": "milliseconds per generated token, (t(n + 1) - t(1)) / n"}}
+            if m.name in gen["packed"]:
+                res["generate_packed"] = {**res["generate"], "points": gen["packed"][m.name],
+                                          "method": "the packed decoder's generate(), greedy, batch 1"}
         if pre is not None:
             res["prefill"] = {"points": pre["curves"][m.name],
                               "skipped_points": [s for s in pre["skipped_points"] if s["model"] == m.name],

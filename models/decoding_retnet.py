@@ -43,8 +43,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .modeling_retnet import RetNetState, paper_decay_norm, rotary_inv_freq
+from .modeling_retnet import CACHE_NAME, RetNetState, paper_decay_norm, rotary_inv_freq
 
+# Model features this decoder does not pack yet, as (config field, the value it handles): a model
+# with another value decodes through its modules (generate() checks `RetNetDecoder.supports`).
+UNPACKED_FEATURES: Tuple[Tuple[str, object], ...] = (
+    ("retention_window", 0),  # windowed: its W-token cache
+    ("qk_norm", None), ("block_norms", "pre"), ("final_logit_softcapping", None), ("layer_rope", None))
 KERNELS = ("torch:out_in", "torch:in_out", "numpy:in_out", "numpy:out_in")
 BACKENDS = ("numpy", "torch")
 _KERNEL_CACHE: Dict[tuple, str] = {}
@@ -271,6 +276,10 @@ class RetNetDecoder:
     def __init__(self, model, batch_size: int = 1, dtype: Optional[torch.dtype] = None, kernel: str = "auto",
                  backend: str = "auto"):
         cfg = model.config
+        if not self.supports(cfg):
+            names = ", ".join(f"{k}={getattr(cfg, k)!r}" for k, v in UNPACKED_FEATURES if getattr(cfg, k, v) != v)
+            raise ValueError(f"the packed decoder does not cover {names} yet; decode with model.generate(), "
+                             "which runs such models through their modules")
         self.model, self.config = model, cfg
         self.device = model.lm_head.weight.device
         self.dtype = dtype or model.lm_head.weight.dtype  # weights; activations and state stay fp32
@@ -310,6 +319,11 @@ class RetNetDecoder:
         self.gamma = torch.stack([p["gamma_t"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)  # (L,1,Hkv,G)
         self.inv_freq = rotary_inv_freq(cfg, self.device) if self.rotary else None
         self.reset()
+
+    @staticmethod
+    def supports(config) -> bool:
+        """Whether this decoder packs every feature of a model with this config."""
+        return all(getattr(config, name, value) == value for name, value in UNPACKED_FEATURES)
 
     def _matrix(self, weight, bias=None) -> _Matrix:
         return _Matrix(weight, bias, self.dtype, self.kernel, self.ops, self.B, self.arena)
@@ -437,6 +451,33 @@ class RetNetDecoder:
         self.logits = torch.empty(self.B, self.config.vocab_size, device=self.device)
         self._logits = self.ops.of(self.logits)
 
+    def pack_state(self, states, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Model-format layer states (`RetNetState.states`: (B, H, Dk(+1), Dv') each) -> this
+        decoder's (L, B, Hkv, G, Dk', Dv') buffer (sink folded in, channels permuted), with
+        `positions` (B,): the position of each row's next token. New tensors, nothing shared."""
+        B = states[0].shape[0]
+        packed = torch.zeros(len(self.layers), B, self.Hkv, self.G, self.Dkp, self.Dvp, device=self.device)
+        for l, s in enumerate(states):
+            s = s.float().view(B, self.Hkv, self.G, *s.shape[-2:])  # (B, Hkv, G, Dk(+1), Dv')
+            dst = packed[l]
+            dst[..., : self.Dk, :] = s[..., self.perm, :]
+            if self.extra_k:
+                dst[..., self.Dk, :] = s[..., self.Dk, :]
+            if self.layers[l]["sink"] is not None:
+                dst += self.layers[l]["sink"]
+        return packed, positions.to(self.device, torch.long).clone()
+
+    def unpack_state(self, packed: torch.Tensor, dtype: Optional[torch.dtype] = None):
+        """The inverse of `pack_state`: a list of model-format layer states, in `dtype`
+        (default: the model's)."""
+        B, inverse, out = packed.shape[1], torch.argsort(self.perm), []
+        for l, p in enumerate(self.layers):
+            s = packed[l] - p["sink"] if p["sink"] is not None else packed[l].clone()
+            s = s[..., : self.Dk + (1 if self.extra_k else 0), :]
+            s = torch.cat([s[..., : self.Dk, :][..., inverse, :], s[..., self.Dk:, :]], -2)
+            out.append(s.reshape(B, self.H, *s.shape[-2:]).to(dtype or self.model.dtype))
+        return out
+
     def load_state(self, state: RetNetState, positions: Optional[torch.Tensor] = None):
         """Take over a model state (e.g. after `model(prompt, use_cache=True)`); `positions` (B,)
         is the position of the next token of each row (its count of real tokens; default: every
@@ -446,29 +487,37 @@ class RetNetDecoder:
             positions = torch.full((B,), state.seen_tokens, dtype=torch.long)
         if B != self.B:
             self.reset(B)
-        for l, s in enumerate(state.states):
-            s = s.float().view(B, self.Hkv, self.G, *s.shape[-2:])  # (B, Hkv, G, Dk(+1), Dv')
-            dst = self.state[l]
-            dst.zero_()
-            dst[..., : self.Dk, :] = s[..., self.perm, :]
-            if self.extra_k:
-                dst[..., self.Dk, :] = s[..., self.Dk, :]
-            if self.layers[l]["sink"] is not None:
-                dst += self.layers[l]["sink"]
-        self.positions = positions.to(self.device, torch.long).clone()
+        self.state, self.positions = self.pack_state(state.states, positions)
         self.seen_tokens = state.seen_tokens
 
     def export_state(self, dtype: Optional[torch.dtype] = None) -> RetNetState:
         """The current state in the model's `RetNetState` format (to continue with model())."""
         out = RetNetState(len(self.layers))
-        inverse = torch.argsort(self.perm)
-        for l, p in enumerate(self.layers):
-            s = self.state[l] - p["sink"] if p["sink"] is not None else self.state[l].clone()
-            s = s[..., : self.Dk + (1 if self.extra_k else 0), :]
-            s = torch.cat([s[..., : self.Dk, :][..., inverse, :], s[..., self.Dk:, :]], -2)
-            out.states[l] = s.reshape(self.B, self.H, *s.shape[-2:]).to(dtype or self.model.dtype)
+        out.states = self.unpack_state(self.state, dtype)
         out.seen_tokens = self.seen_tokens
         return out
+
+    @torch.no_grad()
+    def step_state(self, state: RetNetState, token_ids: torch.Tensor,
+                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decoding step on a model `RetNetState` (what `generate()` calls): token_ids (B, 1)
+        -> next-token logits (B, V), a new tensor. The state is packed on its first step (the
+        positions come from `attention_mask` over the whole sequence, else from its length) and
+        stays packed, updated in place, until something reads `state.states`."""
+        if state.packed is None:
+            B = token_ids.shape[0]
+            seen = torch.full((B,), state.seen_tokens, dtype=torch.long)
+            positions = seen if attention_mask is None else attention_mask[:, :-1].long().sum(-1)
+            state.packed = self.pack_state(state.states, positions)
+        buffer, positions = state.packed
+        if buffer.shape[1] != self.B:
+            self.reset(buffer.shape[1])
+        self.state, self.positions = buffer, positions
+        logits = self.step(token_ids).clone()
+        state.packed = (buffer, self.positions)
+        state.seen_tokens += 1
+        self.state = None  # the buffer belongs to `state`; reset()/load_state() make a new one
+        return logits
 
     # ---------------------------------------------------------------- decoding
 
@@ -477,7 +526,7 @@ class RetNetDecoder:
         """Run the prompt (B, P) through the model's parallel/chunkwise forward, keep its state,
         and return the logits (B, V) of the last position."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
-        self.load_state(out.past_key_values, None if attention_mask is None else attention_mask.long().sum(-1))
+        self.load_state(out[CACHE_NAME], None if attention_mask is None else attention_mask.long().sum(-1))
         self.logits.copy_(out.logits[:, -1].float())
         return self.logits
 

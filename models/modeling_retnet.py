@@ -18,43 +18,113 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_retnet import RetNetConfig
-from .retention import retention
+from .retention import retention, windowed_retention
+
+# transformers 5.24 renamed the decoding cache from `past_key_values` to `cache`, in forward
+# arguments and in output fields. This file speaks the installed version's name and accepts both.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def pick_cache(cache, past_key_values):
+    """The state passed under either name (both at once is an error)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the decoding state once, as cache= (past_key_values= is its older name)")
+    return cache if cache is not None else past_key_values
+
 
 # --------------------------------------------------------------------------------------------
 # Recurrent state
 # --------------------------------------------------------------------------------------------
 
 
-class RetNetState:
-    """Decoding state of a RetNet: one (B, H, Dk, Dv) matrix per layer, whatever the context.
+def layer_tensors(s) -> tuple:
+    """The tensors of one layer's state: a matrix (retention), a `WindowState` (windowed retention:
+    matrix, last keys, values and their mask, each batch-first) or None."""
+    return () if s is None else (s,) if isinstance(s, torch.Tensor) else tuple(s)
 
-    Passed as `past_key_values`, so transformers' `generate()` carries it from step to step.
-    `seen_tokens` counts the positions consumed (pads included), like a KV cache's length.
+
+def map_layer_state(fn, s):
+    """One layer's state with `fn` applied to each of its tensors (same type; None stays None)."""
+    return s if s is None else fn(s) if isinstance(s, torch.Tensor) else type(s)(*map(fn, s))
+
+
+class RetNetState:
+    """Decoding state of a RetNet: one (B, H, Dk', Dv') matrix per layer, whatever the context.
+
+    transformers' `generate()` carries it from step to step (as `cache`, or `past_key_values`
+    before transformers 5.24). `seen_tokens` counts the positions consumed (pads included), like
+    a KV cache's length. A forward pass updates the state it is given in place.
+
+    While `generate()` decodes, one-token steps run in the packed decoder (`decoder`, see
+    decoding_retnet.py), which keeps the state in its own layout (`packed`: the (L, B, ...) state
+    buffer and the next position of each row). Reading `states` converts it back, so module
+    forwards, beam-search reordering and user code see the usual per-layer matrices.
     """
 
-    def __init__(self, num_layers: int):
-        self.states: List[Optional[torch.Tensor]] = [None] * num_layers
+    is_linear = property(lambda self: [True] * len(self))  # generate(): no KV cache to slice
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, num_layers: int, decoder=None):
+        self._states: List[Optional[torch.Tensor]] = [None] * num_layers
         self.seen_tokens = 0
+        self.decoder = decoder  # a RetNetDecoder for one-token steps, or None (module path)
+        self.packed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def states(self) -> List[Optional[torch.Tensor]]:
+        if self.packed is not None:
+            self._states = self.decoder.unpack_state(self.packed[0])
+            self.packed = None
+        return self._states
+
+    @states.setter
+    def states(self, value: List[Optional[torch.Tensor]]):
+        self._states, self.packed = value, None
+
+    def use_decoder(self, decoder) -> "RetNetState":
+        """Take later one-token steps through `decoder` (None: through the modules); a state
+        packed by another decoder is unpacked first."""
+        if decoder is not self.decoder:
+            self._states = self.states
+            self.decoder = decoder
+        return self
 
     def __len__(self):
-        return len(self.states)
+        return len(self._states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> "RetNetState":
-        """Select batch rows (beam search)."""
-        self.states = [None if s is None else s.index_select(0, beam_idx.to(s.device)) for s in self.states]
+    def copy(self) -> "RetNetState":
+        """An independent copy (tensors cloned), in the same representation."""
+        new = RetNetState(len(self), self.decoder)
+        new.seen_tokens = self.seen_tokens
+        new._states = [map_layer_state(torch.clone, s) for s in self._states]
+        if self.packed is not None:
+            new.packed = tuple(t.clone() for t in self.packed)
+        return new
+
+    def _select(self, fn) -> "RetNetState":
+        """Apply `fn(tensor, batch_dim)` to every batch-indexed tensor (beam search, expansion)."""
+        if self.packed is not None:  # (L, B, ...) buffer and (B,) positions
+            self.packed = (fn(self.packed[0], 1), fn(self.packed[1], 0))
+        self._states = [map_layer_state(lambda t: fn(t, 0), s) for s in self._states]
         return self
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> "RetNetState":
+        """Select batch rows (beam search)."""
+        return self._select(lambda t, d: t.index_select(d, beam_idx.to(t.device)))
+
     def batch_repeat_interleave(self, repeats: int):
-        self.states = [None if s is None else s.repeat_interleave(repeats, dim=0) for s in self.states]
+        self._select(lambda t, d: t.repeat_interleave(repeats, dim=d))
 
     def batch_select_indices(self, indices: torch.Tensor):
-        self.states = [None if s is None else s[indices] for s in self.states]
+        self._select(lambda t, d: t.index_select(d, indices.to(t.device)))
 
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.states if s is not None)
+        tensors = self.packed[:1] if self.packed is not None else self._states
+        return sum(t.numel() * t.element_size() for s in tensors for t in layer_tensors(s))
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,13 +132,21 @@ class RetNetState:
 # --------------------------------------------------------------------------------------------
 
 
-def rotary_inv_freq(config: RetNetConfig, device=None) -> torch.Tensor:
-    """Rotation frequencies (Dk/2,), computed on the fly (no buffers to go stale on load)."""
+def rotary_inv_freq(config: RetNetConfig, device=None, layer_idx: Optional[int] = None) -> torch.Tensor:
+    """Rotation frequencies (Dk/2,) of one layer (`config.layer_rope`; default the global RoPE),
+    computed on the fly (no buffers to go stale on load). With `partial_rotary_factor` f < 1
+    the first f * Dk/2 pairs turn at the frequencies of a rotary over f * Dk channels, the rest not."""
     d = config.qk_head_dim
+    theta, scaling = config.layer_rotary(layer_idx)
     if config.position_embedding_type == "xpos":  # torchscale / paper schedule
-        return 1.0 / (config.rope_theta ** torch.linspace(0, 1, d // 2, device=device, dtype=torch.float32))
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-    scaling = config.rotary_scaling
+        return 1.0 / (theta ** torch.linspace(0, 1, d // 2, device=device, dtype=torch.float32))
+    d_rot = round(d * config.partial_rotary_factor)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d_rot, 2, device=device, dtype=torch.float32) / d_rot))
+    return F.pad(_scaled(inv_freq, scaling), (0, (d - d_rot) // 2))  # unrotated pairs: frequency 0
+
+
+def _scaled(inv_freq: torch.Tensor, scaling: Optional[dict]) -> torch.Tensor:
+    """RoPE scaling (linear or llama3) applied to frequencies."""
     if scaling is None:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -84,9 +162,10 @@ def rotary_inv_freq(config: RetNetConfig, device=None) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, config: RetNetConfig):
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, config: RetNetConfig,
+                 layer_idx: Optional[int] = None):
     """Rotate q and k (B, T, H, D) by angle position * freq; the angles are computed once for both."""
-    angles = position_ids.float()[..., None] * rotary_inv_freq(config, q.device)  # (B, T, D/2)
+    angles = position_ids.float()[..., None] * rotary_inv_freq(config, q.device, layer_idx)  # (B, T, D/2)
     if config.position_embedding_type == "xpos":  # interleaved pairs (x0, x1), (x2, x3), ...
         angles = angles.repeat_interleave(2, -1)
     else:  # halves (x[:D/2], x[D/2:]), as Llama
@@ -148,6 +227,10 @@ class MultiScaleRetention(nn.Module):
         Dk, Dv = config.qk_head_dim, config.v_head_dim
         self.num_heads, self.num_kv_heads, self.qk_dim, self.v_dim = H, Hkv, Dk, Dv
         self.scale = config.layer_qk_scale(layer_idx)
+        if config.qk_norm is not None:  # RMSNorm of q and k, per head or over the whole projection
+            per_head = config.qk_norm == "head"
+            self.q_norm = RMSNorm(Dk if per_head else H * Dk, eps=config.norm_eps)
+            self.k_norm = RMSNorm(Dk if per_head else Hkv * Dk, eps=config.norm_eps)
 
         self.q_proj = nn.Linear(config.hidden_size, H * Dk, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, Hkv * Dk, bias=config.attention_bias)
@@ -224,14 +307,18 @@ class MultiScaleRetention(nn.Module):
         """q, k (B, T, H, Dk) with positions applied and k scaled; v (B, T, H, Dv)."""
         B, T, _ = x.shape
         H, Dk, Dv = self.num_heads, self.qk_dim, self.v_dim
-        q = self.q_proj(x).view(B, T, H, Dk)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, Dk)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.config.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(B, T, H, Dk), k.view(B, T, self.num_kv_heads, Dk)
+        if self.config.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, Dv)
         if self.num_kv_heads != H:  # grouped-query: each key/value head serves H / Hkv query heads
             k = k.repeat_interleave(H // self.num_kv_heads, dim=2)
             v = v.repeat_interleave(H // self.num_kv_heads, dim=2)
         if self.config.position_embedding_type != "none":
-            q, k = apply_rotary(q, k, position_ids, self.config)
+            q, k = apply_rotary(q, k, position_ids, self.config, self.layer_idx)
         return q, k * self.scale, v
 
     def retain(self, q, k, v, position_ids, token_mask=None, state=None, gamma=None, score_bias=None,
@@ -253,6 +340,13 @@ class MultiScaleRetention(nn.Module):
             b = self.score_bias if score_bias is None else score_bias
             q = torch.cat([q, b.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
             k = torch.cat([k, k.new_ones(B, T, H, 1)], -1)
+        if cfg.retention_window:  # exact softmax over the last W tokens, one normaliser with the state
+            sink_terms = None if sink is None else (sink, self.sink_value.repeat(H // self.num_heads, 1))
+            mode = cfg.retention_mode if T > 1 else "recurrent"
+            o, state = windowed_retention(q, k, v, gamma, cfg.retention_window, mode, chunk_size=cfg.chunk_size,
+                                          initial_state=state, output_final_state=output_final_state,
+                                          token_mask=token_mask, sink=sink_terms)
+            return o.to(dtype), state
         if cfg.retention_normalization == "paper":  # carry the row sums of the scores along
             v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)
 
@@ -310,22 +404,32 @@ class RetNetMLP(nn.Module):
 
 
 class RetNetBlock(nn.Module):
-    """Pre-norm block: x + retention(norm(x)), then + mlp(norm(x)) (or both in parallel)."""
+    """Pre-norm block: x + retention(norm(x)), then + mlp(norm(x)) (or both in parallel).
+
+    `config.block_norms` "post" drops the input norms and normalises each output instead
+    (x + norm(retention(x)), OLMo 2); "sandwich" keeps both (Gemma 2/3). The input norms are
+    then identities, so `input_layernorm(x)` is always the retention's input.
+    """
 
     def __init__(self, config: RetNetConfig, layer_idx: int):
         super().__init__()
         self.parallel_residual = config.parallel_residual
-        self.input_layernorm = make_norm(config)
+        pre, post = config.block_norms in ("pre", "sandwich"), config.block_norms in ("post", "sandwich")
+        self.input_layernorm = make_norm(config) if pre else nn.Identity()
         self.retention = MultiScaleRetention(config, layer_idx)
-        self.post_retention_layernorm = make_norm(config)
+        self.post_retention_layernorm = make_norm(config) if pre else nn.Identity()  # the MLP's input norm
         self.mlp = RetNetMLP(config)
+        if post:
+            self.retention_out_norm, self.mlp_out_norm = make_norm(config), make_norm(config)
+        else:
+            self.retention_out_norm = self.mlp_out_norm = nn.Identity()
 
     def forward(self, x, position_ids, token_mask=None, state=None, output_final_state: bool = True):
         r, state = self.retention(self.input_layernorm(x), position_ids, token_mask, state, output_final_state)
         if self.parallel_residual:
             return x + r + self.mlp(self.post_retention_layernorm(x)), state
-        x = x + r
-        return x + self.mlp(self.post_retention_layernorm(x)), state
+        x = x + self.retention_out_norm(r)
+        return x + self.mlp_out_norm(self.mlp(self.post_retention_layernorm(x))), state
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,11 +494,12 @@ class RetNetModel(RetNetPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RetNetState] = None,
+        cache: Optional[RetNetState] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[RetNetState] = None,  # the older name of `cache`
         **kwargs,
     ) -> Union[Tuple, BaseModelOutputWithPast]:
         if (input_ids is None) == (inputs_embeds is None):
@@ -406,7 +511,7 @@ class RetNetModel(RetNetPreTrainedModel):
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T = x.shape[:2]
-        state = past_key_values
+        state = pick_cache(cache, past_key_values)
         if state is None and use_cache:
             state = RetNetState(self.config.num_hidden_layers)
         offset = state.seen_tokens if state is not None else 0
@@ -442,8 +547,8 @@ class RetNetModel(RetNetPreTrainedModel):
             return tuple(t for t in (x, state, hidden_states) if t is not None)
         return BaseModelOutputWithPast(
             last_hidden_state=x,
-            past_key_values=state if use_cache else None,
             hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+            **{CACHE_NAME: state if use_cache else None},
         )
 
 
@@ -481,60 +586,137 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         position_ids: Optional[torch.LongTensor] = None,
-        past_key_values: Optional[RetNetState] = None,
+        cache: Optional[RetNetState] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        past_key_values: Optional[RetNetState] = None,  # the older name of `cache`
         **kwargs,
     ) -> Union[Tuple, CausalLMOutputWithPast]:
         return_dict = True if return_dict is None else return_dict
+        state = pick_cache(cache, past_key_values)
+        if self._steps_packed(input_ids, attention_mask, position_ids, state, inputs_embeds, labels,
+                              output_hidden_states):
+            logits = state.decoder.step_state(state, input_ids, attention_mask)  # (B, V) fp32
+            logits = logits[:, None].to(self.lm_head.weight.dtype)  # (B, 1, V)
+            if not return_dict:
+                return logits, state
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: state})
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=state,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
+        state = out[CACHE_NAME] if CACHE_NAME in out else None
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)  # (B, T, V)
+        if self.config.final_logit_softcapping is not None:
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         if not return_dict:
-            rest = tuple(t for t in (out.past_key_values, out.hidden_states) if t is not None)
+            rest = tuple(t for t in (state, out.hidden_states) if t is not None)
             return ((loss,) if loss is not None else ()) + (logits,) + rest
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{CACHE_NAME: state})
+
+    @staticmethod
+    def _steps_packed(input_ids, attention_mask, position_ids, state, inputs_embeds, labels,
+                      output_hidden_states) -> bool:
+        """Whether this call is a plain one-token decoding step that the packed decoder of the
+        state (set by generate()) can take: no gradient, one new real token per row after a
+        prefill, positions left to the state, nothing but logits asked for."""
+        return (
+            state is not None and state.decoder is not None and state.seen_tokens > 0
+            and input_ids is not None and input_ids.shape[1] == 1 and inputs_embeds is None
+            and position_ids is None and labels is None and not output_hidden_states
+            and not torch.is_grad_enabled()
+            and (attention_mask is None or bool(attention_mask[:, -1].all()))
         )
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+        self, input_ids, cache=None, past_key_values=None, attention_mask=None, inputs_embeds=None,
+        use_cache=True, **kwargs
     ):
-        """First call: the whole prompt (prefill). Later calls: only the newest token."""
-        if past_key_values is not None and past_key_values.seen_tokens > 0:
-            # The tokens the state has not consumed. A prompt given as inputs_embeds is not in
-            # input_ids (which then holds only the generated tokens): skip it in the count.
-            prompt_in_embeds = inputs_embeds.shape[1] if inputs_embeds is not None else 0
-            input_ids = input_ids[:, past_key_values.seen_tokens - prompt_in_embeds:]
-            inputs_embeds = None
-        model_inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
-        if inputs_embeds is not None and (past_key_values is None or past_key_values.seen_tokens == 0):
-            model_inputs["inputs_embeds"] = inputs_embeds
+        """The inputs of one generate() step: what the state has not consumed yet.
+
+        The first call feeds the prompt (or, when generation continues from a state, the part of
+        the sequence after it); later calls feed the newest token. `input_ids` is the whole
+        sequence (a prompt given as `inputs_embeds` is not in it), or only the new tokens when
+        `attention_mask` covers the whole sequence. Positions come from the attention mask and
+        the state, so generate()'s `position_ids` are not used. Same behaviour under
+        transformers' old (`past_key_values`) and new (`cache`, 5.24+) names and loops.
+        """
+        state = pick_cache(cache, past_key_values)
+        seen = state.seen_tokens if state is not None else 0
+        n_embeds = inputs_embeds.shape[1] if inputs_embeds is not None else 0
+        total = attention_mask.shape[1] if attention_mask is not None else n_embeds + input_ids.shape[1]
+        new = total - seen  # tokens to feed
+        if new <= 0:
+            raise ValueError(f"generate(): the decoding state has consumed {seen} tokens but the inputs hold only "
+                             f"{total}; pass the whole sequence (the state's tokens and the new ones)")
+        inputs = {CACHE_NAME: state, "attention_mask": attention_mask, "use_cache": use_cache}
+        ids = input_ids[:, -new:] if new <= input_ids.shape[1] else input_ids
+        if new > ids.shape[1]:  # part of the new tokens are in the prompt embeddings
+            embeds = inputs_embeds[:, n_embeds - (new - ids.shape[1]):]
+            if ids.shape[1]:
+                embeds = torch.cat([embeds, self.get_input_embeddings()(ids)], 1)
+            inputs["inputs_embeds"] = embeds
         else:
-            model_inputs["input_ids"] = input_ids
+            inputs["input_ids"] = ids
         if "logits_to_keep" in kwargs:
-            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        return model_inputs
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, **kwargs):
+        """transformers' `generate()` with the recurrent state: one prompt pass, then one token per
+        step. A state passed in (`cache=`, or `past_key_values=`) continues the sequence it has
+        seen; it is copied, never modified. Without a gradient, one-token steps run in the packed
+        decoder (`packed_generation`; packed once per weights version and kept with the model),
+        with the same tokens as the module path to floating-point rounding.
+        """
+        state = pick_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("use_cache", config.use_cache) is not False:
+            state = state.copy() if state is not None else RetNetState(self.config.num_hidden_layers)
+            state.use_decoder(self._generation_decoder())
+        if state is not None:
+            kwargs[CACHE_NAME] = state
+        return super().generate(inputs, **kwargs)
+
+    # Set False to decode generate()'s steps through the modules (no packed copy of the weights).
+    packed_generation = True
+
+    def _generation_decoder(self):
+        """The packed decoder for generate()'s steps, or None where it does not apply (training mode,
+        `packed_generation` off, a configuration it does not cover). Built once and kept until a weight changes (a
+        parameter's data pointer or version counter), which costs ~50 us per generate() call."""
+        from .decoding_retnet import RetNetDecoder
+
+        if not self.packed_generation or self.training:
+            return None
+        if not RetNetDecoder.supports(self.config):
+            return None
+        version = tuple((t.data_ptr(), t._version, t.dtype) for t in (*self.parameters(), *self.buffers()))
+        cached = self.__dict__.get("_packed_decoder")
+        if cached is None or cached[0] != version:
+            cached = (version, RetNetDecoder(self))
+            self.__dict__["_packed_decoder"] = cached
+        return cached[1]
 
     def _reorder_cache(self, past_key_values: RetNetState, beam_idx):
         return past_key_values.reorder_cache(beam_idx)

@@ -157,6 +157,10 @@ def test_eval_all_suites(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
                 [(p["context_tokens"], p["batch_size"]) for p in dec]
         else:
             assert not packed
+        gen = r["speed"]["generate"]["points"]  # generate() as users call it
+        assert [p["context_tokens"] for p in gen] == [16, 32] and all(p["total_ms"] > 0 for p in gen)
+        gen_packed = r["speed"].get("generate_packed", {}).get("points", [])
+        assert len(gen_packed) == (2 if m["is_retnet"] else 0)
         pre = r["speed"]["prefill"]["points"]
         assert {p["mode"] for p in pre} == ({"parallel", "chunkwise"} if m["is_retnet"] else {"attention"})
         assert len(r["memory"]["points"]) == 2

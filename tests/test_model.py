@@ -5,7 +5,8 @@ import json
 import os
 
 import pytest
-from tiny import VARIANTS, assert_close, assert_loads_with_remote_code, random_ids, tiny_config, tiny_model
+from tiny import (VARIANTS, assert_close, assert_loads_with_remote_code, left_padded_batch, random_ids, tiny_config,
+                  tiny_model)
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -112,17 +113,6 @@ def test_prefill_then_decode_matches_full_forward(variant, prefill_mode):
             steps.append(out.logits)
     assert state.seen_tokens == 20
     assert_close(torch.cat(steps, 1), want)
-
-
-def left_padded_batch(rows, pad_id=0):
-    """Left-pad a list of 1-D id tensors into (ids, attention_mask)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = r
-        mask[i, T - len(r):] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("variant", DECODE_VARIANTS)

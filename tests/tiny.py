@@ -68,9 +68,11 @@ def write_jsonl(path: Path, texts) -> Path:
     return path
 
 
-def assert_loads_with_remote_code(ckpt: Path, workdir: Path, ids: torch.Tensor, new_tokens: int = 8):
+def assert_loads_with_remote_code(ckpt: Path, workdir: Path, ids: torch.Tensor, new_tokens: int = 8,
+                                  packed: bool = True):
     """Load `ckpt` with trust_remote_code in a fresh Python where retconvert is NOT importable,
-    and check its logits and greedy tokens against the same checkpoint loaded here."""
+    and check its logits and greedy tokens against the same checkpoint loaded here (and those of
+    its packed decoder, with `packed`)."""
     import os
     import subprocess
     import sys
@@ -104,10 +106,11 @@ def assert_loads_with_remote_code(ckpt: Path, workdir: Path, ids: torch.Tensor, 
         assert err <= 1e-6, err
         new = model.generate(expected["ids"], max_new_tokens={new_tokens}, do_sample=False, pad_token_id=0)
         assert torch.equal(new, expected["generated"]), (new, expected["generated"])
-        packed = model.packed_decoder(batch_size=expected["ids"].shape[0]).generate(
-            expected["ids"], {new_tokens}, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
-        n = expected["generated"].shape[1]  # transformers stops early when every row has ended
-        assert torch.equal(packed[:, :n], expected["generated"]) and (packed[:, n:] == 0).all(), packed
+        if {packed}:
+            packed = model.packed_decoder(batch_size=expected["ids"].shape[0]).generate(
+                expected["ids"], {new_tokens}, eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
+            n = expected["generated"].shape[1]  # transformers stops early when every row has ended
+            assert torch.equal(packed[:, :n], expected["generated"]) and (packed[:, n:] == 0).all(), packed
         print("REMOTE-CODE-OK")
     """)
     env = dict(os.environ, HF_MODULES_CACHE=str(workdir / "modules"), HF_HUB_OFFLINE="1",
@@ -193,3 +196,14 @@ VARIANTS = {
                        value_factor=1, mlp_type="glu", hidden_act="silu", norm_type="rmsnorm",
                        use_output_gate=False, score_bias=True, attention_bias=True, embed_scale=2.0),
 }
+
+
+def left_padded_batch(rows, pad_id=0):
+    """Left-pad a list of 1-D id tensors into (ids, attention_mask)."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    return ids, mask
