@@ -42,6 +42,7 @@ class ConvertOptions:
     gate: bool = False  # the paper's swish gate, untrained (random) at conversion
     retention_mode: str = "chunkwise"
     chunk_size: int = 64
+    window: int = 0  # W > 0: exact softmax over each layer's last W tokens beside the decayed state
     calib_data: Optional[str] = None  # text source; default: the offline C4 sample, else C4 online
     calib_tokens: int = 8192
     calib_seq_len: int = 512
@@ -55,6 +56,8 @@ class ConvertOptions:
                                       f"use one of {', '.join(allowed)}")
         if self.chunk_size <= 0:
             raise RetconvertError(f"--chunk-size {self.chunk_size} must be positive; use e.g. 64")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise RetconvertError(f"--window {self.window} must be 0 (pure RetNet) or a token count such as 64")
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 2:
             raise RetconvertError("calibration needs calib_tokens >= calib_seq_len >= 2; raise --calib-tokens")
 
@@ -74,6 +77,7 @@ def student_config(teacher_config, options: ConvertOptions) -> RetNetConfig:
         value_factor=1,
         retention_mode=options.retention_mode,
         chunk_size=options.chunk_size,
+        retention_window=options.window,
         learnable_decay=True,
         retention_normalization="paper",
         head_norm=options.head_norm,

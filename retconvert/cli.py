@@ -41,6 +41,10 @@ def _add_from_hf(sub):
                    help="add the paper's swish output gate (randomly initialised: needs distillation)")
     p.add_argument("--retention-mode", choices=("parallel", "chunkwise", "recurrent"), default=d.retention_mode)
     p.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    p.add_argument("--window", type=int, default=d.window, metavar="W",
+                   help="every retention layer also attends to its last W tokens with exact softmax, under one "
+                        "normaliser with the decayed state (64 as in LoLCATs/Liger; 0: pure RetNet, the default "
+                        "and the only kind torchscale export accepts)")
     p.add_argument("--calib-data", help="calibration text: .jsonl/.txt file or hf:NAME:CONFIG:SPLIT "
                                         "(default: the offline C4 sample, else C4 streamed)")
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
@@ -69,6 +73,7 @@ def cmd_from_hf(args):
     options = ConvertOptions(
         decay=args.decay, score_bias=args.score_bias, sink=args.sink, head_norm=args.head_norm,
         kv_heads=args.kv_heads, output_scale=args.output_scale, gate=args.gate, retention_mode=args.retention_mode, chunk_size=args.chunk_size,
+        window=args.window,
         calib_data=args.calib_data, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
     )
     options.validate()

@@ -1,0 +1,407 @@
+"""Windowed retention (exact softmax over the last W tokens beside the decayed state): the three
+forms against the naive definition, padding, the model, generation and what refuses it."""
+
+import pytest
+import torch
+from tiny import assert_close, random_ids, tiny_model
+
+from retconvert.models import RetNetConfig
+from retconvert.models.modeling_retnet import RetNetState
+from retconvert.models.retention import (
+    WindowState,
+    windowed_retention,
+    windowed_retention_naive,
+)
+
+GAMMAS = [0.5, 0.9, 0.99]
+B, DK, DV = 2, 5, 4  # Dk != Dv so that a transposed state cannot pass
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def assert_near(got, want, tol, what):
+    """Max error relative to the largest reference entry, or absolute below 1 (a state may be 0)."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.double() - want.double()).abs().max() / want.abs().max().clamp(min=1.0)
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def make_leaves(T, W, dtype, initial_state, sink, seed=0):
+    """Leaf tensors: q, k, v, gamma, optionally a sink (score, value) and a WindowState whose
+    cache is part full in row 0 and full in row 1."""
+    g = torch.Generator().manual_seed(seed)
+    H = len(GAMMAS)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    leaves = {"q": randn(B, T, H, DK, scale=0.7), "k": randn(B, T, H, DK, scale=0.7), "v": randn(B, T, H, DV),
+              "gamma": torch.tensor(GAMMAS, dtype=torch.float64)}
+    if sink:
+        leaves["sink_score"], leaves["sink_value"] = randn(B, T, H), randn(H, DV)
+    if initial_state:
+        mask = torch.ones(B, W, dtype=torch.bool)
+        mask[0, : W // 2 + 1] = False
+        leaves["state"] = randn(B, H, DK, DV + 1, scale=0.3)
+        leaves["keys"] = randn(B, W, H, DK, scale=0.7) * mask[:, :, None, None]
+        leaves["values"] = randn(B, W, H, DV) * mask[:, :, None, None]
+        leaves["_mask"] = mask
+    return {n: (x if n == "_mask" else x.to(dtype).requires_grad_()) for n, x in leaves.items()}
+
+
+def call(form, leaves, W, token_mask=None, **kwargs):
+    """Output and final state of `form`, and the gradients of a fixed random projection of both."""
+    L = leaves
+    state = WindowState(L["state"], L["keys"], L["values"], L["_mask"]) if "state" in L else None
+    sink = (L["sink_score"], L["sink_value"]) if "sink_score" in L else None
+    o, s = form(L["q"], L["k"], L["v"], L["gamma"], W, initial_state=state, token_mask=token_mask, sink=sink,
+                **kwargs)
+    g = torch.Generator().manual_seed(1)
+    loss = (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum()
+    for x in s[:3]:
+        loss = loss + (x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)).sum()
+    names = [n for n in L if n != "_mask"]
+    grads = torch.autograd.grad(loss, [L[n] for n in names], allow_unused=True)
+    return o, s, dict(zip(names, grads))
+
+
+def check(mode, chunk_size, T, W, dtype=torch.float64, initial_state=True, sink=True, token_mask=None):
+    leaves = make_leaves(T, W, dtype, initial_state, sink)
+    o, s, grads = call(windowed_retention, leaves, W, token_mask, mode=mode, chunk_size=chunk_size)
+    ref = {n: (x if n == "_mask" else x.detach().double().requires_grad_()) for n, x in leaves.items()}
+    o_ref, s_ref, grads_ref = call(windowed_retention_naive, ref, W, token_mask)
+    tol = TOL[dtype]
+    assert o.dtype == dtype
+    assert_near(o, o_ref, tol, "output")
+    for name, got, want in zip(WindowState._fields, s, s_ref):
+        if name == "mask":
+            assert torch.equal(got, want), (got, want)
+        else:
+            assert_near(got, want, tol, f"final {name}")
+    for name, want in grads_ref.items():
+        if want is None:  # a leaf the output does not depend on (e.g. no cache token is ever seen)
+            assert grads[name] is None or grads[name].abs().max() == 0, name
+        else:
+            assert_near(grads[name], want, tol, f"d/d{name}")
+
+
+MODES = [("parallel", 64), ("recurrent", 1), ("chunkwise", 1), ("chunkwise", 5), ("chunkwise", 16),
+         ("chunkwise", 64)]
+
+
+@pytest.mark.parametrize("T", [1, 13, 30])
+@pytest.mark.parametrize("mode,chunk_size", MODES, ids=[f"{m}{c}" for m, c in MODES])
+def test_forms_match_naive(mode, chunk_size, T):
+    """Outputs, all four state parts and every gradient (q, k, v, gamma, sink, initial state),
+    odd lengths, several chunk sizes, a cache part full in one row and full in the other."""
+    check(mode, chunk_size, T, W=4)
+
+
+@pytest.mark.parametrize("W", [1, 7, 40])
+@pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 8), ("recurrent", 1)])
+def test_window_sizes_fp32_and_empty_start(mode, chunk_size, W):
+    """A window of 1, shorter than a chunk, longer than the sequence; fp32; no initial state."""
+    check(mode, chunk_size, 23, W, dtype=torch.float32, initial_state=False, sink=False)
+    check(mode, chunk_size, 23, W, initial_state=False, sink=True)
+
+
+def padded_mask(T: int) -> torch.Tensor:
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 3:5] = 0  # inside, across the 5-token chunk boundary
+    mask[0, 11:18] = 0  # longer than the window
+    mask[1, :4] = 0  # leading
+    mask[1, -3:] = 0  # trailing
+    return mask
+
+
+@pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 5), ("recurrent", 1)])
+def test_padding_matches_naive(mode, chunk_size):
+    check(mode, chunk_size, 26, W=4, token_mask=padded_mask(26))
+
+
+@pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 5), ("recurrent", 1)])
+def test_padding_is_invisible(mode, chunk_size):
+    """A row with pads gives its real tokens the outputs, and ends in the state, of the same row
+    with the pads removed: a pad is in no window, adds no key and does not decay the state."""
+    T, W = 26, 4
+    leaves = {n: x.detach() for n, x in make_leaves(T, W, torch.float64, True, True).items()}
+    mask = padded_mask(T)
+    state = WindowState(leaves["state"], leaves["keys"], leaves["values"], leaves["_mask"])
+    args = (leaves["gamma"], W, mode)
+    o, s = windowed_retention(leaves["q"], leaves["k"], leaves["v"], *args, chunk_size=chunk_size,
+                              initial_state=state, token_mask=mask,
+                              sink=(leaves["sink_score"], leaves["sink_value"]))
+    for b in range(B):
+        real = mask[b].bool()
+        row = lambda x: x[b:b + 1, real]  # noqa: E731
+        o_b, s_b = windowed_retention(row(leaves["q"]), row(leaves["k"]), row(leaves["v"]), *args,
+                                      chunk_size=chunk_size, initial_state=WindowState(*(x[b:b + 1] for x in state)),
+                                      sink=(row(leaves["sink_score"]), leaves["sink_value"]))
+        assert_near(o[b:b + 1, real], o_b, 1e-12, f"row {b} output")
+        for name, got, want in zip(WindowState._fields, s, s_b):
+            assert torch.equal(got[b:b + 1], want) if name == "mask" else True
+            if name != "mask":
+                assert_near(got[b:b + 1], want, 1e-12, f"row {b} {name}")
+
+
+def test_state_continues_across_calls_and_stays_constant():
+    """Chunkwise over a prefix, then token by token from its state, equals one parallel call; the
+    state's size does not grow with the context."""
+    T, W = 40, 6
+    L = {n: x.detach() for n, x in make_leaves(T, W, torch.float64, False, False).items()}
+    q, k, v, gamma = L["q"], L["k"], L["v"], L["gamma"]
+    o_full, s_full = windowed_retention(q, k, v, gamma, W, "parallel")
+    o1, s = windowed_retention(q[:, :17], k[:, :17], v[:, :17], gamma, W, "chunkwise", chunk_size=5)
+    outs, sizes = [o1], set()
+    for t in range(17, T):
+        o_t, s = windowed_retention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], gamma, W, "recurrent",
+                                    initial_state=s)
+        outs.append(o_t)
+        sizes.add(tuple(tuple(x.shape) for x in s))
+    assert_near(torch.cat(outs, 1), o_full, 1e-12, "split output")
+    for name, got, want in zip(WindowState._fields, s, s_full):
+        assert torch.equal(got, want) if name == "mask" else True
+        if name != "mask":
+            assert_near(got, want, 1e-12, f"split {name}")
+    assert len(sizes) == 1  # constant in the context
+
+
+def test_softmax_inside_the_window_and_decay_beyond():
+    """Direct checks of the definition: with every token inside the window the output is exact
+    softmax attention; a token just beyond it enters with weight gamma^W (q . k)."""
+    T, W, H = 5, 8, 1
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, T, H, DK, generator=g, dtype=torch.float64), torch.randn(1, T, H, DK, generator=g,
+                                                                                  dtype=torch.float64)
+    v = torch.randn(1, T, H, DV, generator=g, dtype=torch.float64)
+    gamma = torch.tensor([0.8], dtype=torch.float64)
+    o, _ = windowed_retention(q, k, v, gamma, W, "parallel")
+    scores = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    want = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+    assert_near(o, want, 1e-12, "softmax")
+    # Window 1: position 1 sees itself through softmax and token 0 through gamma^1 (q1 . k0).
+    o, _ = windowed_retention(q[:, :2], k[:, :2], v[:, :2], gamma, 1, "parallel")
+    e = torch.exp((q[0, 1, 0] * k[0, 1, 0]).sum())
+    lin = 0.8 * (q[0, 1, 0] * k[0, 0, 0]).sum()
+    assert_near(o[0, 1, 0], (e * v[0, 1, 0] + lin * v[0, 0, 0]) / (e + lin.abs()), 1e-12, "window 1")
+
+
+def test_bad_window_and_state_are_one_line_errors():
+    L = {n: x.detach() for n, x in make_leaves(5, 4, torch.float64, True, False).items()}
+    state = WindowState(L["state"], L["keys"], L["values"], L["_mask"])
+    with pytest.raises(ValueError, match="window of at least 1 token, got 0"):
+        windowed_retention(L["q"], L["k"], L["v"], L["gamma"], 0, "parallel")
+    with pytest.raises(ValueError, match="holds 4 tokens but the window is 3"):
+        windowed_retention(L["q"], L["k"], L["v"], L["gamma"], 3, "parallel", initial_state=state)
+    with pytest.raises(ValueError, match="unknown retention mode 'fused'"):
+        windowed_retention(L["q"], L["k"], L["v"], L["gamma"], 4, "fused")
+
+
+@pytest.mark.parametrize("value, message", [
+    (-1, "retention_window=-1 must be an integer >= 0"),
+    (2.5, "retention_window=2.5 must be an integer >= 0"),
+])
+def test_config_validates_the_window(value, message):
+    with pytest.raises(ValueError, match=message):
+        RetNetConfig(retention_window=value)
+    with pytest.raises(ValueError, match="needs retention_normalization='paper'"):
+        RetNetConfig(retention_window=8, retention_normalization="none")
+    assert RetNetConfig().retention_window == 0  # pure retention stays the default
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+
+WINDOWED = {  # window 5 < the test sequences; chunk_size 8 (tiny_config) spans several chunks
+    "default": dict(retention_window=5),
+    "converted-gqa": dict(retention_window=5, position_embedding_type="rotary", value_factor=1, head_norm="none",
+                          head_norm_affine=True, score_bias=True, attention_sink=True, use_output_gate=False,
+                          num_key_value_heads=2, mlp_type="glu", hidden_act="silu", norm_type="rmsnorm",
+                          learnable_decay=True),
+}
+
+
+@torch.no_grad()
+def logits(model, ids, mode, **kwargs):
+    model.config.retention_mode = mode
+    return model(ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("variant", list(WINDOWED))
+def test_model_forms_agree_and_state_decodes(variant):
+    model = tiny_model(**WINDOWED[variant])
+    ids = random_ids(2, 21)
+    want = logits(model, ids, "parallel", use_cache=False)
+    assert_close(logits(model, ids, "chunkwise", use_cache=False), want, what="chunkwise")
+    assert_close(logits(model, ids, "recurrent", use_cache=False), want, what="recurrent")
+    # prefill 9 tokens, then one token at a time from the state
+    model.config.retention_mode = "chunkwise"
+    with torch.no_grad():
+        out = model(ids[:, :9], use_cache=True)
+        state, steps = out.past_key_values, [out.logits]
+        assert all(isinstance(s, WindowState) for s in state.states)
+        for t in range(9, 21):
+            out = model(ids[:, t:t + 1], past_key_values=state, use_cache=True)
+            state = out.past_key_values
+            steps.append(out.logits)
+    assert_close(torch.cat(steps, 1), want, what="prefill + steps")
+    # the window changes the model (it is not pure retention under another name)
+    pure = tiny_model(**dict(WINDOWED[variant], retention_window=0))
+    assert not torch.allclose(logits(pure, ids, "parallel", use_cache=False), want, atol=1e-3)
+
+
+def test_training_gradients_match_across_forms():
+    model = tiny_model(**WINDOWED["converted-gqa"]).train()
+    ids = random_ids(2, 19)
+    grads = {}
+    for mode in ("parallel", "chunkwise"):
+        model.zero_grad()
+        model.config.retention_mode = mode
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert "model.layers.0.retention.decay_logit" in grads["parallel"]
+    for name, g in grads["parallel"].items():
+        assert_close(grads["chunkwise"][name], g, what=name)
+
+
+@pytest.mark.parametrize("variant", list(WINDOWED))
+def test_left_padded_batch_equals_single_rows(variant):
+    model = tiny_model(**WINDOWED[variant])
+    ids = random_ids(3, 14, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :9] = 0  # the row is shorter than... longer than the window: 5 real tokens
+    model.config.retention_mode = "chunkwise"
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for b in range(3):
+            real = mask[b].bool()
+            single = model(ids[b:b + 1, real]).logits
+            assert_close(batched[b:b + 1, real], single, what=f"row {b}")
+
+
+def test_generate_greedy_left_padded_and_beam_search():
+    model = tiny_model(**WINDOWED["converted-gqa"])
+    model.config.retention_mode = "chunkwise"
+    ids = random_ids(2, 7, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    gen = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
+    # greedy by hand, each row alone, every step through the full parallel forward
+    for b in range(2):
+        row = ids[b:b + 1, mask[b].bool()]
+        for _ in range(9):
+            row = torch.cat([row, logits(model, row, "parallel", use_cache=False)[:, -1:].argmax(-1)], 1)
+        assert torch.equal(gen[b, -9:], row[0, -9:]), (b, gen[b], row)
+    # beam search reorders and expands the window caches (RetNetState.reorder_cache etc.): the same
+    # beams as without any state (every step recomputes the whole sequence)
+    kwargs = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=0)
+    with_state = model.generate(ids, attention_mask=mask, **kwargs)
+    without = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert torch.equal(with_state, without), (with_state, without)
+
+
+def test_state_helpers_handle_window_caches():
+    model = tiny_model(**WINDOWED["default"])
+    with torch.no_grad():
+        state = model(random_ids(2, 9), use_cache=True).past_key_values
+    s0 = state.states[0]
+    nbytes = state.nbytes()
+    assert nbytes == sum(t.numel() * t.element_size() for s in state.states for t in s)
+    copy = state.copy()
+    state.reorder_cache(torch.tensor([1, 1]))
+    assert torch.equal(state.states[0].keys[0], s0.keys[1]) and torch.equal(state.states[0].mask[0], s0.mask[1])
+    assert torch.equal(copy.states[0].keys, s0.keys)  # the copy is independent
+    copy.batch_repeat_interleave(2)
+    assert copy.states[1].values.shape[0] == 4 and copy.nbytes() == 2 * nbytes
+    copy.batch_select_indices(torch.tensor([0, 3]))
+    assert torch.equal(copy.states[0].state[1], s0.state[1])
+
+
+def test_packed_decoder_refuses_and_generate_falls_back():
+    from retconvert.models.decoding_retnet import RetNetDecoder
+
+    model = tiny_model(**WINDOWED["default"])
+    with pytest.raises(ValueError, match="does not cover retention_window=5"):
+        model.packed_decoder()
+    assert not RetNetDecoder.supports(model.config)
+
+
+def test_torchscale_export_refuses_a_windowed_model():
+    from retconvert.convert.torchscale_export import TorchscaleExportError, to_torchscale
+
+    with pytest.raises(TorchscaleExportError, match=r"retention_window=5 \(torchscale's retention has no"):
+        to_torchscale(tiny_model(**WINDOWED["default"]))
+
+
+def test_a_windowed_checkpoint_loads_with_remote_code(tmp_path):
+    from tiny import assert_loads_with_remote_code
+
+    model = tiny_model(**WINDOWED["converted-gqa"])
+    model.save_pretrained(tmp_path / "ckpt")
+    assert_loads_with_remote_code(tmp_path / "ckpt", tmp_path, random_ids(2, 11), packed=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Conversion: --window, and calibration of a windowed student
+# ------------------------------------------------------------------------------------------
+
+
+def test_calibration_decomposition_is_the_layer_output():
+    """What calibration computes once per (gamma) and combines per (b, w): the window's terms
+    with scores q.k and the linear part A + b Z + sink, shifted by b, equal the windowed output
+    with scores b + q.k."""
+    from retconvert.models.retention import combine_window, windowed_retention_terms
+
+    L = {n: x.detach() for n, x in make_leaves(19, 4, torch.float64, False, True).items()}
+    q, k, v, gamma = L["q"], L["k"], L["v"], L["gamma"]
+    b = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    ones = torch.ones_like(q[..., :1])
+    soft, shift, A, _ = windowed_retention_terms(q, k, v, gamma, 4, 5)
+    Z = windowed_retention_terms(ones, ones, v, gamma, 4, 5)[2]
+    sink = (L["sink_score"], L["sink_value"])
+    got = combine_window(soft, shift + b[:, None], A + b[:, None] * Z, sink)
+    qb = torch.cat([q, b.view(1, 1, -1, 1).expand_as(q[..., :1])], -1)
+    kb = torch.cat([k, ones], -1)
+    want, _ = windowed_retention(qb, kb, v, gamma, 4, "chunkwise", chunk_size=5, sink=sink)
+    assert_near(got, want, 1e-12, "decomposition")
+
+
+def test_from_hf_window_calibrates_and_loads(tmp_path):
+    import json
+
+    from tiny import save_teacher, tiny_llama, tiny_text, write_jsonl
+
+    from retconvert.cli import main as cli
+
+    teacher_dir = save_teacher(tiny_llama(), tmp_path / "teacher")
+    calib = write_jsonl(tmp_path / "calib.jsonl", tiny_text())
+    out = tmp_path / "student"
+    args = ["from-hf", str(teacher_dir), "--out", str(out), "--calib-data", str(calib), "--calib-tokens", "256",
+            "--calib-seq-len", "64", "--window", "8"]
+    assert cli(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["retention_window"] == 8 and config["conversion"]["options"]["window"] == 8
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert all(0 <= layer["rel_error"] <= 1 + 1e-6 for layer in report["layers"])
+    from transformers import AutoModelForCausalLM
+
+    import retconvert  # noqa: F401
+
+    student = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert student.config.retention_window == 8
+    ids = torch.randint(3, 40, (2, 21))
+    with torch.no_grad():  # decoding from the state equals the full forward
+        full = student(ids, use_cache=False).logits
+        state = student(ids[:, :10], use_cache=True).past_key_values
+        step = [student(ids[:, t:t + 1], past_key_values=state, use_cache=True).logits for t in range(10, 21)]
+    assert_close(torch.cat(step, 1), full[:, 10:], what="decode")
+
+
+def test_bad_window_option_is_one_line_error(tmp_path, capsys):
+    from retconvert.cli import main as cli
+
+    assert cli(["from-hf", "smollm2-135m", "--out", str(tmp_path / "x"), "--window", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "--window -3 must be 0 (pure RetNet) or a token count such as 64" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
