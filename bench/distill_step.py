@@ -80,6 +80,7 @@ from common import (  # noqa: E402
 
 DEFAULT_CONFIG = "configs/distill/smollm2-135m.yaml"
 CASES = ("teacher_finetune", "distill", "distill_cached", "student_only", "teacher_forward")
+PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")  # of a distill step, in order
 LABELS = {
     "teacher_finetune": "A  teacher fine-tuning step (fwd + CE + bwd + AdamW)",
     "distill": "B  distillation step (teacher no-grad fwd + student fwd + KD loss + bwd + AdamW)",
@@ -114,6 +115,9 @@ def parse_args(argv=None):
                    help="before timing, wait at most this many seconds for other processes to go idle")
     p.add_argument("--quiet-threshold", type=float, default=0.3,
                    help="tolerance (cores) above `usable cpus - threads` before a step counts as contended")
+    p.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the frozen teacher's weights for B and T (cast after the student is built from it; "
+                        "as model.teacher_dtype with a converted model.student)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
@@ -180,6 +184,10 @@ def main(argv=None) -> int:
     log(f"student built in {time.perf_counter() - t0:.1f} s (weight mapping only, calibration skipped)")
     tokenizer = teacher.tokenizer
     tmodel = teacher.model
+    if args.teacher_dtype != "float32":
+        if "teacher_finetune" in cases:
+            raise SystemExit("--teacher-dtype bfloat16 times a bf16 teacher; leave teacher_finetune out of --cases")
+        tmodel.to(getattr(torch, args.teacher_dtype))
 
     # The batch
     if args.data == "config":
@@ -252,6 +260,8 @@ def main(argv=None) -> int:
         tmodel.train().requires_grad_(True)
 
     last_loss: Dict[str, float] = {}
+    last_phases: Dict[str, Dict[str, float]] = {}  # seconds per phase of the last distill step
+    last_grad_norm: Dict[str, float] = {}
 
     def check(name: str, value: torch.Tensor):
         v = float(value.detach())
@@ -276,22 +286,30 @@ def main(argv=None) -> int:
         name = "distill_cached" if use_cache else "distill"
 
         def step():
+            clock = [time.perf_counter()]  # phase boundaries (CPU ops are synchronous)
             teacher_logits = teacher_topk = None
             if use_cache:
                 teacher_topk = cache.get(0, x)
             else:
                 with torch.no_grad():
                     teacher_logits = tmodel(input_ids=x, use_cache=False).logits
+            clock.append(time.perf_counter())
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 logits = s_engine(input_ids=x, use_cache=False).logits
+            clock.append(time.perf_counter())
             parts = loss_fn(logits, y, teacher_logits=teacher_logits, teacher_topk=teacher_topk)
             local = torch.stack([parts.loss.detach(), parts.kl.detach(), parts.ce.detach()]).double().cpu()
             if not torch.isfinite(local).all():
                 raise SystemExit(f"{name}: loss is not finite ({local.tolist()})")
             last_loss[name] = float(local[0]) / max(n_scored, 1)
+            clock.append(time.perf_counter())
             s_engine.backward(parts.loss / max(n_scored, 1) * scale)
+            clock.append(time.perf_counter())
             s_engine.micro_step()
             s_engine.step()
+            clock.append(time.perf_counter())
+            last_phases[name] = dict(zip(PHASES, (b - a for a, b in zip(clock, clock[1:]))))
+            last_grad_norm[name] = s_engine.last_grad_norm
 
         return step
 
@@ -330,6 +348,7 @@ def main(argv=None) -> int:
     result["config"] = {
         "distill_config": args.config, "overrides": overrides, "teacher": cfg.model.teacher,
         "teacher_base_model": teacher.base_model, "dtype": "float32", "autocast_bf16": autocast,
+        "teacher_dtype": args.teacher_dtype,
         "batch": B, "seq_len": T, "tokens_per_step": B * T, "data": data_info,
         "cases": cases, "repeats": args.repeats, "warmup_rounds": args.warmup, "threads": threads,
         "seed": args.seed, "contention_limit_cores": limit,
@@ -389,6 +408,9 @@ def main(argv=None) -> int:
                 t = time_callable(fn, repeats=1, warmup=0)
             rec = {"round": r, "wall_s": t["median_s"], "cpu_s": t["cpu_time"]["median_s"],
                    "other_busy_cores": mon.result.get("other_busy_cores"), "loss": last_loss.get(c)}
+            if c in last_phases:
+                rec["phases_s"] = last_phases.pop(c)
+                rec["grad_norm"] = last_grad_norm.pop(c)
             if timed:
                 runs[c].append(rec)
             log(f"{'round' if timed else 'warm-up'} {r + 1 - args.warmup if timed else r + 1}: {c:17s} "
@@ -413,6 +435,9 @@ def main(argv=None) -> int:
             "contended_steps": sum(b > limit for b in busy),
             "runs": runs[c],
         }
+        if runs[c] and "phases_s" in runs[c][0]:
+            per_case[c]["phases_median_s"] = {ph: summarize([x_["phases_s"][ph] for x_ in runs[c]])["median_s"]
+                                              for ph in PHASES}
 
     def ratio(a: str, b: str, metric: str):
         if a not in per_case or b not in per_case:
@@ -447,6 +472,17 @@ def main(argv=None) -> int:
         "peak_rss_bytes": maxrss_bytes(),
     }
     result["cases"] = per_case
+    peak = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
+    flops_per_token = 6 * params["student_trainable"] + 2 * params["teacher"]
+    result["matmul_peak"] = {
+        **peak, "flops_per_token": flops_per_token,
+        "note": "2048x576 by 576x1536 matmul, this process's threads, measured after the steps; model FLOPs "
+                "per distill token counted as 6 x trainable student parameters + 2 x teacher parameters",
+        "distill_fraction_of_peak": {
+            dt: (per_case["distill"]["tokens_per_s_wall"] * flops_per_token / (peak[dt]["gflop_s"] * 1e9)
+                 if "distill" in per_case and per_case["distill"]["tokens_per_s_wall"] else None)
+            for dt in peak},
+    }
     result["code"]["sha256_at_end"] = {f: file_sha256(REPO / f) for f in files}
     result["code"]["changed_during_run"] = result["code"]["sha256_at_end"] != result["code"]["sha256_at_start"]
     result["total_wall_s"] = time.perf_counter() - t_start
@@ -456,6 +492,16 @@ def main(argv=None) -> int:
     print_table(result)
     emit_result(result, args.out)
     return 0
+
+
+def matmul_peak(dtype: str, m: int = 2048, k: int = 576, n: int = 1536, repeats: int = 20) -> Dict[str, Any]:
+    """GFLOP/s of one (m x k) @ (k x n) matmul in `dtype` with the current torch threads (median)."""
+    import torch
+
+    a = torch.randn(m, k).to(getattr(torch, dtype))
+    b = torch.randn(k, n).to(getattr(torch, dtype))
+    t = time_callable(lambda: a @ b, repeats=repeats, warmup=3)
+    return {"shape": [m, k, n], "median_s": t["median_s"], "gflop_s": 2 * m * k * n / t["median_s"] / 1e9}
 
 
 def _options_are_defaults(options) -> bool:
@@ -479,6 +525,17 @@ def print_table(result: Dict[str, Any]) -> None:
         got = [f"{k} {v:.3f}" for k, v in s["ratios"][metric].items() if v is not None]
         if got:
             log(f"ratios ({metric}): " + ", ".join(got))
+    for c, row in result["cases"].items():
+        if "phases_median_s" in row:
+            total = sum(row["phases_median_s"].values())
+            log(f"{c} phases (median s, share): " + ", ".join(
+                f"{ph} {v:.2f} ({v / total:.0%})" for ph, v in row["phases_median_s"].items()))
+    mp = result.get("matmul_peak", {})
+    for dt in ("float32", "bfloat16"):
+        if dt in mp:
+            frac = mp["distill_fraction_of_peak"][dt]
+            log(f"{dt} matmul peak {mp[dt]['gflop_s']:.0f} GFLOP/s"
+                + (f"; the distill step reaches {frac:.0%} of it" if frac is not None else ""))
     t = s["target"]
     if t["ratio_wall"] is not None:
         log(f"target B/A < {t['limit']}: wall {t['ratio_wall']:.3f} (met: {t['met_wall']}), "
