@@ -19,6 +19,7 @@ from retconvert.convert.torchscale_export import (
     export_torchscale,
     import_torchscale,
     load_torchscale,
+    torchscale_parity,
     to_torchscale,
 )
 from retconvert.errors import RetconvertError
@@ -211,3 +212,26 @@ def test_each_unmappable_feature_is_named(overrides, feature):
     with pytest.raises(TorchscaleExportError, match="cannot export to torchscale") as info:
         to_torchscale(RetNetForCausalLM(torchscale_like(**overrides)))
     assert feature in str(info.value)
+
+
+@pytest.mark.parametrize("v_scale", [1.0, 1e-2, 1e-3])
+@torch.no_grad()
+def test_export_measures_and_states_the_recurrent_limit(tmp_path, v_scale):
+    """torchscale's parallel form matches at every weight scale; its recurrent form (a running
+    scale instead of max(|row sum|, c_n)) only where the head norm's eps is negligible. The
+    export measures both and warns, naming the limit, when the recurrent form is off."""
+    model = random_model(torchscale_like())
+    for layer in model.model.layers:
+        layer.retention.v_proj.weight.mul_(v_scale)
+    model.save_pretrained(tmp_path / "ours")
+    lines = []
+    export_torchscale(tmp_path / "ours", tmp_path / "ts", log=lines.append)
+    parity = torchscale_parity(model, load_torchscale(tmp_path / "ts"))
+    assert parity["parallel"] <= TOL
+    assert f"parallel {parity['parallel']:.1e}, recurrent {parity['recurrent']:.1e}" in lines[0]
+    warned = [line for line in lines if line.startswith("warning:")]
+    if v_scale == 1.0:
+        assert parity["recurrent"] <= TOL and not warned
+    else:  # on the probe: 3.8e-3 at 1e-2, 0.18 at 1e-3
+        assert parity["recurrent"] > {1e-2: 1e-3, 1e-3: 0.1}[v_scale]
+        assert len(warned) == 1 and "layernorm_eps=1e-06" in warned[0] and "parallel form is exact" in warned[0]
