@@ -416,12 +416,16 @@ def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final
         w_out = w_out.masked_fill(~leaving[:, None], 0.0).to(dtype)
         S = state.state * torch.exp((last + 1)[:, :, None, None].to(log_g.dtype) * lg).to(dtype) \
             + (kh * w_out[..., None]).transpose(-1, -2) @ vh  # (B, H, Dk, Dv + 1)
-        # slot i of the new cache holds the real token of rank last - (W - 1 - i)
+        # slot i of the new cache holds the real token of rank last - (W - 1 - i): ranks only grow
+        # along J, so the first index whose rank reaches it is that token, if it exists
         want = last - (W - 1) + torch.arange(W, device=q.device)[None, :]  # (B, W)
-        pick = ((rank[:, None, :] == want[:, :, None]) & valid_x[:, None, :]).to(dtype)  # (B, W, J)
-        keys = torch.einsum("bij,bjhd->bihd", pick, k_x)
-        values = torch.einsum("bij,bjhd->bihd", pick, v_x[..., :-1])
-        new_state = WindowState(S, keys, values, pick.sum(-1) > 0)
+        idx = torch.searchsorted(rank, want).clamp(max=W + C - 1)  # (B, W)
+        kept = (rank.gather(1, idx) == want) & valid_x.gather(1, idx)  # (B, W): False for empty slots
+
+        def take(x):  # (B, J, H, D) -> (B, W, H, D), zeros in empty slots
+            return x.gather(1, idx[:, :, None, None].expand(-1, -1, *x.shape[2:])) * kept[:, :, None, None].to(dtype)
+
+        new_state = WindowState(S, take(k_x), take(v_x[..., :-1]), kept)
     return soft.transpose(1, 2), m.transpose(1, 2), lin.transpose(1, 2), new_state
 
 
