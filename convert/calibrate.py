@@ -18,7 +18,7 @@ import torch
 
 from retconvert.convert.families import Family
 from retconvert.models.modeling_retnet import paper_decay_norm
-from retconvert.models.retention import retention
+from retconvert.models.retention import combine_window, retention, windowed_retention_terms
 
 # Candidate decays: effective memory 1/(1-gamma) from 2 to 8192 tokens, log-spaced.
 GAMMA_GRID = [1.0 - 2.0 ** (-e) for e in (1, 2, 3, 4, 5, 5.5, 6, 6.5, 7, 7.5, 8, 9, 10, 11, 13)]
@@ -123,16 +123,26 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias
 
     best_err = torch.full((H,), float("inf"), device=x.device)
     best = {"gamma": gammas[0], "bias": biases[0], "sink": sinks[0].expand(H)}
+    window = cfg.retention_window
+    if window:  # the softmax window's terms depend on neither gamma nor b (its scores exp(b + q.k) = e^b exp(q.k))
+        soft, shift = (x[:, keep] for x in windowed_retention_terms(q, k, v, gammas[0], window, 64,
+                                                                    output_final_state=False)[:2])
     for gamma in gammas:
-        A = retention(q, k, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]  # (N, T', H, Dv + 1)
-        Z = retention(ones, ones, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]
+        if window:  # the linear part covers the tokens beyond the window only
+            A, Z = (windowed_retention_terms(a, b, v, gamma, window, 64, output_final_state=False)[2][:, keep]
+                    for a, b in ((q, k), (ones, ones)))
+        else:
+            A = retention(q, k, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]  # (N, T', H, Dv + 1)
+            Z = retention(ones, ones, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]
         c = paper_decay_norm(n, gamma)[..., None]  # (N, T', H, 1)
         for b in biases:
             total = (A + b[:, None] * Z)[None]  # (1, N, T', H, Dv + 1)
             if sink_qk is not None:
                 total = total + (sinks.view(-1, 1, 1, 1) * (b + sink_qk))[..., None] * sink_kv  # (W, ...)
             o = total[..., :Dv]
-            if cfg.retention_normalization == "paper":
+            if window:  # in the window's units exp(q.k - shift): the linear part scaled by e^-(shift + b)
+                o = combine_window(soft, shift + b[:, None], total)
+            elif cfg.retention_normalization == "paper":
                 o = o / torch.maximum(total[..., Dv:].abs(), c)
             _, err, _ = _fit_scale(layer.head_norm(o, affine=False), y_kept)  # (W, H)
             err, w = err.min(0)
