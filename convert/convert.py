@@ -174,6 +174,7 @@ def convert(teacher: Teacher, options: ConvertOptions, log=print):
                 torch.nn.init.ones_(block.retention.head_norm_weight)
         report["layers"] = [asdict(f) for f in fits]
         report["mean_rel_error"] = sum(f.rel_error for f in fits) / len(fits)
+        report["calibration_tokens"] = ids.numel()
     report["seconds"] = round(time.time() - t0, 1)
     return student, report
 

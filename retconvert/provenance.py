@@ -177,8 +177,7 @@ def conversion_record(teacher, options, report: Optional[dict], *, license: Opti
     opts["calib_data"] = source_name(opts.get("calib_data"))
     calibration = None
     if report and "mean_rel_error" in report:
-        rows = options.calib_tokens // options.calib_seq_len
-        calibration = {"data": opts["calib_data"], "tokens": rows * options.calib_seq_len,
+        calibration = {"data": opts["calib_data"], "tokens": report.get("calibration_tokens"),
                        "seq_len": options.calib_seq_len, "mean_rel_error": float(report["mean_rel_error"])}
     teacher_id = teacher.base_model if teacher.kind in ("hub", "builtin") else _name(str(teacher.base_model))
     return {"schema": SCHEMA, "teacher": teacher_id, "kind": teacher.kind,
@@ -217,7 +216,8 @@ def _student(origin: dict) -> dict:
 
 
 def _eval(results: Optional[dict]) -> Dict[str, Dict[str, float]]:
-    """{"heldout": 21.3, "teacher_heldout": 15.2} (the recipe's evaluate()) -> {"heldout": {"student": .., "teacher": ..}}."""
+    """The recipe's evaluate() output, {"heldout": 21.3, "teacher_heldout": 15.2}, as
+    {"heldout": {"student": 21.3, "teacher": 15.2}}."""
     out: Dict[str, Dict[str, float]] = {}
     for key, value in (results or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -328,9 +328,10 @@ def read_distillation(config: dict) -> Optional[dict]:
 def public_config(config: dict, conversion_report: Optional[dict] = None) -> dict:
     """config.json as it may be published: its records in the current schema, no local paths."""
     out = dict(config)
-    for key, read in (("conversion", lambda c: read_conversion(c, conversion_report)), ("distillation", read_distillation)):
-        if isinstance(config.get(key), dict):
-            out[key] = read(config)
+    if isinstance(config.get("conversion"), dict):
+        out["conversion"] = read_conversion(config, conversion_report)
+    if isinstance(config.get("distillation"), dict):
+        out["distillation"] = read_distillation(config)
     return strip_local_paths(out)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tiny import save_teacher, tiny_llama, tiny_text, tiny_tokenizer, write_jsonl
+from tiny import save_teacher, tiny_distill_overrides, tiny_llama, tiny_text, tiny_tokenizer, write_jsonl
 
 import retconvert  # noqa: F401  (registers the Auto classes: save_pretrained writes auto_map and the code)
 from retconvert import hub, provenance
@@ -219,8 +219,8 @@ def test_eval_report_errors(ckpt, tmp_path):
 # Provenance: written by the converter and the trainer, read by the card, never a local path
 # ------------------------------------------------------------------------------------------
 
-# The tiny distillation below: stage 1 for 2 steps of 2 x 32 tokens, stage 2 for 3 steps of 4 x 2 x 32
-# tokens (micro-batch x accumulation x sequence length, one process).
+# tiny_distill_overrides: stage 1 for 2 steps of 2 x 32 tokens, stage 2 for 3 steps of 4 x 2 x 32 tokens
+# (micro-batch x accumulation x sequence length, one process).
 RUN_TOKENS = 2 * 2 * 32 + 3 * 4 * 2 * 32
 
 
@@ -242,16 +242,8 @@ def distilled(teacher_dir):
     from retconvert.distill.trainer import run
 
     root = teacher_dir.parent
-    overrides = {
-        "run.out_dir": root / "runs" / "tiny", "run.progress": False, "run.tensorboard": False,
-        "run.checkpoint_every": 0, "run.threads": 1, "model.teacher": teacher_dir,
-        "model.convert.calib_tokens": 128, "model.convert.calib_seq_len": 32, "model.convert.chunk_size": 8,
-        "data.train": f"[{root / 'train.jsonl'}]", "data.eval": f"[{root / 'heldout.jsonl'}]",
-        "data.seq_len": 32, "data.shuffle_buffer": 4, "data.eval_tokens": 128, "data.eval_window": 32,
-        "data.eval_stride": 16, "stage1.steps": 2, "stage1.seq_len": 32, "stage1.micro_batch_size": 2,
-        "stage2.steps": 3, "stage2.micro_batch_size": 4, "stage2.grad_accum": 2, "stage2.warmup_steps": 1,
-    }
-    result = run(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), log=lambda *_: None)
+    overrides = tiny_distill_overrides(teacher_dir, root / "train.jsonl", root / "heldout.jsonl", root / "runs" / "tiny")
+    result = run(load_config(None, overrides), log=lambda *_: None)
     return root / "runs" / "tiny" / "final", result
 
 
@@ -386,8 +378,8 @@ def test_older_checkpoint_gets_a_sensible_path_free_card(ckpt, tmp_path, token_e
     from retconvert.distill.config import load_config
 
     here = str(tmp_path / "machine")
-    cfg = load_config(None, [f"run.out_dir={here}/run", f"data.train=[{here}/c4.jsonl]", f"data.eval=[{here}/wiki.jsonl]",
-                             "stage1.steps=50", "stage2.steps=400"]).to_dict()
+    cfg = load_config(None, [f"run.out_dir={here}/run", f"data.train=[{here}/c4.jsonl]",
+                             f"data.eval=[{here}/wiki.jsonl]", "stage1.steps=50", "stage2.steps=400"]).to_dict()
     config = json.loads((ckpt / "config.json").read_text())
     config["conversion"] = {"teacher": TEACHER, "source": TEACHER, "retconvert_version": "0.0.9",
                             "options": {**config["conversion"]["options"], "calib_data": f"{here}/calib.jsonl"}}
