@@ -1,6 +1,7 @@
 """A small grid sweep over the training recipe (from scratch or distillation), one table out.
 
-    python -m retconvert.distill.sweep configs/sweep/scratch-grid.yaml [key=value ...]
+    retconvert sweep configs/sweep/scratch-grid.yaml [key=value ...]
+    python -m retconvert.distill.sweep configs/sweep/scratch-grid.yaml [key=value ...]   (the same)
 
 The grid YAML names a base distillation config, optional overrides, an output folder and a
 `grid` of dotted keys to lists of values; every combination runs in turn (one process,
@@ -94,17 +95,27 @@ def sweep(spec: dict, extra: List[str] = (), log=print) -> List[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="grid sweep over distill/train.py settings")
+def add_arguments(p: argparse.ArgumentParser):
+    """This module's arguments (also those of `retconvert sweep`)."""
     p.add_argument("sweep", help="sweep YAML (configs/sweep/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value applied to every run")
-    args = p.parse_args(argv)
+
+
+def run_args(args) -> List[dict]:
+    """Run the sweep the parsed arguments name and print its table (markdown)."""
+    rows = sweep(load_sweep(args.sweep), args.overrides)
+    print(to_markdown(rows))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="grid sweep over distill/train.py settings")
+    add_arguments(p)
     try:
-        rows = sweep(load_sweep(args.sweep), args.overrides)
+        run_args(p.parse_args(argv))
     except RetconvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(to_markdown(rows))
     return 0
 
 

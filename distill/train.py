@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 distill/train.py --config configs/distill/smollm2-135m.yaml run.deepspeed=configs/deepspeed/zero2.json
     python distill/train.py --config configs/distill/smollm2-135m.yaml stage2.steps=200 run.out_dir=outputs/x
     python distill/train.py --config configs/distill/smollm2-135m.yaml --resume     # continue the latest checkpoint
+    retconvert distill --config configs/distill/smollm2-135m.yaml stage2.steps=200   # the same, as a CLI verb
 
 Without a launcher (RANK unset) it runs as one process: plain PyTorch, or a one-process
 DeepSpeed group when `run.deepspeed` names a JSON config.
@@ -27,19 +28,29 @@ from retconvert.distill.trainer import Trainer
 from retconvert.errors import RetconvertError
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser):
+    """This script's arguments (also those of `retconvert distill`)."""
     p.add_argument("--config", help="YAML file under configs/distill/ (defaults apply to missing keys)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. stage2.lr=1e-4 run.out_dir=outputs/x")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
     return p.parse_args(argv)
+
+
+def config_from_args(args):
+    """The validated DistillConfig the arguments name (a ConfigError names a bad key or value)."""
+    return load_config(args.config, args.overrides + (["run.resume=true"] if args.resume else []))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides + (["run.resume=true"] if args.resume else []))
+        cfg = config_from_args(args)
         trainer = Trainer.setup(cfg)
         try:
             trainer.attention_transfer()  # stage 1

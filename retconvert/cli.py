@@ -1,6 +1,8 @@
 """The `retconvert` command.
 
     retconvert from-hf SOURCE [--out DIR] [options]    convert a Transformer into a RetNet
+    retconvert distill --config YAML [--resume] [section.key=value ...]   distil it (distill/train.py)
+    retconvert sweep SWEEP_YAML [section.key=value ...]                     a grid of distillation runs
     retconvert compare TEACHER STUDENT                 perplexity and a greedy sample of each
     retconvert export DIR --format torchscale --out DIR2
     retconvert eval --model TEACHER --model STUDENT --out REPORT_DIR
@@ -130,6 +132,32 @@ def cmd_export(args):
     print(f"wrote {args.out}")
 
 
+def _add_distill(sub):
+    from retconvert.distill.train import add_arguments
+
+    p = sub.add_parser("distill", help="distil a converted RetNet from its teacher, or train from scratch "
+                                       "(one process; `deepspeed distill/train.py` for several)")
+    add_arguments(p)
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args):
+    from retconvert.distill.train import config_from_args
+    from retconvert.distill.trainer import run
+
+    result = run(config_from_args(args))
+    if result.get("final"):
+        print(f"wrote {result['final']}")
+
+
+def _add_sweep(sub):
+    from retconvert.distill.sweep import add_arguments, run_args
+
+    p = sub.add_parser("sweep", help="a grid of distillation runs (configs/sweep/*.yaml), one results table")
+    add_arguments(p)
+    p.set_defaults(func=run_args)
+
+
 def _add_push(sub):
     from retconvert.hub import repo_id_arg
 
@@ -223,7 +251,7 @@ def cmd_eval(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retconvert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_from_hf, _add_compare, _add_export, _add_push, _add_eval):
+    for add in (_add_from_hf, _add_distill, _add_sweep, _add_compare, _add_export, _add_push, _add_eval):
         add(sub)
     return parser
 

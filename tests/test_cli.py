@@ -1,0 +1,63 @@
+"""`retconvert distill` and `retconvert sweep`: the recipe and the grid sweep as CLI verbs, on a
+tiny random Llama teacher (`distill/train.py` itself is exercised by tests/test_distill.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny import save_teacher, tiny_distill_overrides, tiny_llama, tiny_text, write_jsonl
+
+from retconvert.cli import main
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A teacher folder, training text and held-out text."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    save_teacher(tiny_llama(), root / "teacher")
+    write_jsonl(root / "train.jsonl", tiny_text(60, seed=1))
+    write_jsonl(root / "heldout.jsonl", tiny_text(8, seed=2))
+    return root
+
+
+def overrides(root: Path, out: Path, **extra) -> list:
+    return tiny_distill_overrides(root / "teacher", root / "train.jsonl", root / "heldout.jsonl", out, **extra)
+
+
+def test_distill_verb_runs_the_recipe(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", *overrides(root, out)]) == 0
+    assert f"wrote {out / 'final'}" in capsys.readouterr().out
+    record = json.loads((out / "final" / "distillation.json").read_text())
+    assert [s["steps"] for s in record["stages"]] == [2, 3]
+    assert main(["distill", *overrides(root, out)]) == 2  # an earlier run is not overwritten silently
+    assert "holds an earlier run; pass --resume" in capsys.readouterr().err
+
+
+def test_distill_verb_reads_a_config_file(root, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"run": {"seed": 7}}))  # overrides take precedence over the file
+    assert main(["distill", "--config", str(config), *overrides(root, tmp_path / "run", **{"stage1.steps": 0})]) == 0
+    record = json.loads((tmp_path / "run" / "final" / "distillation.json").read_text())
+    assert record["run"]["seed"] == 7 and [s["steps"] for s in record["stages"]] == [3]
+    capsys.readouterr()
+    assert main(["distill", "--config", str(config), "stage2.nonsense=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nonsense" in err[0]
+
+
+def test_sweep_verb_runs_every_grid_point(root, tmp_path, capsys):
+    spec = {"out_dir": str(tmp_path / "sweep"), "grid": {"stage2.lr": [0.001, 0.003]},
+            "overrides": overrides(root, tmp_path / "unused", **{"stage1.steps": 0, "stage2.steps": 1})}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path)]) == 0
+    rows = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert [r["stage2.lr"] for r in rows] == [0.001, 0.003]
+    assert "| run | stage2.lr |" in capsys.readouterr().out
+    path.write_text(yaml.safe_dump({**spec, "grid": {}}))
+    assert main(["sweep", str(path)]) == 2
+    assert "grid must map dotted keys to lists" in capsys.readouterr().err
