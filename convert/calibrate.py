@@ -183,10 +183,24 @@ def apply_fit(layer, fit: LayerFit):
         layer.head_norm_weight.copy_(scale.repeat_interleave(layer.v_dim))
 
 
+def fit_position_table(input_ids: torch.Tensor, config, log=print) -> torch.Tensor:
+    """(N, T) calibration rows -> (N * (T // L), L) when the model reads positions from a learned
+    table of L entries and T > L (the tail of each row that fills no piece is dropped); else as is."""
+    N, T = input_ids.shape
+    limit = config.max_position_embeddings if config.learned_position_embeddings else T
+    if T <= limit:
+        return input_ids
+    log(f"  calibration rows of {T} tokens cut into rows of {limit}: the teacher's learned position table "
+        f"has {limit} entries (--calib-seq-len {limit} asks for that length directly)")
+    return input_ids[:, : T // limit * limit].reshape(-1, limit)
+
+
 @torch.no_grad()
 def calibrate(student, teacher, family: Family, input_ids: torch.Tensor, fit_decay: bool, fit_bias: bool,
               log=print) -> List[LayerFit]:
-    """Fit every retention layer of `student` to `teacher` on `input_ids` (N, T)."""
+    """Fit every retention layer of `student` to `teacher` on `input_ids` (N, T). Rows longer
+    than a learned position table (GPT-2's `n_positions`) are cut into rows that fit it."""
+    input_ids = fit_position_table(input_ids, student.config, log)
     layer_inputs, attn_outputs = capture_teacher(teacher, family, input_ids)
     fits = []
     for i, block in enumerate(student.model.layers):

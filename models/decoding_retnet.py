@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .modeling_retnet import CACHE_NAME, RetNetState, paper_decay_norm, rotary_inv_freq
+from .modeling_retnet import CACHE_NAME, RetNetState, check_position_table, paper_decay_norm, rotary_inv_freq
 
 # Model features this decoder does not pack yet, as (config field, the value it handles): a model
 # with another value decodes through its modules (generate() checks `RetNetDecoder.supports`).
@@ -552,6 +552,7 @@ class RetNetDecoder:
         if self.embed_scale != 1.0:
             x *= self.embed_scale
         if self.embed_pos is not None:
+            check_position_table(int(pos.max()), self.config)
             x += self.embed_pos[of(pos)]
         rot = None if not self.rotary else of(self._rotation(pos))  # (B, 1, Dk'/2) complex, shared by all layers
         norm_c = None

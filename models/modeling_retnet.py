@@ -181,6 +181,16 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, c
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
 
+def check_position_table(last_position: int, config: RetNetConfig):
+    """A learned position table (GPT-2's `n_positions`) has `max_position_embeddings` rows:
+    ValueError naming that limit when `last_position` (counted from 0) is past it."""
+    limit = config.max_position_embeddings
+    if last_position >= limit:
+        raise ValueError(f"position {last_position} is past this model's learned position table "
+                         f"(max_position_embeddings={limit}): a row holds at most {limit} tokens; "
+                         f"shorten the input or generate fewer tokens")
+
+
 def paper_decay_norm(n: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """c_n = sqrt(sum_{j<=n} gamma^j), the paper's decay normaliser, for positions n (..., 1) and
     per-head decays gamma (H,): (..., H). Computed in fp32 as (1 - gamma^(n+1)) / (1 - gamma)."""
@@ -522,6 +532,7 @@ class RetNetModel(RetNetPreTrainedModel):
             token_mask = attention_mask[:, -T:]  # generation passes the mask of the whole context
         x = x * self.config.embed_scale
         if self.config.learned_position_embeddings:
+            check_position_table(int(position_ids.max()), self.config)
             x = x + self.embed_positions(position_ids.clamp(min=0))
 
         hidden_states = [] if output_hidden_states else None

@@ -158,3 +158,46 @@ def test_perplexity_window_too_small():
 
     with pytest.raises(ValueError, match="window >= 2"):
         perplexity(Bigram(), list(range(10)), window=1, stride=1)
+
+
+# ------------------------------------------------------------------------------------------
+# Learned position tables: calibration fits them, running past them is a clear error
+# ------------------------------------------------------------------------------------------
+
+
+def test_gpt2_with_a_short_position_table_converts(tmp_path, capsys):
+    """n_positions=32 with 64-token calibration rows: rows are cut to fit (before: IndexError)."""
+    from tiny import save_teacher, tiny_gpt2, tiny_text, write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    from retconvert.cli import main as cli
+
+    teacher = save_teacher(tiny_gpt2(n_positions=32), tmp_path / "teacher")
+    calib = write_jsonl(tmp_path / "calib.jsonl", tiny_text())
+    out = tmp_path / "student"
+    assert cli(["from-hf", str(teacher), "--out", str(out), "--calib-data", str(calib), "--calib-tokens", "256",
+                "--calib-seq-len", "64"]) == 0
+    assert "calibration rows of 64 tokens cut into rows of 32" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.max_position_embeddings == 32
+    with pytest.raises(ValueError, match=r"position 32 is past .* \(max_position_embeddings=32\)"):
+        model.generate(torch.tensor([[4, 5, 6]]), max_new_tokens=40, do_sample=False, pad_token_id=2)
+
+
+@torch.no_grad()
+def test_running_past_a_learned_position_table_is_a_clear_error():
+    model = tiny_model(**VARIANTS["learned-positions"], max_position_embeddings=32)
+    ids = random_ids(2, 33)
+    message = r"position 32 is past this model's learned position table \(max_position_embeddings=32\)"
+    model(ids[:, :32])  # the whole table is usable
+    with pytest.raises(ValueError, match=message):
+        model(ids)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids[:, :30], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert model.generate(ids[:, :30], max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (2, 32)
+    decoder = RetNetDecoder(model, batch_size=2)
+    assert decoder.generate(ids[:, :30], 3).shape == (2, 33)  # the 33rd token is chosen, never read
+    with pytest.raises(ValueError, match=message):
+        decoder.generate(ids[:, :30], 4)
+    with pytest.raises(ValueError, match=message):
+        decoder.prefill(ids)
