@@ -664,9 +664,8 @@ def plan_push(folder, repo_id: str, *, private: bool = False, revision: Optional
     files.append(PlannedFile(CARD, len(data), hashlib.sha256(data).hexdigest(), None, data, "rendered model card"))
     files.sort(key=lambda f: f.path)
     if commit_message is None:
-        conv = config.get("conversion") if isinstance(config.get("conversion"), dict) else {}
-        what = "distilled" if isinstance(config.get("distillation"), dict) else "converted"
-        teacher = conv.get("teacher")
+        what = "distilled" if read_distillation(config) else "converted"
+        teacher = (read_conversion(config) or {}).get("teacher")
         commit_message = f"Upload RetNet {what}{' from ' + str(teacher) if teacher else ''} with retconvert {_version()}"
     return PushPlan(folder, repo_id, revision or "main", bool(private), commit_message, card, files)
 
