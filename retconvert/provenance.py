@@ -169,8 +169,9 @@ def _version() -> str:
 
 def conversion_record(teacher, options, report: Optional[dict], *, license: Optional[str]) -> dict:
     """`config.conversion` for a student converted from `teacher` (convert.sources.Teacher) with
-    `options` (ConvertOptions); `report` is what `convert.convert()` returned (None or without
-    `mean_rel_error`: not calibrated here); `license` as `teacher_license(teacher)` finds it."""
+    `options` (ConvertOptions); `report` is what `convert.convert()` returned (its
+    `mean_rel_error` and `calibration_tokens`; None or without them: not calibrated here);
+    `license` as `teacher_license(teacher)` finds it."""
     from retconvert.convert.families import family_for
 
     opts = asdict(options)
@@ -228,7 +229,7 @@ def _eval(results: Optional[dict]) -> Dict[str, Dict[str, float]]:
 
 def distillation_record(cfg, result: dict, *, origin: dict, world_size: int) -> dict:
     """`config.distillation` for a finished run of the recipe: `cfg` the DistillConfig, `result`
-    the trainer's result (stage1_loss, final_loss, eval, params, trainable_params, wall_s),
+    the trainer's result (stage1_loss, stage1_steps, final_loss, eval, params, trainable_params, wall_s),
     `origin` where the student came from (distill.models.build_student), `world_size` the
     number of processes. Token counts are token positions fed to the student, all processes."""
     distilled = cfg.model.teacher is not None
