@@ -242,9 +242,10 @@ def distilled(teacher_dir):
     from retconvert.distill.trainer import run
 
     root = teacher_dir.parent
-    overrides = tiny_distill_overrides(teacher_dir, root / "train.jsonl", root / "heldout.jsonl", root / "runs" / "tiny")
+    out = root / "runs" / "tiny"
+    overrides = tiny_distill_overrides(teacher_dir, root / "train.jsonl", root / "heldout.jsonl", out)
     result = run(load_config(None, overrides), log=lambda *_: None)
-    return root / "runs" / "tiny" / "final", result
+    return out / "final", result
 
 
 def local_path_hits(folder: Path, roots) -> list:
