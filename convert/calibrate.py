@@ -204,9 +204,9 @@ def calibrate(student, teacher, family: Family, input_ids: torch.Tensor, fit_dec
     layer_inputs, attn_outputs = capture_teacher(teacher, family, input_ids)
     fits = []
     for i, block in enumerate(student.model.layers):
-        dev = block.input_layernorm.weight.device
-        x = block.input_layernorm(layer_inputs[i].to(dev, block.input_layernorm.weight.dtype)).float()
-        fit = fit_layer(block.retention.float(), x, attn_outputs[i].to(dev), fit_decay, fit_bias)
+        weight = block.retention.q_proj.weight  # the input norm may be an identity (post-norm blocks)
+        x = block.input_layernorm(layer_inputs[i].to(weight.device, weight.dtype)).float()
+        fit = fit_layer(block.retention.float(), x, attn_outputs[i].to(weight.device), fit_decay, fit_bias)
         apply_fit(block.retention, fit)
         fits.append(fit)
         log(f"  layer {i:2d}: relative error {fit.rel_error:.3f}, median gamma "

@@ -99,8 +99,11 @@ def unmappable_features(model: RetNetForCausalLM) -> list:
          "softmax window; export a pure RetNet, converted without --window)")
     need(cfg.qk_head_dim * H == C,
          f"head_dim={cfg.qk_head_dim} with {H} heads != hidden_size={C} (torchscale ties them)")
-    need(cfg.qk_scale is None or math.isclose(cfg.qk_scale, cfg.qk_head_dim**-0.5),
+    need(all(math.isclose(cfg.layer_qk_scale(i), cfg.qk_head_dim**-0.5) for i in range(cfg.num_hidden_layers)),
          f"qk_scale={cfg.qk_scale} (torchscale: head_dim ** -0.5)")
+    for name, plain in (("qk_norm", None), ("block_norms", "pre"), ("final_logit_softcapping", None),
+                        ("layer_rope", None), ("partial_rotary_factor", 1.0)):
+        need(getattr(cfg, name) == plain, f"{name}={getattr(cfg, name)!r} (torchscale: {plain!r})")
     need(any(math.isclose(cfg.embed_scale, s) for s in (1.0, math.sqrt(C))),
          f"embed_scale={cfg.embed_scale} (torchscale: 1 or sqrt(hidden_size))")
     paper = torch.tensor(paper_decay(H), dtype=torch.float64)

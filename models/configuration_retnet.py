@@ -5,7 +5,7 @@ transformers code and nothing from retconvert.
 """
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from transformers import PretrainedConfig
 
@@ -13,6 +13,8 @@ RETENTION_MODES = ("parallel", "chunkwise", "recurrent")
 POSITION_TYPES = ("rotary", "xpos", "none")  # rotary: Llama layout; xpos: torchscale/paper layout
 HEAD_NORMS = ("groupnorm", "rmsnorm", "none")
 NORM_TYPES = ("layernorm", "rmsnorm")
+BLOCK_NORMS = ("pre", "post", "sandwich")
+QK_NORMS = ("head", "full")
 MLP_TYPES = ("mlp", "glu")  # mlp: fc_in -> act -> fc_out (GPT-2); glu: SwiGLU (Llama)
 NORMALIZATIONS = ("paper", "none")
 ROPE_SCALINGS = ("linear", "llama3")
@@ -60,6 +62,17 @@ class RetNetConfig(PretrainedConfig):
         use_output_gate: the paper's swish gate, `swish(x W_g) * retention(x)`.
         qk_scale: the score scale (default head_dim ** -0.5), or one value per layer (GPT-2's
             `scale_attn_by_inverse_layer_idx` divides layer i's scores by i + 1).
+        partial_rotary_factor: the fraction of each head's frequency pairs that rotate: pairs
+            (i, i + D/2) with i < factor * D/2 turn at the frequencies of a rotary over
+            factor * D channels, the others not at all. A teacher that rotates its first
+            factor * D channels (GPT-NeoX, Phi-3) converts by permuting q/k channels.
+        layer_rope: per-layer RoPE, a list with one {"rope_theta", "rotary_scaling"} per layer
+            (Gemma 3: a different theta for local and global layers); default: the global ones.
+        qk_norm: RMSNorm of queries and keys before the rotary: "head" over each head's
+            channels (Qwen3, Gemma 3), "full" over the whole projection (OLMo 2), None: none.
+        block_norms: "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo 2); "sandwich":
+            x + norm(f(norm(x))) (Gemma 2/3), for f the retention and the MLP.
+        final_logit_softcapping: logits c * tanh(logits / c) (Gemma 2); None: plain logits.
         embed_scale: multiplier of the token embeddings (torchscale uses sqrt(hidden_size)).
         parallel_residual: x + retention(ln1(x)) + mlp(ln2(x)) (GPT-NeoX) instead of sequential.
     """
@@ -102,6 +115,11 @@ class RetNetConfig(PretrainedConfig):
         score_bias: bool = False,
         attention_sink: bool = False,
         use_output_gate: bool = True,
+        partial_rotary_factor: float = 1.0,
+        layer_rope: Optional[Sequence[dict]] = None,
+        qk_norm: Optional[str] = None,
+        block_norms: str = "pre",
+        final_logit_softcapping: Optional[float] = None,
         embed_scale: float = 1.0,
         parallel_residual: bool = False,
         initializer_range: float = 0.02,
@@ -146,6 +164,11 @@ class RetNetConfig(PretrainedConfig):
         self.score_bias = score_bias
         self.attention_sink = attention_sink
         self.use_output_gate = use_output_gate
+        self.partial_rotary_factor = float(partial_rotary_factor)
+        self.layer_rope = [dict(r) for r in layer_rope] if layer_rope is not None else None
+        self.qk_norm = qk_norm
+        self.block_norms = block_norms
+        self.final_logit_softcapping = final_logit_softcapping
         self.embed_scale = embed_scale
         self.parallel_residual = parallel_residual
         self.initializer_range = initializer_range
@@ -173,6 +196,13 @@ class RetNetConfig(PretrainedConfig):
         if self.qk_scale is None:
             return self.qk_head_dim**-0.5
         return self.qk_scale[layer_idx] if isinstance(self.qk_scale, list) else self.qk_scale
+
+    def layer_rotary(self, layer_idx: Optional[int] = None) -> Tuple[float, Optional[dict]]:
+        """(rope_theta, rotary_scaling) of one layer: its `layer_rope` entry, else the global ones."""
+        if self.layer_rope is None or layer_idx is None:
+            return self.rope_theta, self.rotary_scaling
+        entry = self.layer_rope[layer_idx]
+        return entry["rope_theta"], entry.get("rotary_scaling")
 
     def layer_decay_gammas(self, layer_idx: int) -> list:
         """Initial decays of one layer's heads."""
@@ -227,6 +257,30 @@ class RetNetConfig(PretrainedConfig):
         if self.rotary_scaling is not None:
             kind = self.rotary_scaling.get("rope_type", self.rotary_scaling.get("type"))
             choice("rotary_scaling type", kind, ROPE_SCALINGS)
+        check(self.partial_rotary_factor == 1.0 or (0.0 < self.partial_rotary_factor < 1.0
+                                                     and (self.qk_head_dim * self.partial_rotary_factor) % 2 == 0),
+              f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1] and rotate an even number "
+              f"of the {self.qk_head_dim} head channels", "use e.g. 0.25 or 1.0")
+        check(self.partial_rotary_factor == 1.0 or self.position_embedding_type == "rotary",
+              f"partial_rotary_factor={self.partial_rotary_factor} with position_embedding_type="
+              f"{self.position_embedding_type!r}", "partial rotation needs position_embedding_type='rotary'")
+        if self.qk_norm is not None:
+            choice("qk_norm", self.qk_norm, QK_NORMS)
+        choice("block_norms", self.block_norms, BLOCK_NORMS)
+        check(self.block_norms == "pre" or not self.parallel_residual,
+              f"block_norms={self.block_norms!r} with parallel_residual", "use block_norms='pre' for a parallel block")
+        check(self.final_logit_softcapping is None or self.final_logit_softcapping > 0,
+              f"final_logit_softcapping={self.final_logit_softcapping!r} must be positive", "set it > 0 or None")
+        if self.layer_rope is not None:
+            check(len(self.layer_rope) == self.num_hidden_layers,
+                  f"layer_rope has {len(self.layer_rope)} entries for {self.num_hidden_layers} layers",
+                  "give one {'rope_theta', 'rotary_scaling'} per layer")
+            for entry in self.layer_rope:
+                check(entry.get("rope_theta", 0) > 0, f"layer_rope entry {entry} needs rope_theta > 0",
+                      "set rope_theta in every entry")
+                if entry.get("rotary_scaling") is not None:
+                    scaling = entry["rotary_scaling"]
+                    choice("rotary_scaling type", scaling.get("rope_type", scaling.get("type")), ROPE_SCALINGS)
         if isinstance(self.qk_scale, list):
             check(len(self.qk_scale) == self.num_hidden_layers,
                   f"qk_scale has {len(self.qk_scale)} values for {self.num_hidden_layers} layers",
