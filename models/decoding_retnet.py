@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .modeling_retnet import CACHE_NAME, RetNetState, check_position_table, paper_decay_norm, rotary_inv_freq
+from .retention import WindowState
 
 # Model features this decoder does not pack yet, as (config field, the value it handles): a model
 # with another value decodes through its modules (generate() checks `RetNetDecoder.supports`).
@@ -78,6 +79,16 @@ class _NumpyOps:
         """x (..., D) fp32 with rotary pairs adjacent, times rot (..., D/2) complex64."""
         return (x.view(np.complex64) * rot).view(np.float32)
 
+    @staticmethod
+    def amax(x: np.ndarray) -> np.ndarray:
+        """Maximum over the last axis, kept."""
+        return x.max(-1, keepdims=True)
+
+    @staticmethod
+    def shift(x: np.ndarray):
+        """Move the entries of axis -2 one slot down, in place (the last slot keeps its value)."""
+        x[..., :-1, :] = x[..., 1:, :]  # numpy buffers overlapping copies
+
 
 class _TorchOps:
     """The same small ops with torch, on any device."""
@@ -95,6 +106,14 @@ class _TorchOps:
     @staticmethod
     def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+
+    @staticmethod
+    def amax(x: torch.Tensor) -> torch.Tensor:
+        return x.amax(-1, keepdim=True)
+
+    @staticmethod
+    def shift(x: torch.Tensor):
+        x[..., :-1, :] = x[..., 1:, :].clone()  # torch refuses overlapping in-place copies
 
 
 def _default_ops(device: torch.device):
@@ -317,6 +336,9 @@ class RetNetDecoder:
             self._pack_embeddings(model)
         self.uses_numpy = any(m.w_numpy is not None for m in self._matrices())
         self.gamma = torch.stack([p["gamma_t"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)  # (L,1,Hkv,G)
+        self.window = cfg.retention_window  # W > 0: every layer also keeps its last W keys and values
+        for p in self.layers:  # a key leaving the window enters the state with weight gamma^W
+            p["gamma_w"] = self.ops.of((p["gamma_t"] ** self.window).view(1, Hkv, self.G, 1, 1).contiguous())
         self.inv_freq = rotary_inv_freq(cfg, self.device) if self.rotary else None
         self.reset()
 
@@ -448,13 +470,21 @@ class RetNetDecoder:
                 self.state[l] += p["sink"]
         self.positions = torch.zeros(self.B, dtype=torch.long, device=self.device)  # next position per row
         self.seen_tokens = 0
+        self.cache = self.cache_mask = None
+        if self.window:  # (L, B, Hkv, W, Dk' + Dv'): [k', v'] of the last W tokens, oldest first; (B, W) filled slots
+            self.cache = torch.zeros(L, self.B, self.Hkv, self.window, self.Dkp + self.Dvp, device=self.device)
+            self.cache_mask = torch.zeros(self.B, self.window, dtype=torch.bool, device=self.device)
         self.logits = torch.empty(self.B, self.config.vocab_size, device=self.device)
         self._logits = self.ops.of(self.logits)
 
-    def pack_state(self, states, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def pack_state(self, states, positions: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Model-format layer states (`RetNetState.states`: (B, H, Dk(+1), Dv') each) -> this
         decoder's (L, B, Hkv, G, Dk', Dv') buffer (sink folded in, channels permuted), with
-        `positions` (B,): the position of each row's next token. New tensors, nothing shared."""
+        `positions` (B,): the position of each row's next token. New tensors, nothing shared.
+        Windowed (`WindowState`s): also the (L, B, Hkv, W, Dk' + Dv') cache and its (B, W) mask."""
+        window = ()
+        if self.window:
+            window, states = self._pack_window(states), [s.state for s in states]
         B = states[0].shape[0]
         packed = torch.zeros(len(self.layers), B, self.Hkv, self.G, self.Dkp, self.Dvp, device=self.device)
         for l, s in enumerate(states):
@@ -465,35 +495,63 @@ class RetNetDecoder:
                 dst[..., self.Dk, :] = s[..., self.Dk, :]
             if self.layers[l]["sink"] is not None:
                 dst += self.layers[l]["sink"]
-        return packed, positions.to(self.device, torch.long).clone()
+        return (packed, positions.to(self.device, torch.long).clone(), *window)
 
-    def unpack_state(self, packed: torch.Tensor, dtype: Optional[torch.dtype] = None):
+    def _pack_window(self, states) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`WindowState`s -> the cache in this decoder's layout (one key/value head per group,
+        channels permuted, [k, bias feature, 0, v, 1]) and the (B, W) mask."""
+        B, W = states[0].mask.shape
+        cache = torch.zeros(len(states), B, self.Hkv, W, self.Dkp + self.Dvp, device=self.device)
+        for l, s in enumerate(states):
+            k, v = (x.float().view(B, W, self.Hkv, self.G, -1)[:, :, :, 0].transpose(1, 2)  # (B, Hkv, W, D)
+                    for x in (s.keys, s.values))
+            dst = cache[l]
+            dst[..., : self.Dk] = k[..., self.perm]
+            if self.extra_k:
+                dst[..., self.Dk] = k[..., self.Dk]
+            dst[..., self.Dkp: self.Dkp + self.Dv] = v
+            dst[..., -1] = s.mask[:, None, :].float()  # the normaliser's 1, in filled slots
+        return cache, states[0].mask.to(self.device).clone()
+
+    def unpack_state(self, packed: torch.Tensor, dtype: Optional[torch.dtype] = None, window=()):
         """The inverse of `pack_state`: a list of model-format layer states, in `dtype`
-        (default: the model's)."""
+        (default: the model's); with `window` = (cache, mask), `WindowState`s."""
         B, inverse, out = packed.shape[1], torch.argsort(self.perm), []
         for l, p in enumerate(self.layers):
             s = packed[l] - p["sink"] if p["sink"] is not None else packed[l].clone()
             s = s[..., : self.Dk + (1 if self.extra_k else 0), :]
             s = torch.cat([s[..., : self.Dk, :][..., inverse, :], s[..., self.Dk:, :]], -2)
             out.append(s.reshape(B, self.H, *s.shape[-2:]).to(dtype or self.model.dtype))
+        if not window:
+            return out
+        cache, mask = window
+        for l, s in enumerate(out):
+            c = cache[l]  # (B, Hkv, W, Dk' + Dv')
+            k = torch.cat([c[..., : self.Dk][..., inverse], c[..., self.Dk: self.Dk + (1 if self.extra_k else 0)]], -1)
+            k, v = (x.transpose(1, 2).repeat_interleave(self.G, dim=2).to(s.dtype)  # (B, W, H, D)
+                    for x in (k, c[..., self.Dkp: self.Dkp + self.Dv]))
+            out[l] = WindowState(s, k, v, mask.clone())
         return out
 
     def load_state(self, state: RetNetState, positions: Optional[torch.Tensor] = None):
         """Take over a model state (e.g. after `model(prompt, use_cache=True)`); `positions` (B,)
         is the position of the next token of each row (its count of real tokens; default: every
         token the state has seen, i.e. no padding)."""
-        B = state.states[0].shape[0]
+        first = state.states[0]
+        B = (first.state if self.window else first).shape[0]
         if positions is None:
             positions = torch.full((B,), state.seen_tokens, dtype=torch.long)
         if B != self.B:
             self.reset(B)
-        self.state, self.positions = self.pack_state(state.states, positions)
+        self.state, self.positions, *window = self.pack_state(state.states, positions)
+        if window:
+            self.cache, self.cache_mask = window
         self.seen_tokens = state.seen_tokens
 
     def export_state(self, dtype: Optional[torch.dtype] = None) -> RetNetState:
         """The current state in the model's `RetNetState` format (to continue with model())."""
         out = RetNetState(len(self.layers))
-        out.states = self.unpack_state(self.state, dtype)
+        out.states = self.unpack_state(self.state, dtype, (self.cache, self.cache_mask) if self.window else ())
         out.seen_tokens = self.seen_tokens
         return out
 
@@ -509,12 +567,14 @@ class RetNetDecoder:
             seen = torch.full((B,), state.seen_tokens, dtype=torch.long)
             positions = seen if attention_mask is None else attention_mask[:, :-1].long().sum(-1)
             state.packed = self.pack_state(state.states, positions)
-        buffer, positions = state.packed
+        buffer, positions, *window = state.packed  # windowed: + cache and mask, updated in place
         if buffer.shape[1] != self.B:
             self.reset(buffer.shape[1])
         self.state, self.positions = buffer, positions
+        if window:
+            self.cache, self.cache_mask = window
         logits = self.step(token_ids).clone()
-        state.packed = (buffer, self.positions)
+        state.packed = (buffer, self.positions, *window)
         state.seen_tokens += 1
         self.state = None  # the buffer belongs to `state`; reset()/load_state() make a new one
         return logits
@@ -556,13 +616,15 @@ class RetNetDecoder:
             x += self.embed_pos[of(pos)]
         rot = None if not self.rotary else of(self._rotation(pos))  # (B, 1, Dk'/2) complex, shared by all layers
         norm_c = None
-        if self.extra_v:  # paper normaliser c_n per (layer, row, head)
+        if self.extra_v and not self.window:  # paper normaliser c_n per (layer, row, head)
             norm_c = of(paper_decay_norm(pos.view(1, self.B, 1, 1), self.gamma).reshape(-1, self.B, self.H, 1))
         states = of(self.state)  # (L, B, Hkv, G, Dk', Dv'), updated in place
+        window = self._advance_window() if self.window else None
 
         for l, p in enumerate(self.layers):
             c = None if norm_c is None else norm_c[l]
-            r = self._retention(_normalize(x, *p["norm1"]), p, states[l], rot, c)  # (B, H * Dv)
+            w = None if window is None else (window[0][l], *window[1:])
+            r = self._retention(_normalize(x, *p["norm1"]), p, states[l], rot, c, w)  # (B, H * Dv)
             if self.parallel_residual:
                 x = p["o"](r, residual=self._mlp(_normalize(x, *p["norm2"]), p, residual=x))
             else:
@@ -581,8 +643,43 @@ class RetNetDecoder:
             rot = torch.cat([rot, rot.new_ones(self.B, 1)], -1)
         return rot[:, None]
 
-    def _retention(self, h, p, S, rot, norm_c):
-        """h (B, C) normalised input, S (B, Hkv, G, Dk', Dv') this layer's state -> (B, H * Dv)."""
+    def _advance_window(self):
+        """Once per step, before the layers: (the cache as arrays, which rows' oldest slot holds a
+        key that now leaves the window (B, 1, 1, 1, 1), the additive score mask (B, 1, 1, W) with
+        the new token's slot filled). The mask moves on in place; each layer moves its cache."""
+        mask = self.cache_mask  # (B, W)
+        leaving = self.ops.of(mask[:, 0].float().view(self.B, 1, 1, 1, 1))
+        mask[:, :-1] = mask[:, 1:].clone()
+        mask[:, -1] = True
+        bias = torch.zeros(self.B, 1, 1, self.window, device=self.device).masked_fill_(~mask[:, None, None], float("-inf"))
+        return self.ops.of(self.cache), leaving, self.ops.of(bias)
+
+    def _window_retention(self, q, k, v, p, S, cache, leaving, bias):
+        """Windowed retention of one token (see `windowed_retention` in retention.py): the oldest
+        cached key leaves the window into the state with weight gamma^W, the new key and value
+        take the newest slot, and the window's softmax terms and the state's linear terms share
+        one normaliser. q (B, H, Dk'), k (B, Hkv, Dk'), v (B, Hkv, 1, 1, Dv'), S (B, Hkv, G, Dk',
+        Dv') with the sink folded in, cache (B, Hkv, W, Dk' + Dv') -> (B, H, Dv)."""
+        B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
+        xp = self.ops.xp
+        old = cache[:, :, 0]  # (B, Hkv, Dk' + Dv')
+        S += (p["gamma_w"] * leaving) * old[..., :Dkp].reshape(B, Hkv, 1, Dkp, 1) * old[..., Dkp:].reshape(B, Hkv, 1, 1, Dvp)
+        self.ops.shift(cache)
+        cache[:, :, -1, :Dkp] = k
+        cache[:, :, -1, Dkp:] = v.reshape(B, Hkv, Dvp)
+        q = q.reshape(B, Hkv, G, Dkp)
+        lin = xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, Hkv, G, Dvp)
+        scores = xp.matmul(q, cache[..., :Dkp].swapaxes(-1, -2)) + bias  # (B, Hkv, G, W)
+        m = self.ops.amax(scores)
+        m = (m + abs(m)) * 0.5  # max(0, .), as the module path
+        soft = xp.matmul(xp.exp(scores - m), cache[..., Dkp:])  # (B, Hkv, G, Dv')
+        scale = xp.exp(-m)
+        o = (soft[..., :Dv] + scale * lin[..., :Dv]) / (soft[..., Dv:] + scale * abs(lin[..., Dv:]))
+        return o.reshape(B, H, Dv)
+
+    def _retention(self, h, p, S, rot, norm_c, window=None):
+        """h (B, C) normalised input, S (B, Hkv, G, Dk', Dv') this layer's state -> (B, H * Dv);
+        `window`: (this layer's cache, leaving rows, score mask) from `_advance_window`."""
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         qkv = p["qkv"](h)  # (B, H*Dk' + Hkv*Dk' + Hkv*Dv' [+ H*Dv])
         n_qk = (H + Hkv) * Dkp
@@ -595,8 +692,11 @@ class RetNetDecoder:
         S *= p["gamma"]  # sink included: T <- gamma T + (1 - gamma) Sink + k^T v
         if p["sink_in"] is not None:
             S += p["sink_in"]
-        S += k.reshape(B, Hkv, 1, Dkp, 1) * v
-        o = self.ops.xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, H, Dvp)
+        if window is not None:
+            o = self._window_retention(q, k, v, p, S, *window)
+        else:
+            S += k.reshape(B, Hkv, 1, Dkp, 1) * v
+            o = self.ops.xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, H, Dvp)
         if norm_c is not None:  # (B, H, 1)
             o = o[..., :Dv] / self.ops.xp.maximum(abs(o[..., Dv:]), norm_c)
         if p["head_norm"] is not None:

@@ -74,7 +74,7 @@ class RetNetState:
     @property
     def states(self) -> List[Optional[torch.Tensor]]:
         if self.packed is not None:
-            self._states = self.decoder.unpack_state(self.packed[0])
+            self._states = self.decoder.unpack_state(self.packed[0], window=self.packed[2:])
             self.packed = None
         return self._states
 
@@ -108,7 +108,8 @@ class RetNetState:
     def _select(self, fn) -> "RetNetState":
         """Apply `fn(tensor, batch_dim)` to every batch-indexed tensor (beam search, expansion)."""
         if self.packed is not None:  # (L, B, ...) buffer and (B,) positions
-            self.packed = (fn(self.packed[0], 1), fn(self.packed[1], 0))
+            # windowed: + (L, B, ...) key/value cache and (B, W) mask
+            self.packed = tuple(fn(t, d) for t, d in zip(self.packed, (1, 0, 1, 0)))
         self._states = [map_layer_state(lambda t: fn(t, 0), s) for s in self._states]
         return self
 
@@ -123,7 +124,7 @@ class RetNetState:
         self._select(lambda t, d: t.index_select(d, indices.to(t.device)))
 
     def nbytes(self) -> int:
-        tensors = self.packed[:1] if self.packed is not None else self._states
+        tensors = self.packed[:1] + self.packed[2:] if self.packed is not None else self._states
         return sum(t.numel() * t.element_size() for s in tensors for t in layer_tensors(s))
 
 

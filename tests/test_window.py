@@ -318,13 +318,48 @@ def test_state_helpers_handle_window_caches():
     assert torch.equal(copy.states[0].state[1], s0.state[1])
 
 
-def test_packed_decoder_refuses_and_generate_falls_back():
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("variant", list(WINDOWED))
+@pytest.mark.parametrize("prefix", [3, 9])  # the cache part full, then full, when the decoder takes over
+def test_packed_decoder_matches_module_path(variant, backend, prefix):
+    from test_decoding import decoder_path, module_path
+
     from retconvert.models.decoding_retnet import RetNetDecoder
 
-    model = tiny_model(**WINDOWED["default"])
-    with pytest.raises(ValueError, match="does not cover retention_window=5"):
-        model.packed_decoder()
-    assert not RetNetDecoder.supports(model.config)
+    model = tiny_model(**WINDOWED[variant])
+    ids = random_ids(2, 17)
+    want, want_state = module_path(model, ids, prefix=prefix)
+    decoder = RetNetDecoder(model, batch_size=2, backend=backend)
+    assert_close(decoder_path(decoder, ids, prefix=prefix), want, what=variant)
+    got_state = decoder.export_state()  # continues the module path exactly
+    for got, exp in zip(got_state.states, want_state.states):
+        for name, g, e in zip(WindowState._fields, got, exp):
+            assert torch.equal(g, e) if name == "mask" else True
+            if name != "mask":
+                assert_close(g, e, what=f"state {name}")
+
+
+def test_packed_decoder_left_padded_and_generate_paths_agree():
+    from test_decoding import decoder_path, module_path
+
+    from retconvert.models.decoding_retnet import RetNetDecoder
+
+    model = tiny_model(**WINDOWED["converted-gqa"])
+    ids = random_ids(3, 16, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :8] = 0
+    want, _ = module_path(model, ids, prefix=10, attention_mask=mask)
+    assert_close(decoder_path(RetNetDecoder(model, batch_size=3), ids, 10, mask), want, what="left padded")
+    # generate(): steps in the packed decoder (the default) or through the modules, same tokens
+    kwargs = dict(attention_mask=mask[:, :10], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    packed = model.generate(ids[:, :10], **kwargs)
+    model.packed_generation = False
+    try:
+        modules = model.generate(ids[:, :10], **kwargs)
+    finally:
+        model.packed_generation = True
+    assert torch.equal(packed, modules), (packed, modules)
 
 
 def test_torchscale_export_refuses_a_windowed_model():
@@ -339,7 +374,7 @@ def test_a_windowed_checkpoint_loads_with_remote_code(tmp_path):
 
     model = tiny_model(**WINDOWED["converted-gqa"])
     model.save_pretrained(tmp_path / "ckpt")
-    assert_loads_with_remote_code(tmp_path / "ckpt", tmp_path, random_ids(2, 11), packed=False)
+    assert_loads_with_remote_code(tmp_path / "ckpt", tmp_path, random_ids(2, 11))
 
 
 # ------------------------------------------------------------------------------------------
