@@ -35,7 +35,11 @@ score bias: the bias feature and a zero pad), Dv' = Dv (+1 with the paper normal
 Results match the module path to floating-point rounding (tests compare logits and states).
 """
 
+import json
 import mmap
+import os
+import platform
+import tempfile
 import time
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -49,11 +53,10 @@ from .retention import WindowState
 # Model features this decoder does not pack yet, as (config field, the value it handles): a model
 # with another value decodes through its modules (generate() checks `RetNetDecoder.supports`).
 UNPACKED_FEATURES: Tuple[Tuple[str, object], ...] = (
-    ("retention_window", 0),  # windowed: its W-token cache
     ("qk_norm", None), ("block_norms", "pre"), ("final_logit_softcapping", None), ("layer_rope", None))
 KERNELS = ("torch:out_in", "torch:in_out", "numpy:in_out", "numpy:out_in")
 BACKENDS = ("numpy", "torch")
-_KERNEL_CACHE: Dict[tuple, str] = {}
+_KERNEL_CACHE: Dict[str, str] = {}  # this process's choices; also kept on disk, see _kernel_cache_file
 _HUGE_PAGE = 2 << 20
 
 
@@ -187,7 +190,9 @@ def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.dev
     EPYC, fp32 F.linear (MKL) streams 12 GB/s, MKL with W stored (in, out) 25 GB/s, OpenBLAS
     25-37 GB/s."""
     ops = ops or _default_ops(device)
-    key = (tuple(shape), dtype, device.type, rows, ops.__name__)
+    key = f"{shape[0]}x{shape[1]} {dtype} rows={rows} {ops.__name__} on {_device_name(device)}"
+    if not _KERNEL_CACHE:
+        _KERNEL_CACHE.update(_read_kernel_cache())
     if key not in _KERNEL_CACHE:
         out_f, in_f = shape
         copies = max(1, min(64, (64 << 20) // (out_f * in_f * torch.finfo(dtype).bits // 8)))
@@ -208,7 +213,61 @@ def fastest_kernel(shape: Tuple[int, int], dtype: torch.dtype, device: torch.dev
             timings[kernel] = min(runs[1:])  # the first round is a warm-up; min: robust to other load
             del mats, arena
         _KERNEL_CACHE[key] = min(timings, key=timings.get)
+        _write_kernel_cache()
     return _KERNEL_CACHE[key]
+
+
+def _device_name(device: torch.device) -> str:
+    """What a kernel choice depends on besides the shape: the processor and the libraries."""
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                chip = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), chip)
+        except OSError:
+            pass
+    return f"{device.type}:{chip}, {os.cpu_count()} cpus, torch {torch.__version__}, numpy {np.__version__}"
+
+
+def _kernel_cache_file() -> Optional[str]:
+    """Where kernel choices persist between processes ($RETCONVERT_KERNEL_CACHE, default
+    ~/.cache/retconvert/decoder-kernels.json); "off" keeps them in memory only. Timing every
+    candidate costs seconds on first use, so generate() would otherwise pay it in every process."""
+    path = os.environ.get("RETCONVERT_KERNEL_CACHE")
+    if path == "off":
+        return None
+    if path:
+        return path
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "retconvert", "decoder-kernels.json")
+
+
+def _read_kernel_cache() -> Dict[str, str]:
+    path = _kernel_cache_file()
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (TypeError, OSError, ValueError):  # no cache (yet), unreadable or corrupt: time again
+        return {}
+    return {k: v for k, v in cached.items() if v in KERNELS} if isinstance(cached, dict) else {}
+
+
+def _write_kernel_cache():
+    """Merge this process's choices into the file, atomically; a read-only home is no error."""
+    path = _kernel_cache_file()
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        merged = {**_read_kernel_cache(), **_KERNEL_CACHE}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _sync(device: torch.device):

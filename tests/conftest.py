@@ -15,6 +15,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache(tmp_path_factory):
+    """The packed decoder's kernel choices go to a file of this run, not the user's cache."""
+    os.environ["RETCONVERT_KERNEL_CACHE"] = str(tmp_path_factory.mktemp("kernels") / "decoder-kernels.json")
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -140,3 +140,24 @@ def test_huge_page_arena_packs_aligned_tensors_that_outlive_it():
     view = a[1:].t()
     del a, arena
     assert view[0, 0] == 1536  # the mapping lives as long as a view of it
+
+
+def test_kernel_choices_persist_between_processes(tmp_path, monkeypatch):
+    """Timing the candidates costs seconds; a later process (here: an emptied in-memory cache)
+    reads the choice from the file instead of timing again."""
+    monkeypatch.setenv("RETCONVERT_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(decoding_retnet, "_KERNEL_CACHE", {})
+    cpu = torch.device("cpu")
+    chosen = decoding_retnet.fastest_kernel((48, 32), torch.float32, cpu)
+    assert chosen in kernels_for(torch.float32, cpu)
+    monkeypatch.setattr(decoding_retnet, "_KERNEL_CACHE", {})
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again instead of reading the cache")
+
+    monkeypatch.setattr(decoding_retnet, "_Matrix", no_timing)
+    assert decoding_retnet.fastest_kernel((48, 32), torch.float32, cpu) == chosen
+    (tmp_path / "kernels.json").write_text("{not json")  # a corrupt file is ignored, not fatal
+    monkeypatch.setattr(decoding_retnet, "_KERNEL_CACHE", {})
+    with pytest.raises(AssertionError, match="timed again"):
+        decoding_retnet.fastest_kernel((48, 32), torch.float32, cpu)
