@@ -440,3 +440,46 @@ def test_bad_window_option_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--window -3 must be 0 (pure RetNet) or a token count such as 64" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_suite_runs_a_windowed_student(tmp_path, monkeypatch):
+    """The eval suite on a windowed student: quality, long range, speed (its packed decoder
+    included) and memory, whose decoding cache stays the same size at every context."""
+    import json
+    import math
+
+    from test_eval import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retconvert.cli import main as cli
+    from retconvert.convert.convert import ConvertOptions, build_student
+
+    data = tmp_path / "data"  # the shared layout, a few rows
+    sentences = ["the quick brown fox jumps over the lazy dog and runs far away"] * 6
+    for rel, rows in {"c4/c4_heldout.jsonl": [{"text": " ".join(sentences)}] * 4,
+                      "eval/lambada_openai_test.jsonl": [{"text": s} for s in sentences]}.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "ppl").mkdir()
+    (data / "ppl/wikitext-2-raw-test.txt").write_text("\n".join(sentences * 4) + "\n")
+    monkeypatch.setenv("RETCONVERT_DATA", str(data))
+    tok = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    student = build_student(LlamaForCausalLM(config).eval(), ConvertOptions(chunk_size=8, window=8)).eval()
+    student.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    out = tmp_path / "report"
+    rc = cli(["eval", "--model", str(tmp_path / "student"), "--out", str(out), "--suite",
+              "quality,longrange,speed,memory", "--tasks", "lambada_openai", "--limit", "3", "--contexts", "16,32",
+              "--batch-sizes", "1,2", "--passkey-lengths", "96", "--passkey-trials", "1", "--position-docs", "1",
+              "--position-length", "64", "--ppl-tokens", "200", "--ppl-window", "32", "--ppl-stride", "16",
+              "--decode-steps", "2", "--prefill-repeats", "1"])
+    assert rc == 0
+    (m,) = json.loads((out / "results.json").read_text())["models"]
+    r = m["results"]
+    assert m["is_retnet"] and math.isfinite(r["quality"]["perplexity"]["c4"]["ppl"])
+    assert len(r["speed"]["decode_packed"]["points"]) == 4
+    cache = [p["cache_bytes"] for p in r["memory"]["points"]]
+    assert cache[0] == cache[1] > 0  # the W-token cache and the state: constant in the context
