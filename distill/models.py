@@ -143,17 +143,47 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def wrap_lora(student: nn.Module, cfg: DistillConfig):
-    """peft LoRA on `stage2.lora_targets`; retention's own parameters stay fully trainable."""
+def wrap_lora(student: nn.Module, cfg: DistillConfig, log=print):
+    """peft LoRA on `stage2.lora_targets`; retention's own parameters stay fully trainable.
+    A targeted output head tied to the input embeddings is untied first (see `untie_lora_targets`)."""
     from peft import LoraConfig, get_peft_model
 
     s2 = cfg.stage2
+    untie_lora_targets(student, s2.lora_targets, log)
     lora = LoraConfig(r=s2.lora_rank, lora_alpha=s2.lora_alpha, target_modules=list(s2.lora_targets),
                       lora_dropout=0.0, bias="none")
     model = get_peft_model(student, lora)
     for _, p in retention_parameters(model):
         p.requires_grad_(True)
     return model
+
+
+def untie_lora_targets(model: nn.Module, targets: List[str], log=print):
+    """Give each LoRA target whose weight another module shares (a head tied to the input
+    embeddings) its own copy, and record the untying in the config (`tie_word_embeddings`), so
+    that merging changes that module alone and the merged model computes what the adapter
+    model did (merging into a tied weight would change the embeddings too). Targets match as
+    peft matches a list: a module name equal to a target or ending in "." + target.
+    RetconvertError for a shared weight other than the output head's, which no config field unties."""
+    owners: dict = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        sharing = [n for n in owners.get(id(getattr(module, "weight", None)), []) if n != name]
+        if not sharing:
+            continue
+        if module is not head:
+            raise RetconvertError(f"stage2.lora_targets: {name} shares its weight with {', '.join(sharing)}, so "
+                                  "merging its LoRA update would change them too; drop it from the targets")
+        module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+        model.config.tie_word_embeddings = False
+        log(f"LoRA on {name}: untied it from {', '.join(sharing)} (its own copy, "
+            f"{module.weight.numel() / 1e6:.2f}M more parameters), so that merging leaves the embeddings as they are")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
