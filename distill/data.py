@@ -136,12 +136,34 @@ def make_labels(input_ids: torch.Tensor, eos_id: int, attention_mask: Optional[t
     return labels
 
 
+EVAL_MIN_TOKENS = 2  # perplexity scores every token after the first
+
+
+def _source_name(path: str) -> str:
+    return path.rsplit("/", 1)[-1].split(".")[0] if not path.startswith("hf:") else path[3:].replace("/", "_")
+
+
 def eval_token_ids(specs: List[str], tokenizer, max_tokens: int, text_field: str = "text") -> Dict[str, List[int]]:
-    """Held-out token streams (documents joined by EOS), one per source, keyed by file name."""
+    """Held-out token streams (documents joined by EOS), one per source, keyed by file name.
+    RetconvertError naming the source when one gives fewer than EVAL_MIN_TOKENS tokens."""
     out = {}
     for spec in specs:
         path = resolve_path(spec)
-        name = path.rsplit("/", 1)[-1].split(".")[0] if not path.startswith("hf:") else path[3:].replace("/", "_")
-        out[name] = token_stream(iter_texts(path, text_field), tokenizer, max_tokens,
-                                 separator_id=tokenizer.eos_token_id)
+        ids = token_stream(iter_texts(path, text_field), tokenizer, max_tokens, separator_id=tokenizer.eos_token_id)
+        if len(ids) < EVAL_MIN_TOKENS:
+            raise RetconvertError(f"data.eval: {path} gives {len(ids)} tokens; perplexity needs at least "
+                                  f"{EVAL_MIN_TOKENS} (a document with text in field {text_field!r})")
+        out[_source_name(path)] = ids
     return out
+
+
+def check_train_sources(specs: List[str], tokenizer, text_field: str = "text"):
+    """RetconvertError naming the first training source with no document that has a token
+    (reads each source up to its first such document; the stream repeats, so one suffices)."""
+    if not specs:
+        raise RetconvertError("no training sources given; set data.train")
+    for spec in specs:
+        path = resolve_path(spec)
+        if not any(tokenizer(text, add_special_tokens=False)["input_ids"] for text in iter_texts(path, text_field)):
+            raise RetconvertError(f"data.train: {path} holds no text; training needs at least one document "
+                                  f"with at least 1 token in field {text_field!r}")

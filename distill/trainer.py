@@ -20,7 +20,7 @@ import torch
 from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets, has_attention_path, layer_errors
 from retconvert.distill.checkpoint import CheckpointManager, save_student
 from retconvert.distill.config import DistillConfig
-from retconvert.distill.data import PackedStream, eval_token_ids, make_labels
+from retconvert.distill.data import PackedStream, check_train_sources, eval_token_ids, make_labels
 from retconvert.distill.engine import Distributed, make_engine
 from retconvert.distill.losses import DistillationLoss
 from retconvert.distill.metrics import MetricsLogger, progress_bar
@@ -78,10 +78,25 @@ class Trainer:
         seed_everything(cfg.run.seed)
         earlier = [self.out_dir / n for n in ("checkpoints", "checkpoints-stage1", "final", "metrics.jsonl",
                                               "stage1-student.pt")]
-        if not cfg.run.resume and any(p.exists() for p in earlier):
-            if not cfg.run.overwrite:
-                raise RetconvertError(f"{self.out_dir} holds an earlier run; pass --resume to continue it, "
-                                      "run.overwrite=true to start afresh, or another run.out_dir")
+        replace = not cfg.run.resume and any(p.exists() for p in earlier)
+        if replace and not cfg.run.overwrite:
+            raise RetconvertError(f"{self.out_dir} holds an earlier run; pass --resume to continue it, "
+                                  "run.overwrite=true to start afresh, or another run.out_dir")
+
+        # Teacher, tokenizer and the data are checked before anything is written or removed.
+        self.teacher = None
+        if cfg.model.teacher is not None:
+            self.teacher = load_teacher_model(cfg, log=self.log)
+            self.tokenizer = self.teacher.tokenizer
+            self.teacher.model.eval().requires_grad_(False)
+        else:
+            self.tokenizer = load_scratch_tokenizer(cfg)
+        if self.tokenizer.eos_token_id is None:
+            raise RetconvertError("the tokenizer has no EOS token; packing needs one to separate documents")
+        check_train_sources(cfg.data.train, self.tokenizer, cfg.data.text_field)
+        self.eval_ids = eval_token_ids(cfg.data.eval, self.tokenizer, cfg.data.eval_tokens, cfg.data.text_field)
+
+        if replace:
             self.dist.barrier()
             if self.dist.is_main:
                 for p in earlier + [self.out_dir / "tensorboard"]:
@@ -97,15 +112,6 @@ class Trainer:
             self.log(f"resume: no checkpoint in {self.checkpoints.root}; starting from the beginning")
         self.stage1_file = self.out_dir / "stage1-student.pt"
 
-        self.teacher = None
-        if cfg.model.teacher is not None:
-            self.teacher = load_teacher_model(cfg, log=self.log)
-            self.tokenizer = self.teacher.tokenizer
-            self.teacher.model.eval().requires_grad_(False)
-        else:
-            self.tokenizer = load_scratch_tokenizer(cfg)
-        if self.tokenizer.eos_token_id is None:
-            raise RetconvertError("the tokenizer has no EOS token; packing needs one to separate documents")
         if self.teacher is None and cfg.model.student is None:
             self.student, self.origin = scratch_model(cfg, self.tokenizer), {"scratch": asdict(cfg.model.scratch)}
         else:
@@ -115,7 +121,6 @@ class Trainer:
         self.student.float().to(cfg.run.device)
         self.params_total = count_parameters(self.student)
         self.log(f"student: {type(self.student).__name__}, {self.params_total / 1e6:.2f}M parameters")
-        self.eval_ids = eval_token_ids(cfg.data.eval, self.tokenizer, cfg.data.eval_tokens, cfg.data.text_field)
         return self
 
     # ----------------------------------------------------------------------------------------
@@ -237,7 +242,7 @@ class Trainer:
             else:
                 student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if s2.finetune == "lora":
-            model = wrap_lora(student, cfg)
+            model = wrap_lora(student, cfg, log=self.log)
         else:
             model = student.requires_grad_(True)
         self.model = model

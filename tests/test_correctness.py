@@ -201,3 +201,164 @@ def test_running_past_a_learned_position_table_is_a_clear_error():
         decoder.generate(ids[:, :30], 4)
     with pytest.raises(ValueError, match=message):
         decoder.prefill(ids)
+
+
+# ------------------------------------------------------------------------------------------
+# Empty or too-small training/eval data: one line naming the file, nothing written
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def distill_fx(tmp_path_factory):
+    from test_distill import make_fixture
+
+    return make_fixture(tmp_path_factory.mktemp("distill-fixture"))
+
+
+@pytest.mark.parametrize("which,content,message", [
+    ("train", "", "data.train: {path} holds no text; training needs at least one document with at least 1 token"),
+    ("train", '{"text": ""}\n{"text": "   "}\n', "data.train: {path} holds no text"),
+    ("eval", "", "data.eval: {path} gives 0 tokens; perplexity needs at least 2"),
+    ("eval", '{"text": ""}\n', "data.eval: {path} gives 1 tokens; perplexity needs at least 2"),
+])
+def test_too_little_data_is_one_line_and_writes_nothing(distill_fx, tmp_path, capsys, which, content, message):
+    from test_distill import tiny_overrides
+
+    from retconvert.distill.train import main
+
+    data = tmp_path / f"{which}.jsonl"
+    data.write_text(content)
+    out = tmp_path / "run"
+    argv = tiny_overrides(distill_fx, out, **{f"data.{which}": f"[{data}]"})
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # (loading the teacher may draw progress bars first)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message.format(path=data)}"), err
+    assert err.endswith(errors[0] + "\n") and "Traceback" not in err, err
+    assert not out.exists()  # before: a 29-line traceback and the output folder left behind
+
+
+# ------------------------------------------------------------------------------------------
+# LoRA on a head tied to the input embeddings
+# ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_lora_on_a_tied_head_merges_into_the_head_alone(tmp_path):
+    """Merged logits equal the adapter model's (before: the update went into the embeddings
+    too, 1.2 relative here); the untying is recorded, so the saved model reloads equal."""
+    from retconvert.distill.config import load_config
+    from retconvert.distill.models import unwrap, wrap_lora
+    from retconvert.models import RetNetForCausalLM
+
+    model = tiny_model(**VARIANTS["converted-gqa"], tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.clone()
+    cfg = load_config(None, ["data.train=[x.jsonl]", "stage2.finetune=lora", "stage2.lora_rank=4",
+                             "stage2.lora_targets=[q_proj,v_proj,lm_head]"])
+    lines = []
+    adapted = wrap_lora(model, cfg, log=lines.append)
+    assert len(lines) == 1 and "untied it from model.embed_tokens" in lines[0]
+    g = torch.Generator().manual_seed(0)
+    for name, p in adapted.named_parameters():
+        if "lora_B" in name:  # peft starts B at 0: make the update real
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids = random_ids(2, 21)
+    want = adapted(ids).logits
+    merged = unwrap(adapted)
+    assert_close(merged(ids).logits, want, what="merged vs adapter")
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings)
+    assert merged.config.tie_word_embeddings is False
+    merged.save_pretrained(tmp_path / "merged")
+    assert_close(RetNetForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits, want, what="reloaded")
+
+
+def test_lora_on_another_shared_weight_is_refused():
+    from retconvert.distill.config import load_config
+    from retconvert.distill.models import wrap_lora
+    from retconvert.errors import RetconvertError
+
+    model = tiny_model()
+    layers = model.model.layers
+    layers[1].retention.q_proj.weight = layers[0].retention.q_proj.weight  # shared, and no config field for it
+    cfg = load_config(None, ["data.train=[x.jsonl]", "stage2.finetune=lora", "stage2.lora_targets=[q_proj]"])
+    with pytest.raises(RetconvertError, match=r"model.layers.0.retention.q_proj shares its weight with "
+                                              r"model.layers.1.retention.q_proj"):
+        wrap_lora(model, cfg, log=lambda _: None)
+
+
+# ------------------------------------------------------------------------------------------
+# A GGUF teacher is the same model as its safetensors original (grouped-query heads included)
+# ------------------------------------------------------------------------------------------
+
+
+def write_llama_gguf(model, path):
+    """A float32 llama.cpp GGUF of a transformers Llama, written as llama.cpp's
+    convert_hf_to_gguf.py writes one: q and k rows permuted per head (by the key/value head
+    count for k), a byte-free 'gpt2' vocabulary of placeholder tokens."""
+    import gguf
+
+    cfg = model.config
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permute(w, heads):  # llama.cpp's LlamaModel.permute
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(H)
+    w.add_head_count_kv(Hkv)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // H)
+    w.add_vocab_size(cfg.vocab_size)
+    tokens = [f"t{i}" for i in range(cfg.vocab_size)]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], H))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], Hkv))
+        for ours, theirs in names.items():
+            w.add_tensor(f"blk.{i}.{theirs}.weight", sd[p + ours + ".weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kv_heads", [2, 1, 4])
+def test_gguf_teacher_equals_its_safetensors_original(tmp_path, kv_heads):
+    """Teacher logits from the GGUF equal the safetensors folder's, and so do the students mapped
+    from either (the permuted q/k rows of a grouped-query GGUF are undone exactly)."""
+    from tiny import save_teacher, tiny_llama
+
+    from retconvert.convert.convert import ConvertOptions, build_student
+    from retconvert.convert.sources import load_teacher
+
+    original = tiny_llama(num_key_value_heads=kv_heads)
+    folder = load_teacher(str(save_teacher(original, tmp_path / "folder")))
+    gguf = load_teacher(str(write_llama_gguf(original, tmp_path / "tiny.gguf")))
+    assert gguf.kind == "gguf" and gguf.model.config.num_key_value_heads == kv_heads
+    ids = random_ids(2, 19)
+    want = folder.model(ids).logits
+    assert torch.equal(gguf.model(ids).logits, want)
+    students = [build_student(t.model, ConvertOptions(decay="retnet")) for t in (folder, gguf)]
+    assert torch.equal(students[1](ids).logits, students[0](ids).logits)
