@@ -182,14 +182,23 @@ def generate_curve(models, contexts: List[int], new_tokens: int, rounds: int = R
     Per point: `total_ms`, the median time of one call for `new_tokens` new tokens (prompt pass
     included), and `per_token_ms`, the median of (t(new_tokens + 1) - t(1)) / new_tokens: the
     cost of a generated token with the prompt pass and start-up cancelled. The first round is a
-    warm-up (a RetNet's generate() packs its decoder then). Returns {"generate": {model name:
-    points}, "packed": {RetNet name: points}}."""
+    warm-up (a RetNet's generate() packs its decoder then). A prompt that leaves no room for
+    the new tokens in a model's positions is skipped for it. Returns {"generate": {model name:
+    points}, "packed": {RetNet name: points}, "skipped_points": [...]}."""
     engines = generate_engines(models)
-    out = {"generate": {m.name: [] for m in models}, "packed": {m.name: [] for m in models if m.is_retnet}}
+    out = {"generate": {m.name: [] for m in models}, "packed": {m.name: [] for m in models if m.is_retnet},
+           "skipped_points": []}
     for length in contexts:
         times = {i: ([], []) for i in range(len(engines))}
+        for i, (m, engine, _) in enumerate(engines):
+            if m.max_context and length + new_tokens + 1 > m.max_context:
+                del times[i]
+                out["skipped_points"].append({"model": m.name, "engine": engine, "context_tokens": length, "reason":
+                                              f"prompt + {new_tokens + 1} tokens exceed its {m.max_context} positions"})
         for r in range(rounds + 1):
             for i, (m, _, gen) in enumerate(engines):
+                if i not in times:
+                    continue
                 ids = random_ids(m, 1, length, seed=r)
                 time.sleep(SETTLE_S)
                 one, _ = timed(lambda: gen(ids, 1), m.device)
@@ -199,6 +208,8 @@ def generate_curve(models, contexts: List[int], new_tokens: int, rounds: int = R
                     times[i][1].append((full - one) / new_tokens)
         line = []
         for i, (m, engine, _) in enumerate(engines):
+            if i not in times:
+                continue
             total, per_token = median(times[i][0]), median(times[i][1])
             out[engine][m.name].append({"context_tokens": length, "new_tokens": new_tokens, "rounds": rounds,
                                         "total_ms": total * 1e3, "per_token_ms": per_token * 1e3})

@@ -262,6 +262,7 @@ def _speed(models, entry, resolved, settings, guarded):
                                         "method": "recurrent state, packed decoder (models/decoding_retnet.py)"}
         if gen is not None:
             res["generate"] = {"points": gen["generate"][m.name], "method": "model.generate(), greedy, batch 1",
+                               "skipped_points": [x for x in gen["skipped_points"] if x["model"] == m.name],
                                "statistic": "median over 3 rounds after a warm-up round, models taking turns",
                                "unit": {"total_ms": "milliseconds per generate() call (prompt pass included)",
                                         "per_token_ms": "milliseconds per generated token, (t(n + 1) - t(1)) / n"}}
