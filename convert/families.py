@@ -115,18 +115,78 @@ def split_c_attn(tensor: Tensor, _cfg) -> Dict[str, Tensor]:
     return {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
 
 
+def rotary_permutation(head_dim: int, rotary_dim: int) -> Tensor:
+    """Channel order that turns a teacher rotating its first `rotary_dim` channels of a head in
+    halves (pairs (i, i + r/2), GPT-NeoX / Phi-3) into the student's layout, which pairs
+    (i, i + D/2) and leaves the pairs past partial_rotary_factor * D/2 unrotated:
+    [rot first half, pass first half, rot second half, pass second half]."""
+    r, p = rotary_dim // 2, (head_dim - rotary_dim) // 2
+    idx = torch.arange(head_dim)
+    return torch.cat([idx[:r], idx[2 * r:2 * r + p], idx[r:2 * r], idx[2 * r + p:]])
+
+
+def _permute_heads(t: Tensor, heads: int, perm: Tensor) -> Tensor:
+    """Reorder the channels inside each head of a (heads * D, ...) weight or bias."""
+    return t.reshape(heads, -1, *t.shape[1:])[:, perm].flatten(0, 1).contiguous()
+
+
+def _rotary_dim(cfg, head_dim: int) -> int:
+    return int(head_dim * _rope_parameters(cfg).get("partial_rotary_factor", 1.0))
+
+
+def split_neox_qkv(tensor: Tensor, cfg) -> Dict[str, Tensor]:
+    """GPT-NeoX's fused query_key_value, rows laid out per head as [q_h, k_h, v_h]: (H*3*D, C)
+    or (H*3*D,) -> q, k, v (H*D, ...), q/k channels permuted for the partial rotary."""
+    H = cfg.num_attention_heads
+    D = cfg.hidden_size // H
+    q, k, v = tensor.view(H, 3, D, *tensor.shape[1:]).unbind(1)
+    perm = rotary_permutation(D, _rotary_dim(cfg, D))
+    return {"q": _permute_heads(q.flatten(0, 1), H, perm), "k": _permute_heads(k.flatten(0, 1), H, perm),
+            "v": v.flatten(0, 1).contiguous()}
+
+
+def split_phi3_qkv(tensor: Tensor, cfg) -> Dict[str, Tensor]:
+    """Phi-3's fused qkv_proj: rows [q (H*D), k (Hkv*D), v (Hkv*D)], q/k permuted for a partial rotary."""
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    q, k, v = tensor.split([H * D, Hkv * D, Hkv * D], dim=0)
+    perm = rotary_permutation(D, _rotary_dim(cfg, D))
+    return {"q": _permute_heads(q, H, perm), "k": _permute_heads(k, Hkv, perm), "v": v.contiguous()}
+
+
+def split_gate_up(tensor: Tensor, _cfg) -> Dict[str, Tensor]:
+    """Phi-3's fused gate_up_proj: rows [gate (F), up (F)]."""
+    gate, up = tensor.chunk(2, dim=0)
+    return {"gate": gate.contiguous(), "up": up.contiguous()}
+
+
+def plus_one(tensor: Tensor, _cfg) -> Dict[str, Tensor]:
+    """Gemma's RMSNorm scales by (1 + w); the student's by its weight, so it stores 1 + w."""
+    return {"": tensor.float().add(1.0).to(tensor.dtype)}
+
+
 # --------------------------------------------------------------------------------------------
 # Config mapping
 # --------------------------------------------------------------------------------------------
 
 
+def _rope_parameters(cfg) -> dict:
+    """transformers 5 `rope_parameters` merged over 4.x `rope_theta`/`rope_scaling`."""
+    legacy = dict(getattr(cfg, "rope_scaling", None) or {})
+    if getattr(cfg, "rope_theta", None) is not None:
+        legacy.setdefault("rope_theta", cfg.rope_theta)
+    return {**legacy, **dict(getattr(cfg, "rope_parameters", None) or {})}
+
+
 def _rope(cfg) -> dict:
-    """RoPE theta and scaling, from transformers 5 `rope_parameters` or 4.x `rope_theta`/`rope_scaling`."""
-    params = dict(getattr(cfg, "rope_parameters", None) or {})
-    legacy = getattr(cfg, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-    scaling = {**legacy, **params}
+    """RoPE theta and scaling of a config (see `_rope_from`)."""
+    return _rope_from(_rope_parameters(cfg))
+
+
+def _rope_from(scaling: dict) -> dict:
+    """rope_theta and rotary_scaling from one set of RoPE parameters; unsupported kinds are refused."""
+    theta = scaling.get("rope_theta", 10000.0)
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind == "default":
         return {"rope_theta": float(theta), "rotary_scaling": None}
     if kind == "linear":
@@ -134,7 +194,8 @@ def _rope(cfg) -> dict:
     if kind == "llama3":
         keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return {"rope_theta": float(theta), "rotary_scaling": {"rope_type": "llama3", **{k: scaling[k] for k in keep}}}
-    raise RetconvertError(f"RoPE scaling type {kind!r} is not supported; supported: default, linear, llama3")
+    raise RetconvertError(f"RoPE scaling type {kind!r} is not supported; supported: default, linear, llama3 "
+                          "(convert a variant of the model without it)")
 
 
 def llama_config(cfg) -> dict:
@@ -147,7 +208,7 @@ def llama_config(cfg) -> dict:
         num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         head_dim=head_dim,
         intermediate_size=cfg.intermediate_size,
-        hidden_act=cfg.hidden_act,
+        hidden_act=getattr(cfg, "hidden_act", None) or cfg.hidden_activation,  # Gemma: hidden_activation
         mlp_type="glu",
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
         norm_type="rmsnorm",
@@ -164,6 +225,57 @@ def llama_config(cfg) -> dict:
 def qwen2_config(cfg) -> dict:
     # Qwen2 has biases on q, k, v but not on o, and none in the MLP (whatever the config says).
     return {**llama_config(cfg), "attention_bias": True, "o_proj_bias": False, "mlp_bias": False}
+
+
+def qwen3_config(cfg) -> dict:
+    return {**llama_config(cfg), "qk_norm": "head", "mlp_bias": False}  # its MLP never has biases
+
+
+def olmo2_config(cfg) -> dict:
+    return {**llama_config(cfg), "qk_norm": "full", "block_norms": "post", "mlp_bias": False}
+
+
+def phi3_config(cfg) -> dict:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {**llama_config(cfg), "head_dim": head_dim, "partial_rotary_factor": _rotary_dim(cfg, head_dim) / head_dim,
+            "attention_bias": False, "o_proj_bias": False, "mlp_bias": False}  # Phi-3 has no biases
+
+
+def gpt_neox_config(cfg) -> dict:
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.hidden_act,
+        mlp_type="mlp",
+        mlp_bias=True,
+        norm_type="layernorm",
+        norm_eps=cfg.layer_norm_eps,
+        attention_bias=bool(cfg.attention_bias),
+        o_proj_bias=bool(cfg.attention_bias),
+        position_embedding_type="rotary",
+        partial_rotary_factor=_rotary_dim(cfg, head_dim) / head_dim,
+        parallel_residual=bool(cfg.use_parallel_residual),
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+        **_rope(cfg),
+    )
+
+
+def gemma2_config(cfg) -> dict:
+    return {**llama_config(cfg), "hidden_act": cfg.hidden_activation, "block_norms": "sandwich", "mlp_bias": False,
+            "embed_scale": cfg.hidden_size**0.5, "qk_scale": cfg.query_pre_attn_scalar**-0.5,
+            "final_logit_softcapping": cfg.final_logit_softcapping}
+
+
+def gemma3_config(cfg) -> dict:
+    """Gemma 2's layout plus per-head q/k norms and one RoPE per layer type (local and global)."""
+    params = dict(cfg.rope_parameters)
+    layer_rope = [_rope_from(params[kind]) for kind in cfg.layer_types]
+    return {**gemma2_config(cfg), "qk_norm": "head", "layer_rope": layer_rope, **layer_rope[0]}
 
 
 def gpt2_config(cfg) -> dict:
@@ -200,7 +312,8 @@ COMMON_FIELDS: Dict[str, Rule] = {
     **dict.fromkeys(("_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype",
                      "id2label", "label2id", "model_type", "output_attentions", "output_hidden_states",
                      "problem_type", "return_dict", "transformers_version", "use_cache", "initializer_range",
-                     "tokenizer_class", "prefix", "task_specific_params"), INERT),
+                     "tokenizer_class", "prefix", "task_specific_params", "cache_implementation",
+                     "auto_map"), INERT),  # auto_map: the author's own code, used only with --trust-remote-code
     "is_encoder_decoder": Only((False,), "an encoder-decoder model has no causal-LM RetNet counterpart"),
     "tie_word_embeddings": MAPPED,
 }
@@ -233,7 +346,7 @@ def check_config(family: "Family", hf_config):
 
 
 _DROPOUT = dict.fromkeys(("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                          "classifier_dropout"), INERT)
+                          "classifier_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob"), INERT)
 GPT2_FIELDS: Dict[str, Rule] = {
     **dict.fromkeys(("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
                      "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx"), MAPPED),
@@ -253,7 +366,34 @@ LLAMA_FIELDS: Dict[str, Rule] = {
     **_DROPOUT,
     "pretraining_tp": INERT,  # split matmuls in old releases: the same products
 }
+_SLIDING = dict.fromkeys(("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"), REPLACED)
 MISTRAL_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, "sliding_window": REPLACED}
+_NO_MLP_BIAS = {"mlp_bias": INERT}  # the family's MLP has no biases, whatever the config says
+QWEN3_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, **_SLIDING, **_NO_MLP_BIAS}
+OLMO2_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, **_NO_MLP_BIAS}
+PHI3_FIELDS: Dict[str, Rule] = {
+    **LLAMA_FIELDS,
+    **dict.fromkeys(("attention_bias", "mlp_bias"), INERT),  # Phi-3's modules never read them
+    "sliding_window": REPLACED,
+    "original_max_position_embeddings": INERT,  # read only by the longrope scaling, which is refused
+}
+GPT_NEOX_FIELDS: Dict[str, Rule] = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "hidden_act", "max_position_embeddings", "layer_norm_eps", "use_parallel_residual",
+                     "rope_parameters", "rope_scaling", "rotary_pct", "rotary_emb_base", "attention_bias"), MAPPED),
+    **_DROPOUT,
+    "is_decoder": INERT,  # always a decoder; the flag only matters to encoder-decoder wrappers
+}
+GEMMA2_FIELDS: Dict[str, Rule] = {
+    **LLAMA_FIELDS,
+    **_NO_MLP_BIAS,
+    "hidden_act": INERT,  # Gemma 2/3 read hidden_activation; old configs carry both
+    **dict.fromkeys(("hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping"), MAPPED),
+    # tanh soft-capping of the softmax scores and the sliding window: softmax attention details
+    "attn_logit_softcapping": REPLACED, "sliding_window": REPLACED, "layer_types": REPLACED,
+    "use_bidirectional_attention": Only((None, False), "bidirectional attention has no causal RetNet counterpart"),
+}
+GEMMA3_FIELDS: Dict[str, Rule] = {**GEMMA2_FIELDS, "sliding_window_pattern": REPLACED}  # as layer_types
 QWEN2_FIELDS: Dict[str, Rule] = {
     **LLAMA_FIELDS,
     **dict.fromkeys(("attention_bias", "mlp_bias"), INERT),  # Qwen2's modules never read them
@@ -286,6 +426,40 @@ for _p in ("weight", "bias"):
     LLAMA_KEYS[f"{_LLAMA_LAYER}.mlp.up_proj.{_p}"] = f"model.layers.{{i}}.mlp.up_proj.{_p}"
     LLAMA_KEYS[f"{_LLAMA_LAYER}.mlp.down_proj.{_p}"] = f"model.layers.{{i}}.mlp.down_proj.{_p}"
 
+QWEN3_KEYS: Dict[str, Target] = {
+    **LLAMA_KEYS,
+    f"{_LLAMA_LAYER}.self_attn.q_norm.weight": "model.layers.{i}.retention.q_norm.weight",
+    f"{_LLAMA_LAYER}.self_attn.k_norm.weight": "model.layers.{i}.retention.k_norm.weight",
+}
+OLMO2_KEYS: Dict[str, Target] = {  # norms on the outputs of attention and MLP, none on their inputs
+    **{k: v for k, v in QWEN3_KEYS.items() if "layernorm" not in k},
+    f"{_LLAMA_LAYER}.post_attention_layernorm.weight": "model.layers.{i}.retention_out_norm.weight",
+    f"{_LLAMA_LAYER}.post_feedforward_layernorm.weight": "model.layers.{i}.mlp_out_norm.weight",
+}
+PHI3_KEYS: Dict[str, Target] = {
+    **{k: v for k, v in LLAMA_KEYS.items() if ".mlp." not in k and "_proj." not in k},
+    f"{_LLAMA_LAYER}.self_attn.qkv_proj.weight": Transform("model.layers.{i}.retention.{}_proj.weight", split_phi3_qkv),
+    f"{_LLAMA_LAYER}.self_attn.o_proj.weight": "model.layers.{i}.retention.o_proj.weight",
+    f"{_LLAMA_LAYER}.mlp.gate_up_proj.weight": Transform("model.layers.{i}.mlp.{}_proj.weight", split_gate_up),
+    f"{_LLAMA_LAYER}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+GEMMA2_KEYS: Dict[str, Target] = {
+    **{k: v for k, v in LLAMA_KEYS.items() if "norm" not in k},
+    "model.norm.weight": Transform("model.norm.weight{}", plus_one),
+    f"{_LLAMA_LAYER}.input_layernorm.weight": Transform("model.layers.{i}.input_layernorm.weight{}", plus_one),
+    f"{_LLAMA_LAYER}.post_attention_layernorm.weight": Transform("model.layers.{i}.retention_out_norm.weight{}",
+                                                                 plus_one),
+    f"{_LLAMA_LAYER}.pre_feedforward_layernorm.weight": Transform(
+        "model.layers.{i}.post_retention_layernorm.weight{}", plus_one),
+    f"{_LLAMA_LAYER}.post_feedforward_layernorm.weight": Transform("model.layers.{i}.mlp_out_norm.weight{}",
+                                                                   plus_one),
+}
+GEMMA3_KEYS: Dict[str, Target] = {
+    **GEMMA2_KEYS,
+    f"{_LLAMA_LAYER}.self_attn.q_norm.weight": Transform("model.layers.{i}.retention.q_norm.weight{}", plus_one),
+    f"{_LLAMA_LAYER}.self_attn.k_norm.weight": Transform("model.layers.{i}.retention.k_norm.weight{}", plus_one),
+}
+
 GPT2_KEYS: Dict[str, Target] = {
     "transformer.wte.weight": "model.embed_tokens.weight",
     "transformer.wpe.weight": "model.embed_positions.weight",
@@ -305,6 +479,27 @@ for _p in ("weight", "bias"):
         f"transformer.h.{{i}}.mlp.c_proj.{_p}": Transform(f"model.layers.{{i}}.mlp.fc_out.{_p}{{}}", conv1d),
     })
 
+_NEOX = "gpt_neox.layers.{i}"
+GPT_NEOX_KEYS: Dict[str, Target] = {
+    "gpt_neox.embed_in.weight": "model.embed_tokens.weight",
+    "embed_out.weight": "lm_head.weight",  # the untied head (named lm_head since transformers 5)
+    "lm_head.weight": "lm_head.weight",
+    f"{_NEOX}.attention.bias": None,  # causal-mask buffers and cached frequencies of old checkpoints
+    f"{_NEOX}.attention.masked_bias": None,
+    f"{_NEOX}.attention.rotary_emb.inv_freq": None,
+}
+for _p in ("weight", "bias"):
+    GPT_NEOX_KEYS.update({
+        f"gpt_neox.final_layer_norm.{_p}": f"model.norm.{_p}",
+        f"{_NEOX}.input_layernorm.{_p}": f"model.layers.{{i}}.input_layernorm.{_p}",
+        f"{_NEOX}.post_attention_layernorm.{_p}": f"model.layers.{{i}}.post_retention_layernorm.{_p}",
+        f"{_NEOX}.attention.query_key_value.{_p}": Transform(f"model.layers.{{i}}.retention.{{}}_proj.{_p}",
+                                                           split_neox_qkv),
+        f"{_NEOX}.attention.dense.{_p}": f"model.layers.{{i}}.retention.o_proj.{_p}",
+        f"{_NEOX}.mlp.dense_h_to_4h.{_p}": f"model.layers.{{i}}.mlp.fc_in.{_p}",
+        f"{_NEOX}.mlp.dense_4h_to_h.{_p}": f"model.layers.{{i}}.mlp.fc_out.{_p}",
+    })
+
 FAMILIES: Dict[str, Family] = {
     "gpt2": Family("gpt2", GPT2_KEYS, gpt2_config, attention_output="transformer.h.{i}.attn.c_proj",
                    fields=GPT2_FIELDS,
@@ -319,6 +514,27 @@ FAMILIES: Dict[str, Family] = {
     "qwen2": Family("qwen2", LLAMA_KEYS, qwen2_config, attention_output="model.layers.{i}.self_attn.o_proj",
                     fields=QWEN2_FIELDS,
                     notes="as llama, with q/k/v biases; the sliding window becomes retention"),
+    "qwen3": Family("qwen3", QWEN3_KEYS, qwen3_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                    fields=QWEN3_FIELDS, notes="as llama, with per-head q/k RMSNorm; the sliding window becomes retention"),
+    "gpt_neox": Family("gpt_neox", GPT_NEOX_KEYS, gpt_neox_config, attention_output="gpt_neox.layers.{i}.attention.dense",
+                       fields=GPT_NEOX_FIELDS,
+                       notes="fused per-head query_key_value split, partial rotary kept (q/k channels permuted), "
+                             "parallel residual, untied head"),
+    "phi3": Family("phi3", PHI3_KEYS, phi3_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                   fields=PHI3_FIELDS,
+                   notes="fused qkv and gate/up projections split, partial rotary kept; the sliding window becomes "
+                         "retention; longrope scaling refused"),
+    "olmo2": Family("olmo2", OLMO2_KEYS, olmo2_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                    fields=OLMO2_FIELDS, notes="norms on the attention and MLP outputs, q/k RMSNorm over the projection"),
+    "gemma2": Family("gemma2", GEMMA2_KEYS, gemma2_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                     fields=GEMMA2_FIELDS,
+                     notes="embeddings scaled by sqrt(hidden), (1 + w) norms stored as weights, sandwich norms, GeGLU, "
+                           "query_pre_attn_scalar, final logit soft-capping; score soft-capping and the sliding "
+                           "window become retention"),
+    "gemma3_text": Family("gemma3_text", GEMMA3_KEYS, gemma3_config, attention_output="model.layers.{i}.self_attn.o_proj",
+                          fields=GEMMA3_FIELDS,
+                          notes="as gemma2, with per-head q/k norms and the local/global RoPE per layer; the sliding "
+                                "window becomes retention"),
 }
 
 

@@ -51,7 +51,8 @@ def test_every_teacher_tensor_is_mapped_or_dropped(pair):
 def test_unknown_model_type_lists_supported():
     cfg = GPT2Config()
     cfg.model_type = "bert"
-    with pytest.raises(RetconvertError, match="supported families: gpt2, llama, mistral, qwen2"):
+    with pytest.raises(RetconvertError, match="supported families: gemma2, gemma3_text, gpt2, gpt_neox, llama, "
+                                              "mistral, olmo2, phi3, qwen2, qwen3$"):
         family_for(cfg)
 
 

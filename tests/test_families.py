@@ -1,0 +1,178 @@
+"""Teacher families beyond gpt2/llama/qwen2, each on a tiny random model built from its config:
+Qwen3, GPT-NeoX (Pythia), Phi-3, OLMo 2, Gemma 2 and Gemma 3 (text).
+
+For every family: the conversion succeeds and accounts for every tensor, embeddings, norms and
+MLPs equal the teacher's sub-modules, the student's attention scores equal the teacher's in every
+layer, the first position's logits (attention over one token) match, and the converted
+checkpoint loads through trust_remote_code without retconvert and generates.
+"""
+
+import pytest
+import torch
+from tiny import assert_loads_with_remote_code, save_teacher, tiny_text, write_jsonl
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, Olmo2Config,
+                          Phi3Config, Qwen3Config)
+
+import retconvert  # noqa: F401
+from retconvert.cli import main as cli
+from retconvert.convert.convert import ConvertOptions, build_student, student_config
+from retconvert.convert.families import family_for, map_state_dict
+from retconvert.errors import RetconvertError
+from retconvert.models.decoding_retnet import RetNetDecoder
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="eager")
+GQA = dict(num_key_value_heads=2, head_dim=16)
+
+CONFIGS = {
+    "qwen3": lambda: Qwen3Config(**TINY, **GQA, tie_word_embeddings=False),
+    # rotary over a quarter of each head (4 of 16 channels), parallel residual, untied head
+    "gpt_neox": lambda: GPTNeoXConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.25}),
+    "phi3": lambda: Phi3Config(**TINY, **GQA, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                               "partial_rotary_factor": 0.5}),
+    "olmo2": lambda: Olmo2Config(**TINY, **GQA),
+    "gemma2": lambda: Gemma2Config(**TINY, **GQA, query_pre_attn_scalar=24),  # softcaps at 50 (scores) and 30 (logits)
+    # layers 0 local (sliding, theta 10^4), 1 global (theta 10^6, linear scaling 8)
+    "gemma3_text": lambda: Gemma3TextConfig(**TINY, **GQA, query_pre_attn_scalar=24, layer_types=[
+        "sliding_attention", "full_attention"], rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0}}),
+}
+
+# Sub-modules that must compute the same function: (teacher, student), `{i}` for the layer.
+_LLAMA_PARTS = [("model.layers.{i}.input_layernorm", "model.layers.{i}.input_layernorm"),
+                ("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.post_retention_layernorm"),
+                ("model.layers.{i}.mlp", "model.layers.{i}.mlp"), ("model.norm", "model.norm"), ("lm_head", "lm_head")]
+_QK_NORMS = [("model.layers.{i}.self_attn.q_norm", "model.layers.{i}.retention.q_norm"),
+             ("model.layers.{i}.self_attn.k_norm", "model.layers.{i}.retention.k_norm")]
+_GEMMA_PARTS = [("model.layers.{i}.input_layernorm", "model.layers.{i}.input_layernorm"),
+                ("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.retention_out_norm"),
+                ("model.layers.{i}.pre_feedforward_layernorm", "model.layers.{i}.post_retention_layernorm"),
+                ("model.layers.{i}.post_feedforward_layernorm", "model.layers.{i}.mlp_out_norm"),
+                ("model.layers.{i}.mlp", "model.layers.{i}.mlp"), ("model.norm", "model.norm"), ("lm_head", "lm_head")]
+PARTS = {
+    "qwen3": _LLAMA_PARTS + _QK_NORMS,
+    "gpt_neox": [("gpt_neox.layers.{i}.input_layernorm", "model.layers.{i}.input_layernorm"),
+                 ("gpt_neox.layers.{i}.post_attention_layernorm", "model.layers.{i}.post_retention_layernorm"),
+                 ("gpt_neox.layers.{i}.mlp", "model.layers.{i}.mlp"), ("gpt_neox.final_layer_norm", "model.norm"),
+                 ("lm_head", "lm_head")],
+    "phi3": _LLAMA_PARTS,
+    "olmo2": [("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.retention_out_norm"),
+              ("model.layers.{i}.post_feedforward_layernorm", "model.layers.{i}.mlp_out_norm"),
+              ("model.layers.{i}.mlp", "model.layers.{i}.mlp"), ("model.norm", "model.norm"),
+              ("lm_head", "lm_head")] + _QK_NORMS,
+    "gemma2": _GEMMA_PARTS,
+    "gemma3_text": _GEMMA_PARTS + _QK_NORMS,
+}
+
+
+def make_teacher(name: str):
+    """A tiny random teacher whose norm weights are random too (so that Gemma's 1 + w is tested)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "norm" in key or "layernorm" in key:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.fixture(params=list(CONFIGS), scope="module")
+def pair(request):
+    teacher = make_teacher(request.param)
+    return request.param, teacher, build_student(teacher, ConvertOptions()).eval()
+
+
+def test_family_is_chosen_by_model_type_and_every_tensor_is_mapped_or_dropped(pair):
+    name, teacher, student = pair
+    family = family_for(teacher.config)
+    assert family.model_type == teacher.config.model_type == name
+    for key in teacher.state_dict():
+        assert family.match(key) is not None, key
+    extra = dict(teacher.state_dict(), **{"model.layers.0.self_attn.mystery.weight": torch.zeros(1)})
+    with pytest.raises(RetconvertError, match="no rule in the .* key table"):
+        map_state_dict(family, extra, teacher.config)
+
+
+def test_unknown_config_field_is_refused_by_name(pair):
+    _, teacher, _ = pair
+    teacher = AutoModelForCausalLM.from_config(teacher.config)
+    teacher.config.attn_temperature = 0.5
+    with pytest.raises(RetconvertError, match="config field attn_temperature=0.5 is unknown"):
+        build_student(teacher, ConvertOptions())
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: Phi3Config(**TINY, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                 "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+                                                 "original_max_position_embeddings": 64}),
+     "RoPE scaling type 'longrope' is not supported"),
+    (lambda: Gemma3TextConfig(**TINY, use_bidirectional_attention=True),
+     "config field use_bidirectional_attention=True cannot be converted"),
+])
+def test_what_the_retnet_cannot_express_is_refused_by_name(config, message):
+    with pytest.raises(RetconvertError, match=message):
+        student_config(config(), ConvertOptions())
+
+
+@torch.no_grad()
+def test_embeddings_norms_and_mlps_equal_the_teachers(pair):
+    name, teacher, student = pair
+    ids = torch.randint(0, 128, (2, 7))
+    # hidden_states[0]: the embeddings as the first layer sees them (Gemma's sqrt(hidden) included)
+    torch.testing.assert_close(student(ids, output_hidden_states=True).hidden_states[0],
+                               teacher(ids, output_hidden_states=True).hidden_states[0], rtol=0, atol=0)
+    for t_name, s_name in PARTS[name]:
+        for i in range(teacher.config.num_hidden_layers):
+            t_mod, s_mod = teacher.get_submodule(t_name.format(i=i)), student.get_submodule(s_name.format(i=i))
+            w = getattr(t_mod, "weight", None)
+            dim = w.shape[0] if w is not None and w.dim() == 1 else 64  # a norm's width, else hidden
+            x = torch.randn(2, 7, dim)
+            torch.testing.assert_close(s_mod(x), t_mod(x), rtol=0, atol=2e-6, msg=f"{t_name} vs {s_name}")
+            if "{i}" not in t_name:
+                break
+
+
+@torch.no_grad()
+def test_attention_scores_equal_the_teachers_in_every_layer(pair):
+    """softmax of the student's q.k (norms, partial or per-layer RoPE, grouped heads, scale) equals
+    the teacher's attention weights, given each layer's own input."""
+    name, teacher, student = pair
+    ids = torch.randint(3, 128, (2, 9))
+    out = teacher(ids, output_attentions=True, output_hidden_states=True)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    for i, block in enumerate(student.model.layers):
+        q, k, _ = block.retention.project(block.input_layernorm(out.hidden_states[i]), torch.arange(9).expand(2, 9))
+        scores = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(~causal, float("-inf"))
+        # Gemma 2 soft-caps scores at 50 (tanh): at these magnitudes (|s| < 1) that is below 1e-5
+        torch.testing.assert_close(scores.softmax(-1), out.attentions[i], rtol=1e-4, atol=1e-5,
+                                   msg=f"{name} layer {i}")
+
+
+@torch.no_grad()
+def test_first_position_logits_match_the_teachers(pair):
+    """Over one token softmax attention returns that token's value; so does retention with the
+    paper's normaliser, s v / |s|, whenever the score s = b + q.k is positive (b large here)."""
+    name, teacher, student = pair
+    for block in student.model.layers:
+        block.retention.score_bias.fill_(1e3)
+    ids = torch.randint(3, 128, (4, 1))
+    got, want = student(ids).logits, teacher(ids).logits
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-5, f"{name}: relative error {err:.1e}"
+    for block in student.model.layers:
+        block.retention.score_bias.fill_(1.0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cli_converts_and_the_checkpoint_loads_without_retconvert_and_generates(name, tmp_path):
+    folder = save_teacher(make_teacher(name), tmp_path / name)
+    calib = write_jsonl(tmp_path / "calib.jsonl", tiny_text())
+    out = tmp_path / "student"
+    assert cli(["from-hf", str(folder), "--out", str(out), "--calib-data", str(calib),
+                "--calib-tokens", "256", "--calib-seq-len", "64"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.conversion["options"]["decay"] == "calibrated"  # calibrated on the teacher's attention
+    assert_loads_with_remote_code(out, tmp_path, torch.randint(3, 40, (2, 9)),
+                                  packed=RetNetDecoder.supports(model.config))
