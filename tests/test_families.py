@@ -176,3 +176,47 @@ def test_cli_converts_and_the_checkpoint_loads_without_retconvert_and_generates(
     assert model.config.conversion["options"]["decay"] == "calibrated"  # calibrated on the teacher's attention
     assert_loads_with_remote_code(out, tmp_path, torch.randint(3, 40, (2, 9)),
                                   packed=RetNetDecoder.supports(model.config))
+
+
+# Published configurations, as their config.json files spell them (fields of older transformers
+# releases included): shapes-only conversions on the meta device, nothing downloaded.
+REAL_CONFIGS = {
+    "Qwen/Qwen3-0.6B": lambda: Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=False, use_sliding_window=False, sliding_window=None,
+        max_window_layers=28, torch_dtype="bfloat16"),
+    "EleutherAI/pythia-160m": lambda: GPTNeoXConfig(
+        vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        rotary_pct=0.25, rotary_emb_base=10000, max_position_embeddings=2048, use_parallel_residual=True,
+        tie_word_embeddings=False, layer_norm_eps=1e-5, hidden_act="gelu"),
+    "microsoft/Phi-3-mini-4k-instruct": lambda: Phi3Config(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
+        rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-5, sliding_window=2047, bos_token_id=1,
+        eos_token_id=32000, pad_token_id=32000, attention_bias=False, tie_word_embeddings=False),
+    "allenai/OLMo-2-0425-1B": lambda: Olmo2Config(
+        vocab_size=100352, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6,
+        pad_token_id=100277, eos_token_id=100257, tie_word_embeddings=False),
+    "google/gemma-2-2b": lambda: Gemma2Config(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh", cache_implementation="hybrid"),
+    "google/gemma-3-1b-it": lambda: Gemma3TextConfig(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+        rope_local_base_freq=10000.0, rope_theta=1000000.0, rope_scaling=None, max_position_embeddings=32768,
+        eos_token_id=[1, 106], cache_implementation="hybrid"),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_published_configurations_convert_at_the_teachers_size(name):
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(REAL_CONFIGS[name]())
+        student = build_student(teacher, ConvertOptions(score_bias=False, sink=False))
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    assert abs(n_student - n_teacher) < 1e-3 * n_teacher, (n_student, n_teacher)  # + decay and output scale only
