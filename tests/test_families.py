@@ -220,3 +220,78 @@ def test_published_configurations_convert_at_the_teachers_size(name):
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_student = sum(p.numel() for p in student.parameters())
     assert abs(n_student - n_teacher) < 1e-3 * n_teacher, (n_student, n_teacher)  # + decay and output scale only
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF teachers, for the families whose GGUF architecture transformers reads
+# ------------------------------------------------------------------------------------------
+
+
+def write_gguf(model, path, arch: str):
+    """A float32 llama.cpp GGUF of a transformers model: tensors named by gguf's own name map
+    for `arch`, Gemma norms stored as llama.cpp stores them (1 + w), placeholder 'gpt2' tokens."""
+    import gguf
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)  # Gemma 3: the global theta
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if getattr(cfg, "sliding_window", None):
+        w.add_sliding_window(cfg.sliding_window)
+    tokens = [f"t{i}" for i in range(cfg.vocab_size)]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    w.add_pad_token_id(cfg.pad_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            tensor = tensor + 1
+        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# What a GGUF of each can hold: transformers reads no head_dim for qwen3 (its default is 128),
+# no partial rotary for phi3, no query_pre_attn_scalar or layer pattern for Gemma (defaults).
+GGUF_CONFIGS = {
+    "qwen3": lambda: Qwen3Config(**TINY, num_key_value_heads=2, head_dim=128),
+    "phi3": lambda: Phi3Config(**TINY, num_key_value_heads=2),
+    "gemma2": lambda: Gemma2Config(**TINY, **GQA),
+    "gemma3": lambda: Gemma3TextConfig(**TINY, **GQA),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", list(GGUF_CONFIGS))
+def test_gguf_teacher_converts_like_its_safetensors_original(arch, tmp_path):
+    from retconvert.convert.sources import load_teacher
+
+    torch.manual_seed(0)
+    original = AutoModelForCausalLM.from_config(GGUF_CONFIGS[arch]()).eval()
+    folder = load_teacher(str(save_teacher(original, tmp_path / "folder")))
+    gguf = load_teacher(str(write_gguf(original, tmp_path / f"{arch}.gguf", arch)))
+    assert gguf.kind == "gguf" and gguf.model.config.model_type == original.config.model_type
+    ids = torch.randint(3, 128, (2, 9))
+    torch.testing.assert_close(gguf.model(ids).logits, folder.model(ids).logits, rtol=0, atol=1e-5)
+    students = [build_student(t.model, ConvertOptions(decay="retnet")).eval() for t in (folder, gguf)]
+    torch.testing.assert_close(students[1](ids).logits, students[0](ids).logits, rtol=0, atol=1e-5)
