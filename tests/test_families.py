@@ -19,6 +19,7 @@ from retconvert.convert.convert import ConvertOptions, build_student, student_co
 from retconvert.convert.families import family_for, map_state_dict
 from retconvert.errors import RetconvertError
 from retconvert.models.decoding_retnet import RetNetDecoder
+from retconvert.models.modeling_retnet import CACHE_NAME
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="eager")
@@ -163,6 +164,26 @@ def test_first_position_logits_match_the_teachers(pair):
     assert err < 1e-5, f"{name}: relative error {err:.1e}"
     for block in student.model.layers:
         block.retention.score_bias.fill_(1.0)
+
+
+@torch.no_grad()
+def test_token_by_token_decoding_equals_the_parallel_form(pair):
+    """The recurrent state (through the modules, and the packed decoder where it covers the
+    model) gives the logits of the whole-sequence forward, with every new layer option."""
+    name, _, student = pair
+    ids = torch.randint(3, 128, (2, 12))
+    want = student(ids, use_cache=False).logits  # (B, T, V)
+    state = student(ids[:, :5], use_cache=True)[CACHE_NAME]
+    for t in range(5, 12):
+        out = student(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: state})
+        torch.testing.assert_close(out.logits[:, 0], want[:, t], rtol=1e-4, atol=1e-5, msg=f"{name} step {t}")
+        state = out[CACHE_NAME]
+    if RetNetDecoder.supports(student.config):
+        decoder = student.packed_decoder(batch_size=2)
+        decoder.prefill(ids[:, :5])
+        for t in range(5, 12):
+            torch.testing.assert_close(decoder.step(ids[:, t]), want[:, t], rtol=1e-4, atol=1e-5,
+                                       msg=f"{name} packed step {t}")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
