@@ -79,7 +79,8 @@ from common import (  # noqa: E402
 )
 
 DEFAULT_CONFIG = "configs/distill/smollm2-135m.yaml"
-CASES = ("teacher_finetune", "distill", "distill_cached", "student_only", "teacher_forward")
+CASES = ("teacher_finetune", "distill", "distill_cached", "student_only", "teacher_forward", "distill_bf16",
+         "distill_bf16_teacher")
 PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")  # of a distill step, in order
 LABELS = {
     "teacher_finetune": "A  teacher fine-tuning step (fwd + CE + bwd + AdamW)",
@@ -87,6 +88,8 @@ LABELS = {
     "distill_cached": "B' distillation step, teacher top-k from the logit cache",
     "student_only": "C  student step alone (fwd + CE + bwd + AdamW)",
     "teacher_forward": "T  teacher forward, no grad",
+    "distill_bf16": "B  with the student under bf16 autocast (fp32 master weights), whatever run.dtype says",
+    "distill_bf16_teacher": "B  with the student and the teacher's forward under bf16 autocast",
 }
 
 
@@ -282,33 +285,34 @@ def main(argv=None) -> int:
     # engine.micro_step()) and engine.step() after it, with accum = world = 1. Not called from
     # the trainer because that loop is inline (no per-step function to reuse); the data stream,
     # metrics, checkpoints and all_reduce (a no-op in one process) are left out.
-    def make_distill_step(use_cache: bool) -> Callable[[], None]:
-        name = "distill_cached" if use_cache else "distill"
+    def make_distill_step(name: str, use_cache: bool = False, student_bf16: bool = autocast,
+                          teacher_bf16: bool = False) -> Callable[[], None]:
 
         def step():
-            clock = [time.perf_counter()]  # phase boundaries (CPU ops are synchronous)
+            clock = [(time.perf_counter(), time.process_time())]  # phase boundaries (CPU ops are synchronous)
             teacher_logits = teacher_topk = None
             if use_cache:
                 teacher_topk = cache.get(0, x)
             else:
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=teacher_bf16):
                     teacher_logits = tmodel(input_ids=x, use_cache=False).logits
-            clock.append(time.perf_counter())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            clock.append((time.perf_counter(), time.process_time()))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=student_bf16):
                 logits = s_engine(input_ids=x, use_cache=False).logits
-            clock.append(time.perf_counter())
+            clock.append((time.perf_counter(), time.process_time()))
             parts = loss_fn(logits, y, teacher_logits=teacher_logits, teacher_topk=teacher_topk)
             local = torch.stack([parts.loss.detach(), parts.kl.detach(), parts.ce.detach()]).double().cpu()
             if not torch.isfinite(local).all():
                 raise SystemExit(f"{name}: loss is not finite ({local.tolist()})")
             last_loss[name] = float(local[0]) / max(n_scored, 1)
-            clock.append(time.perf_counter())
+            clock.append((time.perf_counter(), time.process_time()))
             s_engine.backward(parts.loss / max(n_scored, 1) * scale)
-            clock.append(time.perf_counter())
+            clock.append((time.perf_counter(), time.process_time()))
             s_engine.micro_step()
             s_engine.step()
-            clock.append(time.perf_counter())
-            last_phases[name] = dict(zip(PHASES, (b - a for a, b in zip(clock, clock[1:]))))
+            clock.append((time.perf_counter(), time.process_time()))
+            last_phases[name] = {m: dict(zip(PHASES, (b[i] - a[i] for a, b in zip(clock, clock[1:]))))
+                                 for i, m in enumerate(("wall", "cpu"))}
             last_grad_norm[name] = s_engine.last_grad_norm
 
         return step
@@ -330,8 +334,11 @@ def main(argv=None) -> int:
 
     steps = {
         "teacher_finetune": (step_teacher_finetune, teacher_trainable),
-        "distill": (make_distill_step(False), teacher_frozen),
-        "distill_cached": (make_distill_step(True), teacher_frozen),
+        "distill": (make_distill_step("distill"), teacher_frozen),
+        "distill_cached": (make_distill_step("distill_cached", use_cache=True), teacher_frozen),
+        "distill_bf16": (make_distill_step("distill_bf16", student_bf16=True), teacher_frozen),
+        "distill_bf16_teacher": (make_distill_step("distill_bf16_teacher", student_bf16=True, teacher_bf16=True),
+                                 teacher_frozen),
         "student_only": (step_student_only, teacher_frozen),
         "teacher_forward": (step_teacher_forward, teacher_frozen),
     }
@@ -436,8 +443,9 @@ def main(argv=None) -> int:
             "runs": runs[c],
         }
         if runs[c] and "phases_s" in runs[c][0]:
-            per_case[c]["phases_median_s"] = {ph: summarize([x_["phases_s"][ph] for x_ in runs[c]])["median_s"]
-                                              for ph in PHASES}
+            per_case[c]["phases_median_s"] = {
+                m: {ph: summarize([x_["phases_s"][m][ph] for x_ in runs[c]])["median_s"] for ph in PHASES}
+                for m in ("wall", "cpu")}
 
     def ratio(a: str, b: str, metric: str):
         if a not in per_case or b not in per_case:
@@ -454,6 +462,8 @@ def main(argv=None) -> int:
             "student_only_over_teacher_finetune": ratio("student_only", "teacher_finetune", metric),
             "teacher_forward_share_of_distill": ratio("teacher_forward", "distill", metric),
             "distill_cached_over_distill": ratio("distill_cached", "distill", metric),
+            "distill_bf16_over_distill": ratio("distill_bf16", "distill", metric),
+            "distill_bf16_teacher_over_distill": ratio("distill_bf16_teacher", "distill", metric),
         }
     target = 1.5
     headline = ratios["wall"]["distill_over_teacher_finetune"]
@@ -478,10 +488,10 @@ def main(argv=None) -> int:
         **peak, "flops_per_token": flops_per_token,
         "note": "2048x576 by 576x1536 matmul, this process's threads, measured after the steps; model FLOPs "
                 "per distill token counted as 6 x trainable student parameters + 2 x teacher parameters",
-        "distill_fraction_of_peak": {
-            dt: (per_case["distill"]["tokens_per_s_wall"] * flops_per_token / (peak[dt]["gflop_s"] * 1e9)
-                 if "distill" in per_case and per_case["distill"]["tokens_per_s_wall"] else None)
-            for dt in peak},
+        "fraction_of_peak": {
+            c: {m: {dt: per_case[c][f"tokens_per_s_{m}"] * flops_per_token / (peak[dt][f"gflop_s_{m}"] * 1e9)
+                    for dt in peak} for m in ("wall", "cpu")}
+            for c in per_case if c.startswith("distill") and per_case[c]["tokens_per_s_wall"]},
     }
     result["code"]["sha256_at_end"] = {f: file_sha256(REPO / f) for f in files}
     result["code"]["changed_during_run"] = result["code"]["sha256_at_end"] != result["code"]["sha256_at_start"]
@@ -501,7 +511,9 @@ def matmul_peak(dtype: str, m: int = 2048, k: int = 576, n: int = 1536, repeats:
     a = torch.randn(m, k).to(getattr(torch, dtype))
     b = torch.randn(k, n).to(getattr(torch, dtype))
     t = time_callable(lambda: a @ b, repeats=repeats, warmup=3)
-    return {"shape": [m, k, n], "median_s": t["median_s"], "gflop_s": 2 * m * k * n / t["median_s"] / 1e9}
+    flop = 2 * m * k * n
+    return {"shape": [m, k, n], "median_s": t["median_s"], "cpu_median_s": t["cpu_time"]["median_s"],
+            "gflop_s_wall": flop / t["median_s"] / 1e9, "gflop_s_cpu": flop / t["cpu_time"]["median_s"] / 1e9}
 
 
 def _options_are_defaults(options) -> bool:
@@ -526,16 +538,16 @@ def print_table(result: Dict[str, Any]) -> None:
         if got:
             log(f"ratios ({metric}): " + ", ".join(got))
     for c, row in result["cases"].items():
-        if "phases_median_s" in row:
-            total = sum(row["phases_median_s"].values())
-            log(f"{c} phases (median s, share): " + ", ".join(
-                f"{ph} {v:.2f} ({v / total:.0%})" for ph, v in row["phases_median_s"].items()))
+        for m, phases in row.get("phases_median_s", {}).items():
+            total = sum(phases.values())
+            log(f"{c} phases ({m}, median s, share): " + ", ".join(
+                f"{ph} {v:.2f} ({v / total:.0%})" for ph, v in phases.items()))
     mp = result.get("matmul_peak", {})
     for dt in ("float32", "bfloat16"):
         if dt in mp:
-            frac = mp["distill_fraction_of_peak"][dt]
-            log(f"{dt} matmul peak {mp[dt]['gflop_s']:.0f} GFLOP/s"
-                + (f"; the distill step reaches {frac:.0%} of it" if frac is not None else ""))
+            log(f"{dt} matmul peak {mp[dt]['gflop_s_wall']:.0f} GFLOP/s wall, {mp[dt]['gflop_s_cpu']:.0f} per CPU second; "
+                + ", ".join(f"{c} {f['wall'][dt]:.0%} (wall) {f['cpu'][dt]:.0%} (CPU)"
+                            for c, f in mp["fraction_of_peak"].items()))
     t = s["target"]
     if t["ratio_wall"] is not None:
         log(f"target B/A < {t['limit']}: wall {t['ratio_wall']:.3f} (met: {t['met_wall']}), "

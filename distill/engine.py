@@ -98,10 +98,15 @@ class Distributed:
 class PlainEngine:
     """AdamW + LambdaLR in one process; `step()` after the last micro-batch of an update."""
 
+    TOP_GRADS = 3  # parameters named in `last_top_grads`
+
     def __init__(self, model, params: List[torch.nn.Parameter], cfg: DistillConfig):
         s2 = cfg.stage2
         self.module = model
         self.params = params
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.names = [names.get(id(p), "?") for p in params]
+        self.last_top_grads: List[tuple] = []
         self.clip = s2.clip
         self.optimizer = torch.optim.AdamW(params, lr=s2.lr, betas=tuple(s2.betas), weight_decay=s2.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -118,10 +123,19 @@ class PlainEngine:
         pass
 
     def step(self):
-        if self.clip > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
-        else:
-            self.last_grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        """Clip, step AdamW and the schedule, zero the gradients. Records the global gradient
+        norm before clipping (`last_grad_norm`) and the parameters with the largest gradient
+        norms (`last_top_grads`, (name, norm) pairs), which name the source of a spike."""
+        names, grads = zip(*[(n, p.grad) for n, p in zip(self.names, self.params) if p.grad is not None])
+        norms = torch.stack([g.norm(dtype=torch.float32) for g in grads])  # (P,)
+        total = norms.norm()
+        self.last_grad_norm = float(total)
+        top = norms.topk(min(self.TOP_GRADS, len(norms)))
+        self.last_top_grads = [(names[i], round(float(v), 4)) for v, i in zip(top.values, top.indices)]
+        if self.clip > 0:  # as torch.nn.utils.clip_grad_norm_, without computing the norms twice
+            coef = torch.clamp(self.clip / (total + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -199,6 +213,7 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.zero_stage = self.engine.zero_optimization_stage()
         self.last_grad_norm = float("nan")
+        self.last_top_grads: List[tuple] = []  # not available: DeepSpeed owns (and shards) the gradients
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)

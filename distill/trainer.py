@@ -326,6 +326,7 @@ class Trainer:
                 if step % cfg.run.log_every == 0 or step == s2.steps:
                     self.metrics.write({"event": "train", "step": step, "loss": last_loss, "kl": float(sums[1]),
                                         "ce": float(sums[2]), "lr": engine.lr, "grad_norm": engine.last_grad_norm,
+                                        "grad_top": engine.last_top_grads,
                                         "tokens": n_global, "tokens_seen": tokens_after,
                                         "tokens_per_s": round(tok_s, 1),
                                         "elapsed_s": round(time.time() - self.t0, 2)}, step)

@@ -533,6 +533,18 @@ def test_eval_at_tokens_and_checkpoints_by_wall_time(fx, tmp_path):
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000003", "step-00000004"]  # every step, 2 kept
 
 
+def test_train_records_name_the_largest_gradients(fx, tmp_path):
+    run_tiny(fx, tmp_path / "run", **{"stage1.steps": 0, "stage2.clip": 0.01})
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    names = set(load_file(str(tmp_path / "run" / "final" / "model.safetensors")))
+    for r in records:
+        top = r["grad_top"]
+        assert len(top) == 3 and all(name in names for name, _ in top), top
+        norms = [n for _, n in top]
+        assert norms == sorted(norms, reverse=True) and norms[0] <= r["grad_norm"] + 1e-4
+        assert r["grad_norm"] > 0.01  # the norm before clipping is what is logged
+
+
 def test_lora_is_merged_on_export(fx, tmp_path):
     run_tiny(fx, tmp_path / "base", **{"stage2.steps": 0})
     run_tiny(fx, tmp_path / "lora", **{"stage2.finetune": "lora", "stage2.lora_rank": 4, "stage2.lr": 1e-2,
