@@ -163,7 +163,8 @@ def convert(teacher: Teacher, options: ConvertOptions, log=print):
     family: Family = family_for(teacher.model.config)
     log(f"converting {teacher.source} ({family.model_type}: {family.notes})")
     student = build_student(teacher.model, options).to(teacher.model.device)
-    report = {"family": family.model_type, "options": asdict(options), "layers": []}
+    # notes: what carries over and what retention replaces (e.g. a sliding window), for the record
+    report = {"family": family.model_type, "family_notes": family.notes, "options": asdict(options), "layers": []}
     if options.needs_calibration:
         ids = calibration_ids(teacher.tokenizer, options)
         log(f"calibrating on {ids.numel()} tokens ({ids.shape[0]} x {ids.shape[1]})")

@@ -529,8 +529,8 @@ FAMILIES: Dict[str, Family] = {
     "gemma2": Family("gemma2", GEMMA2_KEYS, gemma2_config, attention_output="model.layers.{i}.self_attn.o_proj",
                      fields=GEMMA2_FIELDS,
                      notes="embeddings scaled by sqrt(hidden), (1 + w) norms stored as weights, sandwich norms, GeGLU, "
-                           "query_pre_attn_scalar, final logit soft-capping; score soft-capping and the sliding "
-                           "window become retention"),
+                           "query_pre_attn_scalar, final logit soft-capping; the sliding window becomes retention, "
+                           "and so does the soft-capping of attention scores"),
     "gemma3_text": Family("gemma3_text", GEMMA3_KEYS, gemma3_config, attention_output="model.layers.{i}.self_attn.o_proj",
                           fields=GEMMA3_FIELDS,
                           notes="as gemma2, with per-head q/k norms and the local/global RoPE per layer; the sliding "

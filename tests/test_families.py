@@ -7,6 +7,8 @@ layer, the first position's logits (attention over one token) match, and the con
 checkpoint loads through trust_remote_code without retconvert and generates.
 """
 
+import json
+
 import pytest
 import torch
 from tiny import assert_loads_with_remote_code, save_teacher, tiny_text, write_jsonl
@@ -195,6 +197,10 @@ def test_cli_converts_and_the_checkpoint_loads_without_retconvert_and_generates(
                 "--calib-tokens", "256", "--calib-seq-len", "64"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.conversion["options"]["decay"] == "calibrated"  # calibrated on the teacher's attention
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["family"] == name
+    if name in ("qwen3", "phi3", "gemma2", "gemma3_text"):  # the record says the window is gone
+        assert "sliding window becomes retention" in report["family_notes"], report["family_notes"]
     assert_loads_with_remote_code(out, tmp_path, torch.randint(3, 40, (2, 9)),
                                   packed=RetNetDecoder.supports(model.config))
 
