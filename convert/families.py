@@ -171,10 +171,13 @@ def plus_one(tensor: Tensor, _cfg) -> Dict[str, Tensor]:
 
 
 def _rope_parameters(cfg) -> dict:
-    """transformers 5 `rope_parameters` merged over 4.x `rope_theta`/`rope_scaling`."""
+    """transformers 5 `rope_parameters` merged over the 4.x attributes: rope_scaling, rope_theta
+    (GPT-NeoX: rotary_emb_base) and partial_rotary_factor (GPT-NeoX: rotary_pct)."""
     legacy = dict(getattr(cfg, "rope_scaling", None) or {})
-    if getattr(cfg, "rope_theta", None) is not None:
-        legacy.setdefault("rope_theta", cfg.rope_theta)
+    for attr, key in (("rope_theta", "rope_theta"), ("rotary_emb_base", "rope_theta"),
+                      ("partial_rotary_factor", "partial_rotary_factor"), ("rotary_pct", "partial_rotary_factor")):
+        if getattr(cfg, attr, None) is not None:
+            legacy.setdefault(key, getattr(cfg, attr))
     return {**legacy, **dict(getattr(cfg, "rope_parameters", None) or {})}
 
 
@@ -273,8 +276,15 @@ def gemma2_config(cfg) -> dict:
 
 def gemma3_config(cfg) -> dict:
     """Gemma 2's layout plus per-head q/k norms and one RoPE per layer type (local and global)."""
-    params = dict(cfg.rope_parameters)
-    layer_rope = [_rope_from(params[kind]) for kind in cfg.layer_types]
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if "full_attention" in params:  # transformers 5: one set of parameters per layer type
+        by_type = {kind: _rope_from(p) for kind, p in params.items()}
+    else:  # 4.x: the global rope_theta / rope_scaling, and rope_local_base_freq for the local layers
+        by_type = {"full_attention": _rope(cfg), "sliding_attention": _rope_from({"rope_theta": cfg.rope_local_base_freq})}
+    pattern = getattr(cfg, "sliding_window_pattern", 6)
+    types = getattr(cfg, "layer_types", None) or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
+    layer_rope = [by_type[kind] for kind in types]
     return {**gemma2_config(cfg), "qk_norm": "head", "layer_rope": layer_rope, **layer_rope[0]}
 
 
@@ -376,11 +386,13 @@ PHI3_FIELDS: Dict[str, Rule] = {
     **dict.fromkeys(("attention_bias", "mlp_bias"), INERT),  # Phi-3's modules never read them
     "sliding_window": REPLACED,
     "original_max_position_embeddings": INERT,  # read only by the longrope scaling, which is refused
+    "partial_rotary_factor": MAPPED,  # transformers 4.x; 5 keeps it in rope_parameters
 }
 GPT_NEOX_FIELDS: Dict[str, Rule] = {
     **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "hidden_act", "max_position_embeddings", "layer_norm_eps", "use_parallel_residual",
-                     "rope_parameters", "rope_scaling", "rotary_pct", "rotary_emb_base", "attention_bias"), MAPPED),
+                     "rope_parameters", "rope_scaling", "rope_theta", "rotary_pct", "rotary_emb_base",
+                     "partial_rotary_factor", "attention_bias"), MAPPED),
     **_DROPOUT,
     "is_decoder": INERT,  # always a decoder; the flag only matters to encoder-decoder wrappers
 }
@@ -393,7 +405,11 @@ GEMMA2_FIELDS: Dict[str, Rule] = {
     "attn_logit_softcapping": REPLACED, "sliding_window": REPLACED, "layer_types": REPLACED,
     "use_bidirectional_attention": Only((None, False), "bidirectional attention has no causal RetNet counterpart"),
 }
-GEMMA3_FIELDS: Dict[str, Rule] = {**GEMMA2_FIELDS, "sliding_window_pattern": REPLACED}  # as layer_types
+GEMMA3_FIELDS: Dict[str, Rule] = {
+    **GEMMA2_FIELDS,
+    "rope_local_base_freq": MAPPED,  # transformers 4.x: the local layers' theta
+    "sliding_window_pattern": MAPPED,  # which layers are local (their RoPE); the window itself becomes retention
+}
 QWEN2_FIELDS: Dict[str, Rule] = {
     **LLAMA_FIELDS,
     **dict.fromkeys(("attention_bias", "mlp_bias"), INERT),  # Qwen2's modules never read them

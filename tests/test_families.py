@@ -119,6 +119,24 @@ def test_what_the_retnet_cannot_express_is_refused_by_name(config, message):
         student_config(config(), ConvertOptions())
 
 
+@pytest.mark.parametrize("name, legacy", [
+    ("gpt_neox", dict(rotary_pct=0.25, rotary_emb_base=10000.0)),
+    ("phi3", dict(partial_rotary_factor=0.5, rope_theta=10000.0, rope_scaling=None)),
+    ("gemma3_text", dict(rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                         rope_local_base_freq=10000.0, sliding_window_pattern=2)),
+])
+def test_transformers4_rope_attributes_map_as_rope_parameters(name, legacy):
+    """The same model described with transformers 4.x attributes (no rope_parameters or
+    layer_types) gives the same student config."""
+    from types import SimpleNamespace
+
+    config = CONFIGS[name]()
+    old = SimpleNamespace(**{k: v for k, v in config.to_dict().items() if k not in ("rope_parameters", "layer_types")},
+                          **legacy)
+    family = family_for(config)
+    assert family.retnet_config(old) == family.retnet_config(config)
+
+
 @torch.no_grad()
 def test_embeddings_norms_and_mlps_equal_the_teachers(pair):
     name, teacher, student = pair
