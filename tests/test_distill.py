@@ -545,6 +545,20 @@ def test_train_records_name_the_largest_gradients(fx, tmp_path):
         assert r["grad_norm"] > 0.01  # the norm before clipping is what is logged
 
 
+def test_report_tables_from_metrics(fx, tmp_path, capsys):
+    from retconvert.distill.report import main as report
+
+    run_tiny(fx, tmp_path / "run", **{"stage1.steps": 4, "stage1.eval_every": 2, "stage2.steps": 3,
+                                      "run.eval_at_tokens": "[0, 300]"})
+    assert report([str(tmp_path / "run"), "--columns", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| layer | 0 | 256 |" in out  # stage-1 evals at 0 and 4 x 64 tokens (2 of 3 columns shown)
+    assert "| 1 |" in out and "**mean**" in out
+    assert "| 2 | 512 |" in out and "| 3 | 768 |" in out  # stage-2 evals after 300 tokens and at the end
+    assert "heldout ppl (x teacher)" in out and "x) |" in out
+    assert "stage 2: 3 logged steps" in out
+
+
 def test_lora_is_merged_on_export(fx, tmp_path):
     run_tiny(fx, tmp_path / "base", **{"stage2.steps": 0})
     run_tiny(fx, tmp_path / "lora", **{"stage2.finetune": "lora", "stage2.lora_rank": 4, "stage2.lr": 1e-2,
