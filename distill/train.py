@@ -12,9 +12,9 @@ DeepSpeed group when `run.deepspeed` names a JSON config.
 The recipe:
   setup   load the teacher, build the student (a converted folder, or convert now),
           tokenise the held-out sets, find the checkpoint to resume;
-  stage 1 attention transfer: each retention layer learns to reproduce the teacher's attention
-          output from the teacher's own layer input (only decay, score bias, head norm, gate
-          and optional q/k low-rank deltas train; layer-local, so cheap);
+  stage 1 attention transfer: each layer's attention path (q, k, v, o and what retention adds;
+          full or low-rank) learns to reproduce the teacher's attention output from the
+          teacher's own layer input (layer-local, so cheap; distill/attention_transfer.py);
   stage 2 logit distillation: KL(teacher || student) at temperature T (+ alpha * next-token CE)
           on packed text, full fine-tuning or LoRA, with checkpoints and held-out perplexity;
   export  the student in the converter's checkpoint format at <out_dir>/final.
