@@ -362,3 +362,76 @@ def test_gguf_teacher_equals_its_safetensors_original(tmp_path, kv_heads):
     assert torch.equal(gguf.model(ids).logits, want)
     students = [build_student(t.model, ConvertOptions(decay="retnet")) for t in (folder, gguf)]
     assert torch.equal(students[1](ids).logits, students[0](ids).logits)
+
+
+# ------------------------------------------------------------------------------------------
+# A tied head under every ZeRO stage and a kill-and-resume, with full fine-tuning and LoRA
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tied_fx(tmp_path_factory):
+    """The distillation fixture with a teacher whose head is tied to its embeddings (as
+    SmolLM2's is)."""
+    from test_distill import make_tokenizer, write_texts
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tied-fixture")
+    write_texts(root / "train.jsonl", 300, seed=1)
+    write_texts(root / "extra.jsonl", 100, seed=2)
+    write_texts(root / "heldout.jsonl", 40, seed=3)
+    tok = make_tokenizer(root / "tokenizer")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                         tie_word_embeddings=True, initializer_range=0.1)
+    LlamaForCausalLM(config).save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    return {"root": root, "teacher": root / "teacher", "tokenizer": root / "tokenizer"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune", ["full", "lora-with-head"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_tied_head_survives_zero_and_resume(tied_fx, tmp_path, stage, finetune):
+    """Two ranks under ZeRO-`stage`, SIGKILLed after the step-2 checkpoint and resumed, end
+    with the one-process run's weights; the head stays tied (saved once, config says so), or,
+    with LoRA on the head, is untied explicitly in both runs alike."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+    from test_distill import REPO, _kill_strays, _torchrun, assert_weights_close, run_tiny, tiny_overrides
+
+    extra = {"stage1.steps": 0, "stage2.steps": 3, "run.checkpoint_every": 2}
+    if finetune != "full":
+        extra.update({"stage2.finetune": "lora", "stage2.lora_rank": 4, "stage2.lora_targets": "[q_proj,v_proj,lm_head]"})
+    run_tiny(tied_fx, tmp_path / "single", **extra, **{"stage2.micro_batch_size": 8})
+    out = tmp_path / f"zero{stage}"
+    args = tiny_overrides(tied_fx, out, **extra, **{"stage2.micro_batch_size": 4,
+                                                     "run.deepspeed": f"configs/deepspeed/zero{stage}.json"})
+    port = 29000 + (os.getpid() % 500) * 8 + stage * 2
+    cmd, env = _torchrun(args, port, {"RETCONVERT_TEST_HANG_AFTER_CHECKPOINT": "2"})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not latest.is_file():
+        time.sleep(0.1)
+    assert proc.poll() is None and latest.read_text() == "step-00000002"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _kill_strays(str(out))
+    cmd, env = _torchrun(args + ["run.resume=true"], port + 1)
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    want = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    got = load_file(str(out / "final" / "model.safetensors"))
+    assert_weights_close(got, want, 1e-5)
+    tied = json.loads((out / "final" / "config.json").read_text())["tie_word_embeddings"]
+    assert tied == (finetune == "full") and (("lm_head.weight" in got) != tied)
