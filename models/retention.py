@@ -190,16 +190,19 @@ def retention_chunkwise(q, k, v, gamma, chunk_size: int = 64, initial_state=None
 
 def retention_recurrent(q, k, v, gamma, initial_state=None, output_final_state: bool = True,
                         token_mask=None) -> Tuple[Tensor, Tensor]:
-    """O(1)-state form, one token at a time: the decoding form. A masked position keeps the
-    state exactly as it was."""
+    """O(1)-state form, one token at a time: the decoding form. A masked position has decay 1
+    and a zero key, so the state stays exactly as it was (S * 1 + 0)."""
     B, T, H, Dk = q.shape
     g = gamma.to(q.dtype).view(1, H, 1, 1)
+    if token_mask is None:
+        decays = [g] * T
+    else:  # (B, H, 1, 1) per step: gamma for a real token, 1 for a pad
+        decays = torch.where(token_mask.bool().view(B, T, 1, 1, 1), g, torch.ones_like(g)).unbind(1)
+        k = _mask_keys(k, token_mask)
     S = q.new_zeros(B, H, Dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
-    keep = [None] * T if token_mask is None else (token_mask.view(B, T, 1, 1) == 0).unbind(1)  # (B, 1, 1)
     outs = []
-    for q_t, k_t, v_t, keep_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), keep):  # unbind: see chunkwise
-        S_next = g * S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, Dk, Dv)
-        S = S_next if keep_t is None else torch.where(keep_t[:, None], S, S_next)
+    for q_t, k_t, v_t, g_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), decays):  # unbind: see chunkwise
+        S = g_t * S + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)  # (B, H, Dk, Dv)
         outs.append((q_t.unsqueeze(-2) @ S).squeeze(-2))  # (B, H, Dv)
     return torch.stack(outs, dim=1), S if output_final_state else None
 
