@@ -375,6 +375,8 @@ LLAMA_FIELDS: Dict[str, Rule] = {
                      "rope_parameters", "rope_theta", "rope_scaling", "attention_bias", "mlp_bias"), MAPPED),
     **_DROPOUT,
     "pretraining_tp": INERT,  # split matmuls in old releases: the same products
+    # nanotron export fields (SmolLM2's config.json) that transformers' Llama never reads
+    "is_llama_config": INERT, "rope_interleaved": INERT,
 }
 _SLIDING = dict.fromkeys(("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"), REPLACED)
 MISTRAL_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, "sliding_window": REPLACED}
@@ -559,7 +561,8 @@ def family_for(hf_config) -> Family:
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in FAMILIES:
         raise RetconvertError(
-            f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
+            f"model_type {model_type!r} is not supported; convert a model of one of the supported families: "
+            f"{', '.join(sorted(FAMILIES))}"
         )
     return FAMILIES[model_type]
 

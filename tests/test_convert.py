@@ -51,8 +51,9 @@ def test_every_teacher_tensor_is_mapped_or_dropped(pair):
 def test_unknown_model_type_lists_supported():
     cfg = GPT2Config()
     cfg.model_type = "bert"
-    with pytest.raises(RetconvertError, match="supported families: gemma2, gemma3_text, gpt2, gpt_neox, llama, "
-                                              "mistral, olmo2, phi3, qwen2, qwen3$"):
+    with pytest.raises(RetconvertError, match="'bert' is not supported; convert a model of one of the supported "
+                                              "families: gemma2, gemma3_text, gpt2, gpt_neox, llama, mistral, olmo2, "
+                                              "phi3, qwen2, qwen3$"):
         family_for(cfg)
 
 
@@ -266,7 +267,7 @@ def _unknown_field(folder):
     (_corrupt, "corrupt"),
     (_unknown_field, "config field attn_temperature=0.5 is unknown"),
     (_pickle_only, "--allow-pickle"),
-    (_bert, "not supported; supported families"),
+    (_bert, "not supported; convert a model of one of the supported families"),
 ])
 def test_bad_teacher_folder_is_one_line_error(llama_dir, calib_file, tmp_path, capsys, breakage, message):
     breakage(llama_dir)

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 from tiny import assert_loads_with_remote_code, save_teacher, tiny_text, write_jsonl
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, Olmo2Config,
-                          Phi3Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
+                          Olmo2Config, Phi3Config, Qwen3Config)
 
 import retconvert  # noqa: F401
 from retconvert.cli import main as cli
@@ -226,6 +226,10 @@ def test_cli_converts_and_the_checkpoint_loads_without_retconvert_and_generates(
 # Published configurations, as their config.json files spell them (fields of older transformers
 # releases included): shapes-only conversions on the meta device, nothing downloaded.
 REAL_CONFIGS = {
+    "HuggingFaceTB/SmolLM2-135M": lambda: LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, is_llama_config=True, rope_interleaved=False, rope_scaling=None, pretraining_tp=1),
     "Qwen/Qwen3-0.6B": lambda: Qwen3Config(
         vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
         num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
