@@ -187,10 +187,14 @@ def test_first_position_logits_match_the_teachers(pair):
 
 
 @torch.no_grad()
-def test_token_by_token_decoding_equals_the_parallel_form(pair):
+@pytest.mark.parametrize("window", [0, 4])
+def test_token_by_token_decoding_equals_the_parallel_form(pair, window):
     """The recurrent state (through the modules, and the packed decoder where it covers the
-    model) gives the logits of the whole-sequence forward, with every new layer option."""
-    name, _, student = pair
+    model) gives the logits of the whole-sequence forward, with every new layer option; also
+    for the windowed student (`--window`), whose window is shorter than the sequence here."""
+    name, teacher, student = pair
+    if window:
+        student = build_student(teacher, ConvertOptions(window=window)).eval()
     ids = torch.randint(3, 128, (2, 12))
     want = student(ids, use_cache=False).logits  # (B, T, V)
     state = student(ids[:, :5], use_cache=True)[CACHE_NAME]
