@@ -17,8 +17,9 @@ which differs from ours by max(|row sum| / c_n, 1) per (position, head); the hea
 removes that factor only where the mean square of the head's retention output is far
 above layernorm_eps. Where it is not (small value weights: with v_proj scaled by 1e-2 and
 1e-3, a tiny test model's recurrent logits are off by 4e-3 and 0.18 relative), no export can
-match both forms, since the two disagree with each other. `export_torchscale` measures both on a short probe after writing
-and prints the figures, with a warning naming this limit when the recurrent form is off.
+match both forms, since the two disagree with each other. `export_torchscale` measures both
+on a short probe after writing and prints the figures, with a warning naming this limit when
+the recurrent form is off.
 """
 
 import json

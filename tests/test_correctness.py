@@ -409,7 +409,8 @@ def test_tied_head_survives_zero_and_resume(tied_fx, tmp_path, stage, finetune):
 
     extra = {"stage1.steps": 0, "stage2.steps": 3, "run.checkpoint_every": 2}
     if finetune != "full":
-        extra.update({"stage2.finetune": "lora", "stage2.lora_rank": 4, "stage2.lora_targets": "[q_proj,v_proj,lm_head]"})
+        extra.update({"stage2.finetune": "lora", "stage2.lora_rank": 4,
+                      "stage2.lora_targets": "[q_proj,v_proj,lm_head]"})
     run_tiny(tied_fx, tmp_path / "single", **extra, **{"stage2.micro_batch_size": 8})
     out = tmp_path / f"zero{stage}"
     args = tiny_overrides(tied_fx, out, **extra, **{"stage2.micro_batch_size": 4,
