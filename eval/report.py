@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import List
 
-from retconvert.eval.common import fmt_bytes
+from retconvert.eval.measure import fmt_bytes
 
 
 def _fmt(x, digits=4) -> str:

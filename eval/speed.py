@@ -22,7 +22,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from retconvert.eval.common import PeakRSS, cache_nbytes, free_memory, is_oom, log, median, sync, timed
+from retconvert.eval.common import cache_nbytes, free_memory, is_oom, log
+from retconvert.eval.measure import PeakRSS, median, sync, timed
 from retconvert.models.modeling_retnet import CACHE_NAME
 
 

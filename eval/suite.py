@@ -18,7 +18,8 @@ from typing import List, Optional
 import torch
 
 from retconvert.errors import RetconvertError
-from retconvert.eval.common import free_memory, log, machine_info
+from retconvert.eval.common import free_memory, log
+from retconvert.eval.measure import machine_info
 from retconvert.eval.lm_tasks import DEFAULT_TASKS
 from retconvert.paths import atomic_output_dir, shared_data_dir
 

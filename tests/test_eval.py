@@ -16,7 +16,8 @@ import torch
 
 import retconvert  # noqa: F401  (registers the RetNet classes)
 from retconvert.cli import main
-from retconvert.eval.common import PeakRSS, cache_nbytes
+from retconvert.eval.common import cache_nbytes
+from retconvert.eval.measure import PeakRSS
 from retconvert.eval.energy import RaplMeter
 from retconvert.eval.lm_tasks import DEFAULT_TASKS, TEMPLATES, materialize, template_info
 
