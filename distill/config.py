@@ -133,7 +133,8 @@ class RunSection:
     resume: bool = False
     overwrite: bool = False  # start afresh in an out_dir that holds an earlier run (deletes it)
     device: str = "cpu"
-    dtype: str = "float32"  # "float32" | "bfloat16" (autocast, or DeepSpeed bf16)
+    # "float32" | "bfloat16": stage 2 under autocast, student and teacher (fp32 master weights); DeepSpeed: its bf16
+    dtype: str = "float32"
     deepspeed: Optional[str] = None  # DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); null: plain torch
     log_every: int = 1
     eval_every: int = 0  # 0: only at the end

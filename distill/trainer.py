@@ -301,7 +301,8 @@ class Trainer:
                         if cache is not None:
                             teacher_topk = cache.get(first_row + lo, x)
                         else:
-                            with torch.no_grad():
+                            # bf16: the frozen teacher's matmuls too (its weights stay as loaded)
+                            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                                 teacher_logits = self.teacher.model(input_ids=x, use_cache=False).logits
                     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                         logits = engine(input_ids=x, use_cache=False).logits
