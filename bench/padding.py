@@ -12,7 +12,8 @@ hits every variant alike:
 
 Forward passes under no_grad, and a forward+backward of the chunkwise form. Each timed run's
 process CPU time and wall time are kept; with --threads 1 the CPU time is the figure least
-disturbed by other processes. The JSON goes to stdout (and to --out); progress to stderr.
+disturbed by other processes, whose load is recorded per case (`cpu_monitor`). The JSON goes
+to stdout (and to --out); progress to stderr.
 
 Usage
   .venv/bin/python bench/padding.py --threads 1 --out docs/bench/padding.json
@@ -29,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, emit_result, log, machine_info, run_header, summarize  # noqa: E402
+from common import REPO, CpuMonitor, emit_result, log, machine_info, run_header, summarize  # noqa: E402
 
 RETENTION_FILE = REPO / "models" / "retention.py"
 
@@ -99,19 +100,21 @@ def run_case(base, cur, form, T, backward, args):
     for fn in fns.values():  # warm-up
         once(fn)
     cpu, wall = {n: [] for n in fns}, {n: [] for n in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            once(fn)
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
+    with CpuMonitor() as monitor:  # cores other processes kept busy meanwhile
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                c0, w0 = time.process_time(), time.perf_counter()
+                once(fn)
+                cpu[name].append(time.process_time() - c0)
+                wall[name].append(time.perf_counter() - w0)
     result = {"form": form, "T": T, "chunk_size": args.chunk if form == "chunkwise" else None,
-              "pass": "fwd+bwd" if backward else "fwd",
+              "pass": "fwd+bwd" if backward else "fwd", "cpu_monitor": monitor.result,
               "cpu": {n: summarize(t) for n, t in cpu.items()}, "wall": {n: summarize(t) for n, t in wall.items()}}
     med = {n: result["cpu"][n]["median_s"] for n in fns}
     result["cpu_ratio_to_baseline"] = {n: med[n] / med["baseline"] for n in fns}
     log(f"{form:9s} T={T:5d} {result['pass']:7s} cpu median ms: "
-        + ", ".join(f"{n} {1e3 * m:.1f}" for n, m in med.items()))
+        + ", ".join(f"{n} {1e3 * m:.1f}" for n, m in med.items())
+        + f" (other processes: {monitor.result.get('other_busy_cores', float('nan')):.1f} cores)")
     return result
 
 
@@ -133,8 +136,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     base, cur = load_baseline(args.baseline), load_module(RETENTION_FILE, "_retention_current")
-    result = {**run_header("padding"), "machine": machine_info(torch.get_num_threads()), "args": vars(args),
-              "cases": []}
+    result = {**run_header("padding"), "machine": machine_info(torch_threads=torch.get_num_threads()),
+              "args": vars(args), "cases": []}
     for T in args.parallel_lengths:
         result["cases"].append(run_case(base, cur, "parallel", T, False, args))
     for T in args.chunkwise_lengths:
