@@ -170,9 +170,11 @@ def _mean_sd(values: List[float]) -> tuple:
 
 
 def _fmt(mean, sd, n, digits=3) -> str:
+    """"mean ± sd"; digits=None: whole numbers with thousands separators."""
     if mean is None:
         return "-"
-    return f"{mean:.{digits}g} ± {sd:.2g}" + ("" if n > 1 else " (1 seed)")
+    text = f"{mean:,.0f} ± {sd:,.0f}" if digits is None else f"{mean:.{digits}g} ± {sd:.2g}"
+    return text + ("" if n > 1 else " (1 seed)")
 
 
 def latency_at(row: dict, engine: str, context: int) -> Optional[float]:
@@ -222,19 +224,17 @@ def findings(rows: List[dict], contexts: List[int]) -> List[dict]:
         return out
     pairs = _pairs(rows)
 
-    ratios = [p["retnet"]["train_s"] / p["llama"]["train_s"] for p in pairs]
-    m, sd, n = _mean_sd(ratios)
-    verdict = "holds" if m is not None and m < 1 and sd is not None and m + 2 * sd / math.sqrt(n) < 1 else \
-        "does not hold" if m is not None and m >= 1 else "inconclusive"
+    ratio = _mean_sd([p["retnet"]["train_s"] / p["llama"]["train_s"] for p in pairs])
+    verdict = {-1: "holds (RetNet faster)", 1: "does not hold (RetNet slower)", 0: "inconclusive"}[_sign(ratio, 1.0)]
     out.append({"claim": STUDY_CLAIMS["train_time"], "verdict": verdict,
-                "here": f"RetNet / Transformer training time, same tokens, paired by point and seed: "
-                        f"{m:.2f} ± {sd:.2f} over {n} pairs (mean ± sd)"})
+                "here": f"RetNet / Transformer training wall time, same tokens, paired by point and seed: "
+                        f"{ratio[0]:.2f} ± {ratio[1]:.2f} over {ratio[2]} pairs (mean ± sd)"})
 
     lr_, lt_ = metric(ret, "final_loss_avg"), metric(tra, "final_loss_avg")
-    gap = [p["retnet"]["final_loss_avg"] - p["llama"]["final_loss_avg"] for p in pairs]
-    g, gsd, gn = _mean_sd(gap)
-    verdict = ("holds in direction (Transformer lower)" if g > 0 and g - 2 * gsd / math.sqrt(gn) > 0 else
-               "does not hold (RetNet lower)" if g < 0 and g + 2 * gsd / math.sqrt(gn) < 0 else "no clear gap")
+    gap = _mean_sd([p["retnet"]["final_loss_avg"] - p["llama"]["final_loss_avg"] for p in pairs])
+    g, gsd, gn = gap
+    verdict = {1: "holds in direction (Transformer lower)", -1: "does not hold (RetNet lower)",
+               0: "no clear gap"}[_sign(gap)]
     verdict += "; the size of the study's gap (6.5 nats) is not reproduced" if abs(g) < 3 else ""
     out.append({"claim": STUDY_CLAIMS["loss"], "verdict": verdict,
                 "here": f"average final training loss RetNet {lr_[0]:.3f}, Transformer {lt_[0]:.3f} "
@@ -250,31 +250,51 @@ def findings(rows: List[dict], contexts: List[int]) -> List[dict]:
                 "here": "; ".join(f"best {'RetNet' if a == 'retnet' else 'Transformer'} by held-out C4 perplexity: "
                                   f"{p} ({s[0]:.1f})" for a, (p, s) in best.items())})
 
-    rg, tg = metric(ret, decode_growth), metric(tra, decode_growth)
-    pg = metric(ret, lambda r: decode_growth(r, "packed"))
-    flat = rg[0] is not None and abs(rg[0]) <= 0.05
-    grows = tg[0] is not None and tg[0] > 0.05
+    lo, hi = min(contexts), max(contexts)
+
+    def growth(rs, engine="module"):  # mean latency at the longest context over that at the shortest
+        a, b = metric(rs, lambda r: latency_at(r, engine, lo))[0], metric(rs, lambda r: latency_at(r, engine, hi))[0]
+        return None if a is None or b is None else b / a - 1
+
+    rg, tg, pg = growth(ret), growth(tra), growth(ret, "packed")
+    flat = rg is not None and abs(rg) <= 0.05
+    grows = tg is not None and tg > 0.05
     out.append({"claim": STUDY_CLAIMS["decode_flat"],
-                "verdict": "holds" if flat and grows else "partly" if flat or grows else "does not hold",
-                "here": f"decode latency change from {min(contexts)} to {max(contexts)} tokens of context: "
-                        f"RetNet {_pct(rg)}, RetNet packed decoder {_pct(pg)}, Transformer {_pct(tg)}"})
+                "verdict": "holds" if flat and grows else
+                ("partly (RetNet flat, Transformer not growing)" if flat else
+                 "partly (Transformer growing, RetNet not flat)" if grows else "does not hold"),
+                "here": f"mean decode latency at {hi} over that at {lo} tokens of context, all runs: RetNet "
+                        f"{_pct(rg)} (per run {_pct(metric(ret, decode_growth))}), its packed decoder {_pct(pg)}, "
+                        f"Transformer {_pct(tg)} (per run {_pct(metric(tra, decode_growth))})"})
 
     lg = [late_gain(p["retnet"]) - late_gain(p["llama"]) for p in pairs
           if late_gain(p["retnet"]) is not None and late_gain(p["llama"]) is not None]
-    d, dsd, dn = _mean_sd(lg)
+    diff = _mean_sd(lg)
     rgain, tgain = metric(ret, late_gain), metric(tra, late_gain)
-    verdict = ("inconclusive" if d is None else
-               "holds (RetNet gains less from context)" if d < 0 and d + 2 * dsd / math.sqrt(dn) < 0 else
-               "does not hold (RetNet gains more)" if d > 0 and d - 2 * dsd / math.sqrt(dn) > 0 else
-               "no clear difference")
+    verdict = ("inconclusive" if diff[0] is None else
+               {-1: "holds (RetNet gains less from context)", 1: "does not hold (RetNet gains more)",
+                0: "no clear difference"}[_sign(diff)])
     out.append({"claim": STUDY_CLAIMS["long_range"], "verdict": verdict,
                 "here": f"loss drop from positions 16-31 to the last positions of a training-length row "
                         f"(held-out C4): RetNet {_num(rgain)} nats, Transformer {_num(tgain)} nats; paired "
-                        f"difference {_num((d, dsd, dn))}"})
+                        f"difference {_num(diff)} over {diff[2]} pairs"})
     return out
 
 
+def _sign(stat, against: float = 0.0) -> int:
+    """+1 / -1 when a mean over >= 2 values is more than 2 standard errors above / below
+    `against`, else 0."""
+    m, sd, n = stat
+    if m is None or n < 2:
+        return 0
+    margin = 2 * sd / math.sqrt(n)
+    return 1 if m - margin > against else -1 if m + margin < against else 0
+
+
 def _pct(stat) -> str:
+    """"+x.x%" of a value, or "+x.x% ± y.y" of a (mean, sd, n)."""
+    if not isinstance(stat, tuple):
+        return "-" if stat is None else f"{100 * stat:+.1f}%"
     m, sd, n = stat
     return "-" if m is None else f"{100 * m:+.1f}% ± {100 * sd:.1f}"
 
@@ -293,12 +313,12 @@ def _pairs(rows: List[dict]) -> List[Dict[str, dict]]:
     return [p for p in by.values() if len(p) == 2]
 
 
-ARCH = {"retnet": "RetNet", "llama": "Transformer"}
+ARCH = {"retnet": "RetNet", "llama": "Transformer", "llama-equal": "Transformer (equal params)"}
 
 
 def summary_table(rows: List[dict]) -> str:
     """Mean ± sd over seeds per (point, architecture)."""
-    cols = [("params", "params", 4), ("tokens", "tokens", 3), ("final loss", "final_loss_avg", 4),
+    cols = [("params", "params", None), ("tokens", "tokens", None), ("final loss", "final_loss_avg", 4),
             ("C4 ppl", "ppl_c4", 4), ("WikiText-2 ppl", "ppl_wikitext2", 4), ("train s", "train_s", 3),
             ("train tok/s", "train_tokens_per_s", 3)]
     head = "| point | arch | seeds | " + " | ".join(c[0] for c in cols) + " |"
@@ -310,15 +330,36 @@ def summary_table(rows: List[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def equal_params_table(rows: List[dict]) -> str:
+    """The centre's RetNet against both Transformers, and the paired loss gaps per seed."""
+    center = [r for r in rows if r["point"] == "center"]
+    kinds = {"RetNet": [r for r in center if r["arch"] == "retnet"],
+             "Transformer": [r for r in center if r["arch"] == "llama" and not r.get("equal_params")],
+             "Transformer, equal params": [r for r in center if r.get("equal_params")]}
+    if not all(kinds.values()):
+        return "No equal-parameter pairing in these runs.\n"
+    lines = ["| model | ffn | params | final loss | C4 ppl | train s |", "|---|---|---|---|---|---|"]
+    for name, rs in kinds.items():
+        lines.append(f"| {name} | {rs[0]['model.scratch.intermediate_size']} | {_fmt(*metric(rs, 'params'), None)} | "
+                     f"{_fmt(*metric(rs, 'final_loss_avg'))} | {_fmt(*metric(rs, 'ppl_c4'))} | "
+                     f"{_fmt(*metric(rs, 'train_s'))} |")
+    by_seed = {r["seed"]: r for r in kinds["RetNet"]}
+    gaps = {name: [by_seed[r["seed"]]["final_loss_avg"] - r["final_loss_avg"] for r in rs if r["seed"] in by_seed]
+            for name, rs in kinds.items() if name != "RetNet"}
+    lines += ["", "Paired by seed, RetNet loss minus Transformer loss: " + "; ".join(
+        f"{name} {_num(_mean_sd(g))} nats ({len(g)} seeds)" for name, g in gaps.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def speed_table(rows: List[dict], contexts: List[int]) -> str:
     """Decode latency (ms/token, batch 1) and cache bytes per context, mean ± sd over all runs of an arch."""
     lines = ["| arch | engine | " + " | ".join(f"{c} tok: ms" for c in contexts) + " | "
-             + " | ".join(f"{c} tok: cache" for c in contexts) + " |", "|" + "---|" * (2 + 2 * len(contexts))]
+             + " | ".join(f"{c} tok: cache bytes" for c in contexts) + " |", "|" + "---|" * (2 + 2 * len(contexts))]
     for arch in ("retnet", "llama"):
         rs = [r for r in rows if r["arch"] == arch and r.get("decode")]
         for engine in ("module", "packed") if arch == "retnet" else ("module",):
             lat = [_fmt(*metric(rs, lambda r: latency_at(r, engine, c))) for c in contexts]
-            mem = [_fmt(*metric(rs, lambda r: _cache(r, c))) if engine == "module" else "" for c in contexts]
+            mem = [_fmt(*metric(rs, lambda r: _cache(r, c)), None) if engine == "module" else "" for c in contexts]
             lines.append(f"| {ARCH[arch]} | {engine} | " + " | ".join(lat) + " | " + " | ".join(mem) + " |")
     return "\n".join(lines) + "\n"
 
@@ -348,14 +389,14 @@ def _joules(row) -> Optional[float]:
 def zero_shot_table(rows: List[dict], z: float = 1.645) -> str:
     """Tasks where a group's mean accuracy is above chance (one-sided z over the pooled examples)."""
     lines = []
-    for (point, arch, _), rs in groups(rows).items():
+    for (point, arch, equal), rs in groups(rows).items():
         for task in sorted({t for r in rs for t in (r.get("zero_shot") or {})}):
             res = [r["zero_shot"][task] for r in rs if task in (r.get("zero_shot") or {})]
             n = sum(x["n"] for x in res)
             acc = sum(x["acc"] * x["n"] for x in res) / max(n, 1)
             chance = res[0]["chance"]
             score = (acc - chance) / math.sqrt(chance * (1 - chance) / max(n, 1))
-            lines.append((point, arch, task, acc, chance, n, score))
+            lines.append((point, arch + ("-equal" if equal else ""), task, acc, chance, n, score))
     if not lines:
         return "No zero-shot task was run.\n"
     above = [x for x in lines if x[6] > z]
@@ -437,7 +478,7 @@ def write_report(rows: List[dict], folder: Path, spec: dict) -> Path:
         "",
         "## Design",
         "",
-        _design(rows, study),
+        _design(rows, {**study, "_grid": spec.get("grid")}),
         "",
         "## Findings of the original study, claim by claim",
         "",
@@ -446,12 +487,18 @@ def write_report(rows: List[dict], folder: Path, spec: dict) -> Path:
     ]
     lines += [f"| {f['claim']} | {f['here']} | {f['verdict']} |" for f in findings(rows, settings.contexts)]
     lines += ["", "Verdict rules: a paired mean counts as different from 0 (or a ratio from 1) when it is "
-              "more than 2 standard errors away; decode is flat when the change is within 5%.", "",
+              "more than 2 standard errors away (at least 2 pairs); decode is flat when the change is within "
+              "5%. Times are wall times of one niced thread on a shared, loaded machine: both architectures of "
+              "a pair ran back to back, but contention varies from minute to minute.", "",
               "## Every point, mean ± sd over seeds", "",
               "`final loss` is the mean training loss over the last 10% of steps; perplexities are on "
               "held-out C4 and WikiText-2 (sliding window of the run's sequence length, stride half of it); "
               "`train s` is the training loop's wall time, `train tok/s` its throughput.", "",
-              summary_table(rows), "## Decode latency and state/cache memory versus context", "",
+              summary_table(rows), "## At equal parameter count", "",
+              "The RetNet's retention adds a d x d output gate per layer, so at the same grid point it has "
+              "more parameters than the Transformer; the equal-parameter Transformer widens its FFN to the "
+              "RetNet's count (nearest FFN size, parameters counted on the built models).", "",
+              equal_params_table(rows), "## Decode latency and state/cache memory versus context", "",
               "Batch 1, `retconvert.eval.speed.decode_curve` and `memory_curve`; cache bytes are the "
               "RetNet recurrent state or the Transformer's KV cache after the prompt.", "",
               speed_table(rows, settings.contexts)]
@@ -468,11 +515,11 @@ def write_report(rows: List[dict], folder: Path, spec: dict) -> Path:
 
 def _design(rows: List[dict], study: dict) -> str:
     center = study.get("center") or {}
-    varied = {k: sorted({r[k] for r in rows if k in r}) for k in center}
-    parts = [f"{SHORT.get(k, k)} {v} (centre {center[k]})" for k, v in varied.items()]
+    parts = [f"{SHORT.get(k, k)} {v}" + (f" (centre {center[k]})" if k in center else "")
+             for k, v in (study.get("_grid") or {}).items()]
     r0 = rows[0]
     return (f"Design: {study.get('design', 'product')}; every point trained as both architectures on the same "
-            f"tokens (same seed, same data order), {len(study.get('seeds', []))} seeds. Dimensions: "
+            f"tokens (same seed, same data order), seeds {study.get('seeds')}. Dimensions: "
             + "; ".join(parts) + ". "
             f"{r0.get('num_layers', '?')} layers; {r0['tokens']:,} training tokens per run "
             f"({r0.get('tokens_per_step', '?')} per step). The RetNet's retention has q, k, v, an output gate "

@@ -182,7 +182,7 @@ def test_findings_verdicts():
         "holds", "holds in direction", "not comparable at this scale", "holds", "holds"]
     assert "0.80 ± 0.00 over 6 pairs" in got[0]["here"] and "not reproduced" in got[1]["verdict"]
     assert "best RetNet by held-out C4 perplexity: lr=0.01" in got[2]["here"]
-    assert "RetNet +1.0% ± 0.0" in got[3]["here"] and "Transformer +50.0%" in got[3]["here"]
+    assert "RetNet +1.0% (per run +1.0% ± 0.0)" in got[3]["here"] and "Transformer +50.0%" in got[3]["here"]
     swapped = [{**r, "arch": {"retnet": "llama", "llama": "retnet"}[r["arch"]]} for r in rows]
     assert [f["verdict"].split(" (")[0] for f in findings(swapped, [16, 1024])] == [
         "does not hold", "does not hold", "not comparable at this scale", "does not hold", "does not hold"]
