@@ -1,310 +1,85 @@
-"""Shared helpers for the benchmarks in bench/: timing, machine info, memory probes, JSON.
+"""What the benchmarks in bench/ share beyond the measurement toolkit.
 
-Nothing here imports torch at module level, so a parent process that only orchestrates
-workers stays light; the helpers that need torch import it lazily.
+The measurement helpers (timing, peak RSS, contention, machine info, JSON output) are the
+library's, `retconvert.eval.measure`, re-exported here. This file executes it by path: it
+needs only the standard library, whereas `import retconvert...` runs the package's
+__init__, which imports transformers (about 3 s of CPU in every worker process).
 
-Conventions every benchmark follows:
-  * warm-up runs are excluded from the statistics;
-  * a timing reports min / median / mean / max and every run (`times_s`), median first;
-  * a case that does not fit a budget is *skipped with a recorded reason*, never estimated
-    and reported as if measured;
-  * the JSON carries the command line, the date and the machine it ran on.
+Bench-only code lives here: running one case in a fresh worker process, the provenance
+header of a run (command, git commit, file hashes), and the cases of the retention
+functions that bench/retention.py and bench/prefill.py time alike (loading the code under
+test, memory estimates, time budgets, waiting for a quiet machine, retrying contended cases).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import hashlib
+import importlib.util
 import json
+import math
 import os
-import platform
-import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
-
-__all__ = [
-    "REPO", "summarize", "time_callable", "CpuMonitor", "other_busy_cores", "wait_for_quiet",
-    "rss_bytes", "maxrss_bytes", "PeakRSS", "emit_worker_result", "run_worker", "machine_info",
-    "file_sha256", "git_state", "run_header", "to_json", "write_json", "log", "fmt_bytes", "fmt_seconds",
-]
+from typing import Any, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 
-# --------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------
+
+def load_by_path(path: os.PathLike, name: str):
+    """Execute a Python file as a module named `name`, outside the `retconvert` package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 
-def summarize(times: Sequence[float]) -> Dict[str, Any]:
-    """min / median / mean / max / stdev of a list of seconds, plus the list itself."""
-    times = [float(t) for t in times]
-    if not times:
-        return {"n": 0, "times_s": []}
-    return {
-        "n": len(times),
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "mean_s": statistics.fmean(times),
-        "max_s": max(times),
-        "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
-        "times_s": times,
-    }
+measure = load_by_path(REPO / "eval" / "measure.py", "_retconvert_eval_measure")
+CpuMonitor = measure.CpuMonitor
+PeakRSS = measure.PeakRSS
+contention_limit = measure.contention_limit
+emit_result = measure.emit_result
+fmt_bytes = measure.fmt_bytes
+fmt_seconds = measure.fmt_seconds
+machine_info = measure.machine_info
+maxrss_bytes = measure.maxrss_bytes
+other_busy_cores = measure.other_busy_cores
+package_version = measure.package_version
+rss_bytes = measure.rss_bytes
+summarize = measure.summarize
+take_turns = measure.take_turns
+time_callable = measure.time_callable
+to_json = measure.to_json
+usable_cpus = measure.usable_cpus
+wait_for_quiet = measure.wait_for_quiet
+write_json = measure.write_json
 
 
-def time_callable(
-    fn: Callable[[], Any],
-    *,
-    repeats: int,
-    warmup: int = 1,
-    setup: Optional[Callable[[], Any]] = None,
-    budget_s: Optional[float] = None,
-    min_repeats: int = 3,
-) -> Dict[str, Any]:
-    """Time `fn()` `repeats` times after `warmup` untimed calls; return a summary.
-
-    Wall-clock statistics are at the top level (`median_s`, ...); the process CPU time of
-    the same runs is under `cpu_time` (same keys).
-
-    `setup()` (untimed) runs before every call, e.g. to clear gradients. The garbage
-    collector is run before and disabled during each timed call.
-
-    With `budget_s`, the warm-up calls are timed and used to cap the number of repeats so
-    that warm-up + repeats fit the budget. If fewer than `min_repeats` would fit, nothing
-    is measured and the result has status "skipped" with the reason (the warm-up time is
-    kept under `warmup_s`, labelled as such, and is never used as the measurement).
-    """
-    warm_times: List[float] = []
-    for _ in range(max(warmup, 0)):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        warm_times.append(time.perf_counter() - t0)
-
-    n = repeats
-    if budget_s is not None:
-        # The warm-up may be slower than a steady run (first touches, thread pool start),
-        # which makes this cap conservative.
-        per_run = max(warm_times) if warm_times else 0.0
-        spent = sum(warm_times)
-        if per_run > 0:
-            n = min(repeats, int(max(budget_s - spent, 0.0) // per_run))
-        if n < min_repeats:
-            return {
-                "status": "skipped",
-                "reason": (
-                    f"time budget: one warm-up run took {per_run:.2f} s, so {min_repeats} "
-                    f"timed repeats would not fit the {budget_s:.0f} s per-case budget"
-                ),
-                "warmup_s": warm_times,
-            }
-
-    times: List[float] = []
-    cpu_times: List[float] = []
-    for _ in range(n):
-        if setup is not None:
-            setup()
-        gc.collect()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-    out = {"status": "ok", "warmup_s": warm_times, "repeats_requested": repeats}
-    out.update(summarize(times))
-    # CPU time of the whole process (all its threads) per run. With one torch thread it is
-    # the work done, mostly insensitive to other processes competing for the cores (it
-    # still includes their cache / memory-bandwidth interference).
-    out["cpu_time"] = summarize(cpu_times)
-    return out
+def log(msg: str) -> None:
+    """Progress goes to stderr; stdout is reserved for the JSON result."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
 
 
-# --------------------------------------------------------------------------------------
-# CPU contention (Linux): how busy the rest of the machine was while we measured
-# --------------------------------------------------------------------------------------
+def int_list(s: str) -> List[int]:
+    """'128, 1024' -> [128, 1024] (argparse type)."""
+    return [int(x) for x in s.replace(" ", "").split(",") if x]
 
 
-def _read_proc_stat() -> Optional[Dict[str, int]]:
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return None
-    vals = [int(x) for x in fields]
-    # user nice system idle iowait irq softirq steal guest guest_nice
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    steal = vals[7] if len(vals) > 7 else 0
-    total = sum(vals[:8])
-    return {"busy": total - idle - steal, "steal": steal, "total": total}
-
-
-class CpuMonitor:
-    """Measures, over an interval, this process's CPU use and everybody else's.
-
-    `other_busy_cores` is the average number of cores kept busy by *other* processes
-    (system busy time minus ours); `steal_cores` is hypervisor steal. Both should be ~0
-    for clean numbers; they are recorded so that a noisy run can be recognised.
-    """
-
-    def __enter__(self):
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._sys0 = _read_proc_stat()
-        self._self0 = os.times()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.result = self.read()
-        return False
-
-    def read(self) -> Dict[str, Any]:
-        wall = time.perf_counter() - self._t0
-        me = os.times()
-        self_cpu = (me.user - self._self0.user) + (me.system - self._self0.system)
-        out: Dict[str, Any] = {
-            "wall_s": wall,
-            "self_cpu_s": self_cpu,
-            "self_cores": self_cpu / wall if wall > 0 else None,
-        }
-        sys1 = _read_proc_stat()
-        if self._sys0 is not None and sys1 is not None and wall > 0:
-            busy = (sys1["busy"] - self._sys0["busy"]) / self._tick
-            steal = (sys1["steal"] - self._sys0["steal"]) / self._tick
-            out["other_busy_cores"] = max(busy - self_cpu, 0.0) / wall
-            out["steal_cores"] = steal / wall
-        if loadavg() is not None:
-            out["loadavg"] = loadavg()
-        return out
-
-
-def other_busy_cores(sample_s: float = 1.0) -> Optional[float]:
-    """Cores kept busy by processes other than this one over the next `sample_s` seconds."""
-    with CpuMonitor() as mon:
-        time.sleep(sample_s)
-    return mon.result.get("other_busy_cores")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def contention_limit(threads: int, tolerance: float) -> float:
-    """Cores other processes may keep busy before a measurement with `threads` threads counts
-    as contended: the cores our threads do not need, plus `tolerance`."""
-    return max(usable_cpus() - threads, 0) + tolerance
-
-
-def loadavg() -> Optional[List[float]]:
-    """The 1, 5 and 15 minute load averages, or None where the OS has none."""
-    try:
-        return list(os.getloadavg())
-    except OSError:
-        return None
-
-
-def wait_for_quiet(max_wait_s: float, threshold_cores: float, sample_s: float = 1.0, poll_s: float = 4.0) -> Dict[str, Any]:
-    """Wait (at most `max_wait_s`) until other processes use < `threshold_cores` cores.
-
-    Returns {"quiet": bool, "waited_s": ..., "other_busy_cores": last sample}. Proceeding
-    after a timeout is the caller's choice; the contention is recorded either way.
-    """
-    t0 = time.perf_counter()
-    while True:
-        busy = other_busy_cores(sample_s)
-        waited = time.perf_counter() - t0
-        if busy is None or busy < threshold_cores:
-            return {"quiet": True, "waited_s": waited, "other_busy_cores": busy}
-        if waited + poll_s > max_wait_s:
-            return {"quiet": False, "waited_s": waited, "other_busy_cores": busy}
-        time.sleep(poll_s)
-
-
-# --------------------------------------------------------------------------------------
-# Memory probes
-# --------------------------------------------------------------------------------------
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import psutil  # fallback for non-Linux
-
-        return psutil.Process().memory_info().rss
-
-
-def maxrss_bytes() -> int:
-    """High-water mark of this process's RSS since it started (ru_maxrss)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
-
-
-class PeakRSS:
-    """Extra peak memory of a block, from ru_maxrss. Use in a *fresh* process.
-
-        with PeakRSS() as m:
-            op()
-        m.result  # {"peak_extra_bytes": ..., "resolved": bool, ...}
-
-    ru_maxrss is a process-lifetime high-water mark, so the block's peak is only visible
-    if it exceeds every earlier peak of the process. Hence: one case per fresh process,
-    small setup before the block. If the high-water mark did not move (`resolved` false),
-    the block's extra peak is only known to be <= `upper_bound_bytes` and
-    `peak_extra_bytes` is None. `peak_extra_bytes` = high-water after - RSS just before,
-    i.e. everything the block had resident at its peak beyond what was live on entry
-    (temporaries, outputs, autograd buffers, gradients, allocator slack).
-    """
-
-    def __enter__(self):
-        gc.collect()
-        self.rss_before = rss_bytes()
-        self.maxrss_before = maxrss_bytes()
-        return self
-
-    def __exit__(self, *exc):
-        maxrss_after = maxrss_bytes()
-        resolved = maxrss_after > self.maxrss_before
-        self.result = {
-            "method": "ru_maxrss high-water delta in a fresh subprocess",
-            "rss_before_bytes": self.rss_before,
-            "maxrss_before_bytes": self.maxrss_before,
-            "maxrss_after_bytes": maxrss_after,
-            "rss_after_bytes": rss_bytes(),
-            "resolved": resolved,
-            "peak_extra_bytes": (maxrss_after - self.rss_before) if resolved else None,
-            "upper_bound_bytes": None if resolved else max(self.maxrss_before - self.rss_before, 0),
-        }
-        return False
-
-
-# --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
 # Workers: run one case in a fresh Python process, exchange JSON
-# --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
 
 WORKER_MARK = "@@BENCH_RESULT@@ "
 
 
 def emit_worker_result(obj: Any) -> None:
     """Called by a worker: print its result as one marked JSON line on stdout."""
-    sys.stdout.write(WORKER_MARK + json.dumps(obj, default=_json_default) + "\n")
+    sys.stdout.write(WORKER_MARK + to_json(obj, indent=None) + "\n")
     sys.stdout.flush()
 
 
@@ -312,9 +87,7 @@ def run_worker(cmd: Sequence[str], timeout_s: float, env: Optional[Dict[str, str
     """Run `cmd` (a worker), return its marked JSON result, or a failure record."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(
-            list(cmd), capture_output=True, text=True, timeout=timeout_s, env=env, cwd=str(REPO)
-        )
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout_s, env=env, cwd=str(REPO))
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"worker killed after the {timeout_s:.0f} s hard timeout"}
     wall = time.perf_counter() - t0
@@ -328,71 +101,19 @@ def run_worker(cmd: Sequence[str], timeout_s: float, env: Optional[Dict[str, str
     return {"status": "failed", "reason": f"worker exited with code {proc.returncode}", "stderr_tail": tail}
 
 
-# --------------------------------------------------------------------------------------
-# Provenance: machine, date, command, code
-# --------------------------------------------------------------------------------------
+def spawn(script: str, kind: str, payload: Dict[str, Any], timeout_s: float,
+          extra_env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run `script --worker {"kind": kind, **payload}` in a fresh process (see run_worker)."""
+    cmd = [sys.executable, os.path.abspath(script), "--worker", json.dumps({"kind": kind, **payload})]
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    env.update(extra_env or {})
+    return run_worker(cmd, timeout_s=timeout_s, env=env)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> List[str]:
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "fma", "avx_vnni")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
-
-
-def machine_info(torch_threads: Optional[int] = None) -> Dict[str, Any]:
-    """CPU, memory, OS, Python and torch facts for the JSON header."""
-    info: Dict[str, Any] = {
-        "cpu_model": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_usable"] = usable_cpus()
-    try:
-        import psutil
-
-        info["physical_cores"] = psutil.cpu_count(logical=False)
-        vm = psutil.virtual_memory()
-        info["memory_total_bytes"] = vm.total
-        info["memory_available_bytes_at_start"] = vm.available
-    except Exception:  # psutil is optional
-        pass
-    if loadavg() is not None:
-        info["loadavg_at_start"] = loadavg()
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch_threads if torch_threads is not None else torch.get_num_threads()
-        info["torch_interop_threads"] = torch.get_num_interop_threads()
-        info["mkldnn"] = bool(torch.backends.mkldnn.is_available())
-        info["mkl"] = bool(torch.backends.mkl.is_available())
-        for line in torch.__config__.parallel_info().splitlines():
-            if line.startswith("ATen parallel backend"):
-                info["aten_parallel_backend"] = line.split(":", 1)[1].strip()
-    except Exception as e:  # pragma: no cover
-        info["torch"] = f"unavailable ({e})"
-    return info
+# --------------------------------------------------------------------------------------------
+# Provenance: command, date, code
+# --------------------------------------------------------------------------------------------
 
 
 def file_sha256(path: os.PathLike) -> Optional[str]:
@@ -425,67 +146,199 @@ def run_header(name: str, argv: Optional[Sequence[str]] = None) -> Dict[str, Any
     }
 
 
-# --------------------------------------------------------------------------------------
-# JSON and logging
-# --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# Cases of the retention functions (bench/retention.py, bench/prefill.py)
+# --------------------------------------------------------------------------------------------
+
+RETENTION_FILE = REPO / "models" / "retention.py"
+MODES = ("fwd", "fwd_bwd")  # forward under no_grad; forward + backward
+METRICS = ("wall", "cpu")  # wall-clock time; process CPU time of the same runs
+BYTES_FP32 = 4
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def load_retention():
+    """models/retention.py, executed by path: it needs only torch (see the module docstring)."""
+    return load_by_path(RETENTION_FILE, "_retconvert_retention_under_test")
 
 
-def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=_json_default)
+def paper_decay(num_heads: int) -> List[float]:
+    """gamma_h = 1 - 2^(-5-h): retconvert.models.configuration_retnet.paper_decay, which imports
+    transformers (hence not imported into the workers)."""
+    return [1.0 - 2.0 ** (-5 - h) for h in range(num_heads)]
 
 
-def write_json(path: os.PathLike, obj: Any) -> Path:
-    """Write `obj` as indented JSON, creating parent folders; atomic via a temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json(obj) + "\n")
-    os.replace(tmp, path)
-    return path
+def estimate_peak_bytes(form: str, chunk: Optional[int], T: int, B: int, H: int, Dk: int, Dv: int, mode: str) -> int:
+    """Rough fp32 peak of one retention form (from models/retention.py's code), used only to
+    decide whether to run a case; the JSON puts it next to the measured peak."""
+    s = BYTES_FP32
+    act = B * T * H * (3 * Dk + 2 * Dv) * s  # linear-size tensors: transposes, output, grads
+    if form == "parallel":
+        # decay_matrix: dist (T,T) + (H,T,T) product + (H,T,T) exp + masked copy + mask,
+        # then scores: D (H,T,T) + q k^T (B,H,T,T) + masked scores (B,H,T,T).
+        decay_phase = s * (T * T * 2 + 3 * H * T * T)
+        score_phase = s * H * T * T * (1 + 2 * B)
+        fwd = max(decay_phase, score_phase)
+        if mode == "fwd":
+            return fwd + act
+        # backward: D + saved scores + grad of scores + grad of q k^T (+ a transpose copy).
+        return max(fwd, s * H * T * T * (1 + 3 * B)) + 3 * act
+    if form == "chunkwise":
+        N = -(-T // chunk)
+        blocks = s * B * H * N * chunk * chunk  # one (B,H,N,C,C) score tensor
+        states = s * B * H * N * Dk * Dv  # S_in (B,H,N,Dk,Dv), also the per-chunk kv
+        fwd = 3 * blocks + 3 * states + act
+        return fwd if mode == "fwd" else 3 * fwd
+    if form == "recurrent":
+        state = s * B * H * Dk * Dv
+        if mode == "fwd":
+            return 2 * act + 4 * state
+        # autograd keeps every step's state (for q_t @ S_t) plus per-step outer products.
+        return T * 2 * state + 4 * act
+    raise ValueError(form)
 
 
-def emit_result(result: Dict[str, Any], out: Optional[os.PathLike] = None) -> None:
-    """The end of a benchmark run: record the load average, print the JSON on stdout and,
-    with `out`, also write it there."""
-    if loadavg() is not None:
-        result["machine"]["loadavg_at_end"] = loadavg()
-    print(to_json(result))
-    if out:
-        write_json(out, result)
-        log(f"wrote {out}")
+# Time complexity exponent per form, to predict a case's time from the shorter lengths. The
+# prediction uses the larger of this and the exponent seen between the two previous lengths
+# (capped at 3): the recurrent form's backward, for one, is superlinear.
+TIME_EXPONENT = {"parallel": 2.0, "chunkwise": 1.0, "recurrent": 1.0}
 
 
-def log(msg: str) -> None:
-    """Progress goes to stderr; stdout is reserved for the JSON result."""
-    sys.stderr.write(msg + "\n")
-    sys.stderr.flush()
+def predict_run_s(history: List[tuple], T: int, form: str) -> tuple:
+    """(predicted seconds of one run at T, exponent used) from [(T_i, median_i), ...]."""
+    expo = TIME_EXPONENT[form]
+    if len(history) >= 2:
+        (T1, t1), (T2, t2) = history[-2:]
+        if t1 > 0 and t2 > 0 and T2 > T1:
+            expo = min(max(expo, math.log(t2 / t1) / math.log(T2 / T1)), 3.0)
+    T0, t0 = history[-1]
+    return t0 * (T / T0) ** expo, expo
 
 
-def fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
+def time_budget_reason(history: List[tuple], T: int, form: str, args, rec: Dict[str, Any]) -> Optional[str]:
+    """Why a case at length T does not fit --max-seconds-per-case with --warmup + --min-repeats
+    runs, predicted from the medians at shorter lengths; None if it fits. Records the
+    prediction in `rec` (`predicted_run_s`)."""
+    pred, expo = predict_run_s(history, T, form)
+    rec["predicted_run_s"] = pred
+    need = pred * (args.warmup + args.min_repeats)
+    if need <= args.max_seconds_per_case:
+        return None
+    T0, t0 = history[-1]
+    return (f"time budget: predicted {pred:.1f} s per run (median {t0:.2f} s at T={T0} scaled by "
+            f"T^{expo:.2f}), {args.warmup}+{args.min_repeats} runs = {need:.0f} s > {args.max_seconds_per_case:.0f} s")
 
 
-def fmt_seconds(s: Optional[float]) -> str:
-    if s is None:
-        return "n/a"
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} µs"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
+def skip_reason(form: str, chunk: Optional[int], T: int, estimated_bytes: int, stopped: Optional[str],
+                history: Optional[List[tuple]], args, rec: Dict[str, Any]) -> Optional[str]:
+    """Why a case (form, chunk size, length T) is not run, or None to run it: a chunk longer
+    than T, an estimated peak over --max-bytes, a shorter length already skipped (`stopped`:
+    its reason), or a time predicted from the shorter lengths' medians (`history`) that does
+    not fit the budget (time_budget_reason, which records its prediction in `rec`)."""
+    if chunk and chunk > T:
+        return f"chunk_size {chunk} > T {T}"
+    if estimated_bytes > args.max_bytes:
+        return (f"memory budget: estimated peak {estimated_bytes / 1e9:.1f} GB > --max-bytes "
+                f"{args.max_bytes / 1e9:.1f} GB")
+    if stopped:
+        return f"a shorter length was already skipped: {stopped}"
+    if history:
+        return time_budget_reason(history, T, form, args, rec)
+    return None
+
+
+def over_total(args, t_start: float) -> bool:
+    return bool(args.max_total_seconds) and time.perf_counter() - t_start > args.max_total_seconds
+
+
+def wait_quiet(args, t_start: float, waits: List[float]) -> Dict[str, Any]:
+    """Before a timing case: wait up to --wait-quiet s (and --max-wait-total s over the whole
+    run) for other processes to go idle. `waits` accumulates the time waited."""
+    left = max(args.max_wait_total - sum(waits), 0.0)
+    max_wait = 0.0 if over_total(args, t_start) else min(args.wait_quiet, left)
+    res = wait_for_quiet(max_wait, args.contention_limit, sample_s=0.5, poll_s=3.0)
+    waits.append(res["waited_s"])
+    return res
+
+
+def contention(r: Dict[str, Any]) -> float:
+    """Other processes' busy cores while a mode ran (inf if the worker failed)."""
+    if r.get("status") not in ("ok", "skipped"):
+        return math.inf
+    v = r.get("cpu", {}).get("other_busy_cores")
+    return v if v is not None else 0.0
+
+
+def _rank(r: Dict[str, Any]) -> tuple:
+    """Which attempt to keep: measured beats skipped, then least contended."""
+    return (0 if r.get("status") == "ok" else 1, contention(r))
+
+
+def _brief(res: Dict[str, Any]) -> Dict[str, Any]:
+    """An attempt's per-mode medians and contention, for the record of retries."""
+    if res.get("status") != "ok":
+        return {"status": res.get("status"), "reason": res.get("reason")}
+    return {m: {"status": r.get("status"), "median_s": r.get("median_s"),
+                "other_busy_cores": r.get("cpu", {}).get("other_busy_cores")} for m, r in res["modes"].items()}
+
+
+def time_modes(script: str, payload: Dict[str, Any], modes: List[str], args, t_start: float, waits: List[float],
+               label: str) -> tuple:
+    """Time `modes` of one case in fresh `time` workers of `script`, retrying contended ones.
+
+    Before each attempt, wait (bounded) for a quiet machine; re-time the modes measured or
+    skipped while other processes kept more than args.contention_limit cores busy, up to
+    args.retry_contended times, keeping each mode's least contended attempt. Returns
+    ({mode: kept result}, [record of each attempt]); a result's `contended` says whether it
+    stayed contended.
+    """
+    pending, attempts, best = list(modes), [], {}
+    for attempt in range(1 + max(args.retry_contended, 0)):
+        quiet = wait_quiet(args, t_start, waits)
+        res = spawn(script, "time", {**payload, "modes": pending},
+                    timeout_s=(args.max_seconds_per_case * 2 + 60) * len(pending))
+        attempts.append({"quiet_wait": quiet, "modes": pending, "result": _brief(res)})
+        for mode in pending:
+            r = res["modes"][mode] if res.get("status") == "ok" else {
+                "status": "failed", "reason": res.get("reason"), "detail": res}
+            r.update(quiet_wait=quiet, attempt=attempt)
+            if mode not in best or _rank(r) < _rank(best[mode]):
+                best[mode] = r
+        pending = [m for m in pending if best[m].get("status") in ("ok", "skipped")
+                   and contention(best[m]) > args.contention_limit]
+        if not pending or attempt == args.retry_contended or over_total(args, t_start):
+            break
+        log(f"  {label}: {pending} ran with {max(contention(best[m]) for m in pending):.2f} other busy cores; retrying")
+    for r in best.values():
+        r["contended"] = contention(r) > args.contention_limit
+    return best, attempts
+
+
+def memory_skip(timed: Dict[str, Any], args) -> Optional[Dict[str, Any]]:
+    """Why a mode's peak-memory probe is not run (a skipped record), or None to run it."""
+    if timed.get("status") != "ok":
+        return {"status": "skipped", "reason": "not timed: " + str(timed.get("reason"))}
+    if args.no_memory:
+        return {"status": "skipped", "reason": "--no-memory"}
+    if timed["median_s"] > args.max_seconds_per_case / 2:
+        return {"status": "skipped", "reason": "one run takes over half the per-case time budget"}
+    return None
+
+
+def median_of(case: Dict[str, Any], mode: str, metric: str = "wall") -> Optional[float]:
+    """A case's median time in `mode`, wall-clock or CPU (`metric`); None if not measured."""
+    m = case["modes"].get(mode, {})
+    if m.get("status") != "ok":
+        return None
+    return m.get("median_s") if metric == "wall" else m.get("cpu_time", {}).get("median_s")
+
+
+def loglog_slope(points: List[tuple]) -> Optional[float]:
+    """Least-squares slope of log(y) vs log(T) (y: a time or a byte count). Points without a
+    positive y are left out: a memory probe whose peak stayed under its baseline reads <= 0."""
+    pts = [(math.log(t), math.log(y)) for t, y in points if y is not None and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den if den else None

@@ -41,7 +41,7 @@ Part `peers` (--parts peers)
                    installed fla; otherwise these cases are skipped with the reason.
   Before timing, a check worker compares every peer's output with ours on the same inputs.
 
-Method (as bench/retention.py, whose helpers this script reuses)
+Method (as bench/retention.py: both run their cases with bench/common.py)
   * One fresh subprocess per timing case and per memory probe; warm-up runs excluded;
     median of --repeats runs (all runs kept); wall time and process CPU time.
   * Cases are skipped, with the reason recorded, when their estimated peak memory exceeds
@@ -60,7 +60,6 @@ The JSON goes to stdout (and to --out); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import importlib.util
 import json
@@ -73,30 +72,40 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import retention as rbench  # noqa: E402  (bench/retention.py: shared loaders, budgets, retries)
 from common import (  # noqa: E402
+    BYTES_FP32,
+    METRICS,
+    MODES,
     REPO,
     CpuMonitor,
+    PeakRSS,
+    contention,
     contention_limit,
     emit_result,
-    PeakRSS,
     emit_worker_result,
+    estimate_peak_bytes,
     file_sha256,
     fmt_bytes,
     fmt_seconds,
     git_state,
+    int_list,
+    load_retention,
     log,
+    loglog_slope,
     machine_info,
+    median_of,
+    memory_skip,
+    package_version,
+    paper_decay,
     run_header,
-    run_worker,
+    skip_reason,
+    spawn,
     time_callable,
+    time_modes,
 )
 
-MODES = ("fwd", "fwd_bwd")
-METRICS = ("wall", "cpu")
 FORMS = ("parallel", "chunkwise", "recurrent")
 PEERS = ("torchscale", "fla", "fla-naive_retention")
-BYTES_FP32 = 4
 
 FULL_DEFAULTS = dict(lengths=[512, 1024, 2048, 4096, 8192], chunk_sizes=[32, 64, 128, 256],
                      peer_lengths=[512, 2048, 4096], peer_recurrent_max_length=2048, repeats=7,
@@ -112,38 +121,19 @@ QUICK_DEFAULTS = dict(lengths=[256, 512], chunk_sizes=[64], peer_lengths=[256, 5
 
 
 def load_torchscale():
-    """(MultiScaleRetention, RetNetRelPos, info). torchscale.architecture.retnet imports
-    fairscale; if that fails, the RetNetRelPos class is taken from its source file with ast
-    and executed on its own (it only needs torch)."""
-    import torch
-    from torch import nn
+    """(MultiScaleRetention, RetNetRelPos, info), imported as the torchscale export imports
+    torchscale (retconvert.convert.torchscale_export.import_torchscale: without fairscale and
+    timm, which its retnet module imports but retention does not use)."""
+    from retconvert.convert.torchscale_export import import_torchscale
+
+    import_torchscale()
+    from torchscale.architecture.retnet import RetNetRelPos
     from torchscale.component import multiscale_retention as msr_mod
 
-    info = {"version": _dist_version("torchscale"), "multiscale_retention_file": msr_mod.__file__,
-            "multiscale_retention_sha256": file_sha256(msr_mod.__file__)}
-    try:
-        from torchscale.architecture.retnet import RetNetRelPos
-
-        info["RetNetRelPos"] = "imported from torchscale.architecture.retnet"
-    except ImportError as e:
-        path = Path(msr_mod.__file__).parents[1] / "architecture" / "retnet.py"
-        src = path.read_text()
-        node = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RetNetRelPos")
-        ns: Dict[str, Any] = {"torch": torch, "nn": nn}
-        exec(compile(ast.get_source_segment(src, node), str(path), "exec"), ns)
-        RetNetRelPos = ns["RetNetRelPos"]
-        info["RetNetRelPos"] = f"class source executed from {path} (module import failed: {e})"
-        info["retnet_sha256"] = file_sha256(path)
+    info = {"version": package_version("torchscale"), "multiscale_retention_file": msr_mod.__file__,
+            "multiscale_retention_sha256": file_sha256(msr_mod.__file__),
+            "RetNetRelPos": "torchscale.architecture.retnet, imported by retconvert's import_torchscale()"}
     return msr_mod.MultiScaleRetention, RetNetRelPos, info
-
-
-def _dist_version(name: str) -> Optional[str]:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return None
 
 
 FLA_FILES = {"simple_gla": "fla/ops/simple_gla/naive.py", "retention": "fla/ops/retention/naive.py"}
@@ -186,7 +176,7 @@ def load_fla(location: str):
             info["version"] = next((ln.split(":", 1)[1].strip() for ln in zf.read(meta[0]).decode().splitlines()
                                     if ln.startswith("Version:")), None)
     else:
-        info["version"] = _dist_version("fla-core") or _dist_version("flash-linear-attention")
+        info["version"] = package_version("fla-core") or package_version("flash-linear-attention")
     mods["info"] = info
     return mods
 
@@ -196,7 +186,7 @@ def load_context(p: Dict[str, Any], impl: str) -> Dict[str, Any]:
     ctx: Dict[str, Any] = {}
     fam = family(impl)
     if fam == "ours":
-        ctx["ours"] = rbench.load_retention()
+        ctx["ours"] = load_retention()
     elif fam == "torchscale":
         ctx["torchscale"] = load_torchscale()
     elif fam.startswith("fla"):
@@ -205,6 +195,12 @@ def load_context(p: Dict[str, Any], impl: str) -> Dict[str, Any]:
             raise RuntimeError(how)
         ctx["fla"] = load_fla(loc)
     return ctx
+
+
+def form_impls(form: str) -> List[str]:
+    """Ours and the peers' implementations of one retention form."""
+    naive = ["fla-naive_retention"] if form == "parallel" else []
+    return [f"ours-{form}", f"torchscale-{form}", f"fla-{form}"] + naive
 
 
 def family(impl: str) -> str:
@@ -244,7 +240,7 @@ def _leaves(xs, requires_grad: bool):
 
 
 def gamma_of(torch, H: int):
-    return torch.tensor(rbench.paper_decay(H), dtype=torch.float32)
+    return torch.tensor(paper_decay(H), dtype=torch.float32)
 
 
 def prep_ours(torch, ctx, p, T, rg, base):
@@ -390,8 +386,9 @@ def worker_time(p: Dict[str, Any]) -> Dict[str, Any]:
     if family(p["impl"]) == "torchscale" and impl_form(p["impl"]) != "recurrent":
         _, relpos = torchscale_objects(ctx, p, p.get("chunk"))
         form = impl_form(p["impl"])
-        out["torchscale_rel_pos_build"] = time_callable(
-            lambda: torchscale_rel_pos(torch, relpos, form, p["T"]), repeats=3, warmup=1)
+        build = time_callable(lambda: torchscale_rel_pos(torch, relpos, form, p["T"]), repeats=3, warmup=1)
+        for res in out["modes"].values():
+            res["torchscale_rel_pos_build"] = build
     return out
 
 
@@ -437,7 +434,7 @@ def torchscale_factor(torch, form: str, T: int, chunk: Optional[int], H: int):
     its data-dependent clamps (abs row sums, state norms, clamped at 1) are inactive: parallel
     and recurrent divide position t by sqrt(sum_{m<=t} gamma^m), chunkwise by the same with
     t taken within its chunk (t mod C)."""
-    gamma = torch.tensor(rbench.paper_decay(H), dtype=torch.float64)
+    gamma = torch.tensor(paper_decay(H), dtype=torch.float64)
     t = torch.arange(T, dtype=torch.float64)
     pos = t % chunk if form == "chunkwise" else t
     c = (1 - gamma[None, :] ** (pos[:, None] + 1)) / (1 - gamma[None, :])  # (T, H)
@@ -462,7 +459,8 @@ def check_one(torch, ctx, p, impl, form, T, tol):
         if impl == "fla-naive_retention":
             o = o.transpose(1, 2)
         if family(impl) == "torchscale":
-            rec[name] = {"rel_err_after_rescale": rel_err(o.double() * torchscale_factor(torch, form, T, q.get("chunk"), p["H"]), ref),
+            factor = torchscale_factor(torch, form, T, q.get("chunk"), p["H"])
+            rec[name] = {"rel_err_after_rescale": rel_err(o.double() * factor, ref),
                          "rel_err_raw": rel_err(o, ref),
                          "max_abs_diff_per_position_direction": float((_direction(o) - _direction(ref)).abs().max())}
         else:
@@ -483,7 +481,7 @@ def worker_check(p: Dict[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(p["threads"])
     T, tol = p["T"], 1e-4
     avail: Dict[str, Any] = {}
-    ctx = {"ours": rbench.load_retention()}
+    ctx = {"ours": load_retention()}
     for fam in PEERS:
         if fam == "fla-naive_retention" and "fla" in avail:
             avail[fam] = avail["fla"]
@@ -496,8 +494,7 @@ def worker_check(p: Dict[str, Any]) -> Dict[str, Any]:
             avail[fam] = {"status": "skipped", "reason": f"{type(e).__name__}: {e}"}
     checks: Dict[str, Any] = {}
     for form in FORMS:
-        impls = [f"ours-{form}", f"torchscale-{form}", f"fla-{form}"] + (["fla-naive_retention"] if form == "parallel" else [])
-        for impl in impls:
+        for impl in form_impls(form):
             if family(impl) != "ours" and avail[family(impl)]["status"] != "ok":
                 checks[impl] = {"status": "skipped", "reason": avail[family(impl)]["reason"]}
                 continue
@@ -557,8 +554,9 @@ def dims_list(s: str) -> List[Tuple[int, int]]:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    il = rbench.int_list
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    il = int_list
     ap.add_argument("--parts", default="prefill,peers", help="comma list: prefill, peers")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny lengths, 2 repeats, no waiting")
     ap.add_argument("--lengths", type=il, default=None, help="prefill lengths (default 512,...,8192)")
@@ -598,22 +596,15 @@ def parse_args(argv=None):
     return args
 
 
-def spawn(kind: str, payload: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps({"kind": kind, **payload})]
-    env = dict(os.environ)
-    env.setdefault("PYTHONHASHSEED", "0")
-    return run_worker(cmd, timeout_s=timeout_s, env=env)
-
-
-def estimate_peak_bytes(spec: Dict[str, Any], T: int, mode: str) -> int:
+def case_peak_bytes(spec: Dict[str, Any], T: int, mode: str) -> int:
     """Rough peak (fp32) used only to decide whether to run a case; the measured peak is
-    next to it in the JSON. Ours: bench/retention.py's estimate. Peers' parallel forms hold
+    next to it in the JSON. Ours: common.estimate_peak_bytes. Peers' parallel forms hold
     a few [B, H, T, T] tensors (masks, scores, products)."""
     B, H, Dk, Dv, impl = spec["B"], spec["H"], spec["Dk"], spec["Dv"], spec["impl"]
     form = impl_form(impl)
     if impl == "sdpa":
         return BYTES_FP32 * B * T * H * Dk * (4 if mode == "fwd" else 12)
-    ours = rbench.estimate_peak_bytes(form, spec.get("chunk"), T, B, H, Dk, Dv, mode)
+    ours = estimate_peak_bytes(form, spec.get("chunk"), T, B, H, Dk, Dv, mode)
     if family(impl) == "ours":
         return ours
     if form == "parallel":  # measured at T=1024: 2 to 3.1 x (H T^2 fp32) in both modes
@@ -634,7 +625,8 @@ def build_specs(args) -> List[Dict[str, Any]]:
     specs: List[Dict[str, Any]] = []
     if "prefill" in args.parts:
         D = args.attn_head_dim
-        specs.append({**base, "part": "prefill", "impl": "sdpa", "Dk": D, "Dv": D, "chunk": None, "lengths": args.lengths})
+        specs.append({**base, "part": "prefill", "impl": "sdpa", "Dk": D, "Dv": D, "chunk": None,
+                      "lengths": args.lengths})
         for dk, dv in args.retention_dims:
             for c in args.chunk_sizes:
                 specs.append({**base, "part": "prefill", "impl": "ours-chunkwise", "Dk": dk, "Dv": dv, "chunk": c,
@@ -643,8 +635,7 @@ def build_specs(args) -> List[Dict[str, Any]]:
         dk, dv = args.peer_dims
         for form in FORMS:
             lengths = [T for T in args.peer_lengths if form != "recurrent" or T <= args.peer_recurrent_max_length]
-            impls = [f"ours-{form}", f"torchscale-{form}", f"fla-{form}"] + (["fla-naive_retention"] if form == "parallel" else [])
-            for impl in impls:
+            for impl in form_impls(form):
                 specs.append({**base, "part": "peers", "impl": impl, "Dk": dk, "Dv": dv, "lengths": lengths,
                               "chunk": args.peer_chunk_size if form == "chunkwise" else None})
     for s in specs:
@@ -654,8 +645,8 @@ def build_specs(args) -> List[Dict[str, Any]]:
 
 
 class Runner:
-    """Runs the cases length by length, with the budgets, waits and retries of
-    bench/retention.py, remembering per (label, mode) the medians seen and the skips."""
+    """Runs the cases length by length, with the budgets, waits and retries of bench/common.py
+    (as bench/retention.py), remembering per (label, mode) the medians seen and the skips."""
 
     def __init__(self, args, payload_base, unavailable: Dict[str, str]):
         self.args, self.payload_base, self.unavailable = args, payload_base, unavailable
@@ -665,63 +656,26 @@ class Runner:
         self.stopped: Dict[tuple, str] = {}
 
     def skip_reason(self, spec, T, mode) -> Tuple[Optional[str], Dict[str, Any]]:
-        a, key, extra = self.args, (spec["label"], spec["Dk"], mode), {}
-        extra["estimated_peak_bytes"] = est = estimate_peak_bytes(spec, T, mode)
+        key, extra = (spec["label"], spec["Dk"], mode), {}
+        extra["estimated_peak_bytes"] = est = case_peak_bytes(spec, T, mode)
         if family(spec["impl"]) in self.unavailable:
             return f"peer not available: {self.unavailable[family(spec['impl'])]}", extra
-        if spec.get("chunk") and spec["chunk"] > T:
-            return f"chunk_size {spec['chunk']} > T {T}", extra
-        if est > a.max_bytes:
-            return f"memory budget: estimated peak {est / 1e9:.1f} GB > --max-bytes {a.max_bytes / 1e9:.1f} GB", extra
-        if key in self.stopped:
-            return f"a shorter length was already skipped: {self.stopped[key]}", extra
-        if key in self.history:
-            form = "parallel" if spec["form"] == "attention" else spec["form"]
-            pred, expo = rbench.predict_run_s(self.history[key], T, form)
-            extra["predicted_run_s"] = pred
-            need = pred * (a.warmup + a.min_repeats)
-            if need > a.max_seconds_per_case:
-                return (f"time budget: predicted {pred:.1f} s per run (T^{expo:.2f} from shorter lengths), "
-                        f"{a.warmup}+{a.min_repeats} runs = {need:.0f} s > {a.max_seconds_per_case:.0f} s"), extra
-        return None, extra
+        form = "parallel" if spec["form"] == "attention" else spec["form"]
+        return skip_reason(form, spec.get("chunk"), T, est, self.stopped.get(key), self.history.get(key),
+                           self.args, extra), extra
 
     def payload(self, spec, T) -> Dict[str, Any]:
         keys = ("impl", "B", "H", "Hkv", "Dk", "Dv", "chunk")
         return {**self.payload_base, **{k: spec[k] for k in keys}, "T": T}
 
-    def time_modes(self, spec, T, modes) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-        a = self.args
-        payload = {**self.payload(spec, T), "repeats": a.repeats, "min_repeats": a.min_repeats,
-                   "warmup": a.warmup, "budget_s": a.max_seconds_per_case}
-        pending, attempts, best = list(modes), [], {}
-        for attempt in range(1 + max(a.retry_contended, 0)):
-            quiet = rbench.wait_quiet(a, self.t_start, self.waits)
-            res = spawn("time", {**payload, "modes": pending}, timeout_s=(a.max_seconds_per_case * 2 + 60) * len(pending))
-            attempts.append({"quiet_wait": quiet, "modes": pending, "result": rbench._brief(res)})
-            for mode in pending:
-                r = res["modes"][mode] if res.get("status") == "ok" else {
-                    "status": "failed", "reason": res.get("reason"), "detail": res}
-                r.update(quiet_wait=quiet, attempt=attempt)
-                if "torchscale_rel_pos_build" in res:
-                    r["torchscale_rel_pos_build"] = res["torchscale_rel_pos_build"]
-                if mode not in best or rbench._rank(r) < rbench._rank(best[mode]):
-                    best[mode] = r
-            pending = [m for m in pending if best[m].get("status") in ("ok", "skipped")
-                       and rbench._contention(best[m]) > a.contention_limit]
-            if not pending or rbench.over_total(a, self.t_start):
-                break
-            log(f"  T={T} {spec['label']}: {pending} contended; retrying")
-        return best, attempts
-
     def memory(self, spec, T, mode, timed) -> Dict[str, Any]:
         a = self.args
-        if timed.get("status") != "ok":
-            return {"status": "skipped", "reason": "not timed: " + str(timed.get("reason"))}
-        if a.no_memory or (spec["part"] == "peers" and not a.peer_memory):
-            return {"status": "skipped", "reason": "--no-memory" if a.no_memory else "peers: no --peer-memory"}
-        if timed["median_s"] > a.max_seconds_per_case / 2:
-            return {"status": "skipped", "reason": "one run takes over half the per-case time budget"}
-        mem = spawn("mem", {**self.payload(spec, T), "mode": mode}, timeout_s=a.max_seconds_per_case * 2 + 60)
+        if spec["part"] == "peers" and not a.peer_memory and not a.no_memory and timed.get("status") == "ok":
+            return {"status": "skipped", "reason": "peers: no --peer-memory"}
+        skip = memory_skip(timed, a)
+        if skip:
+            return skip
+        mem = spawn(__file__, "mem", {**self.payload(spec, T), "mode": mode}, timeout_s=a.max_seconds_per_case * 2 + 60)
         mem["estimated_peak_bytes"] = timed.get("estimated_peak_bytes")
         return mem
 
@@ -739,10 +693,13 @@ class Runner:
             else:
                 to_run.append(mode)
         if to_run:
-            best, case["attempts"] = self.time_modes(spec, T, to_run)
+            a = self.args
+            payload = {**self.payload(spec, T), "repeats": a.repeats, "min_repeats": a.min_repeats,
+                       "warmup": a.warmup, "budget_s": a.max_seconds_per_case}
+            best, case["attempts"] = time_modes(__file__, payload, to_run, a, self.t_start, self.waits,
+                                                f"T={T} {spec['label']}")
             for mode in to_run:
                 r = best[mode]
-                r["contended"] = rbench._contention(r) > self.args.contention_limit
                 case["modes"][mode].update(r)
                 key = (spec["label"], spec["Dk"], mode)
                 if r["status"] == "ok":
@@ -763,7 +720,7 @@ def log_case(case, elapsed) -> None:
             pk = m.get("peak_extra_bytes")
             mem = f", peak +{fmt_bytes(pk)}" if pk is not None else ""
             msg.append(f"{mode} {fmt_seconds(r['median_s'])} [cpu {fmt_seconds(r['cpu_time']['median_s'])}] "
-                       f"(n={r['n']}{mem}, others {round(rbench._contention(r), 2)})")
+                       f"(n={r['n']}{mem}, others {round(contention(r), 2)})")
         else:
             msg.append(f"{mode} SKIP ({str(r.get('reason'))[:90]})")
     log(f"[{case['part']}] T={case['T']:>5} {case['label']:>22}: " + "; ".join(msg) + f"   [{elapsed:.0f} s]")
@@ -772,13 +729,6 @@ def log_case(case, elapsed) -> None:
 # --------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------
-
-
-def median_of(case, mode, metric) -> Optional[float]:
-    m = case["modes"].get(mode, {})
-    if m.get("status") != "ok":
-        return None
-    return m.get("median_s") if metric == "wall" else m.get("cpu_time", {}).get("median_s")
 
 
 def table(cases, mode, metric) -> Dict[str, Dict[str, Optional[float]]]:
@@ -791,7 +741,7 @@ def table(cases, mode, metric) -> Dict[str, Dict[str, Optional[float]]]:
 def exponents(row: Dict[str, Optional[float]]) -> Dict[str, Any]:
     pts = [(int(T), v) for T, v in row.items() if v]
     long = [(T, v) for T, v in pts if T >= 1024]
-    return {"all_lengths": rbench.loglog_slope(pts), "T>=1024": rbench.loglog_slope(long) if len(long) >= 2 else None,
+    return {"all_lengths": loglog_slope(pts), "T>=1024": loglog_slope(long) if len(long) >= 2 else None,
             "over_lengths": [T for T, _ in pts]}
 
 
@@ -839,7 +789,8 @@ def verdict(out, args) -> Dict[str, Any]:
             for dims, per_T in out[metric][mode]["best_chunk"].items():
                 b = per_T.get(T)
                 res.setdefault(metric, {}).setdefault(mode, {})[dims] = None if not b or b["attention_s"] is None else {
-                    "T": int(T), "best_chunk": b["chunk"], "chunkwise_s": b["median_s"], "attention_s": b["attention_s"],
+                    "T": int(T), "best_chunk": b["chunk"], "chunkwise_s": b["median_s"],
+                    "attention_s": b["attention_s"],
                     "attention_over_chunkwise": b["attention_over_chunkwise"],
                     "chunkwise_faster": b["attention_over_chunkwise"] > 1}
     return res
@@ -899,7 +850,8 @@ def summarise(cases, args, checks) -> Dict[str, Any]:
         s["prefill"] = summarise_prefill(cases, args)
     if "peers" in args.parts:
         s["peers"] = summarise_peers(cases, args)
-        s["peers"]["correctness"] = {k: v.get("status") for k, v in checks.get("peers", {}).get("vs_reference", {}).items()}
+        vs_reference = checks.get("peers", {}).get("vs_reference", {})
+        s["peers"]["correctness"] = {k: v.get("status") for k, v in vs_reference.items()}
     s["contended"] = [{"label": c["label"], "T": c["T"], "mode": m, "other_busy_cores": r["cpu"]["other_busy_cores"]}
                       for c in cases for m, r in c["modes"].items() if r.get("status") == "ok" and r.get("contended")]
     s["skipped"] = [{"part": c["part"], "label": c["label"], "T": c["T"], "mode": m, "reason": r.get("reason")}
@@ -938,14 +890,14 @@ def print_tables(summary) -> None:
 def run_checks(args, payload_base) -> Dict[str, Any]:
     checks: Dict[str, Any] = {}
     if "prefill" in args.parts:
-        checks["sdpa"] = spawn("check_sdpa", {**payload_base, "B": 1, "H": args.heads, "Hkv": args.kv_heads,
+        checks["sdpa"] = spawn(__file__, "check_sdpa", {**payload_base, "B": 1, "H": args.heads, "Hkv": args.kv_heads,
                                               "Dk": args.attn_head_dim, "Dv": args.attn_head_dim, "impl": "sdpa"}, 300)
         log(f"sdpa path check: {checks['sdpa'].get('status')} {checks['sdpa'].get('sdpa_calls')}")
     if "peers" in args.parts:
         (dk, dv), C = args.peer_dims, args.peer_chunk_size
         T = C * max(2, -(-256 // C))  # a multiple of C (torchscale's chunkwise form requires it), >= 256
-        checks["peers"] = spawn("check", {**payload_base, "B": 1, "H": args.heads, "Dk": dk, "Dv": dv, "chunk": C,
-                                          "T": T}, 600)
+        checks["peers"] = spawn(__file__, "check", {**payload_base, "B": 1, "H": args.heads, "Dk": dk, "Dv": dv,
+                                                    "chunk": C, "T": T}, 600)
         status = {k: v.get("status") for k, v in checks["peers"].get("vs_reference", {}).items()}
         log(f"peers check (fp32 vs fp64 reference): {checks['peers'].get('status')} {status}")
         for fam, a in checks["peers"].get("available", {}).items():
@@ -957,13 +909,15 @@ def run_checks(args, payload_base) -> Dict[str, Any]:
 def header(args, threads) -> Dict[str, Any]:
     result: Dict[str, Any] = run_header("prefill", sys.argv)
     result["machine"] = machine_info(torch_threads=threads)
-    files = ["models/retention.py", "bench/prefill.py", "bench/retention.py", "bench/common.py"]
+    files = ["models/retention.py", "bench/prefill.py", "bench/common.py", "eval/measure.py"]
     result["code"] = {"sha256": {f: file_sha256(REPO / f) for f in files}, **git_state(files)}
     cfg = {k: v for k, v in vars(args).items() if k not in ("worker",)}
-    result["config"] = {**cfg, "dtype": "float32", "gamma": "1 - 2^(-5-h) for head h (paper; torchscale's and fla's default)"}
+    result["config"] = {**cfg, "dtype": "float32",
+                        "gamma": "1 - 2^(-5-h) for head h (paper; torchscale's and fla's default)"}
     result["method"] = {
         "fwd": "forward under torch.no_grad()",
-        "fwd_bwd": "forward with the inputs requiring grad + output.backward(fixed random grad); grads cleared (untimed)",
+        "fwd_bwd": "forward with the inputs requiring grad + output.backward(fixed random grad); "
+                   "grads cleared (untimed)",
         "inputs": "q, k, v built untimed in each implementation's native layout: ours and fla simple_gla [B,T,H,D]; "
                   "torchscale qr,kr [B,H,T,Dk] contiguous and v [B,T,H*Dv]; fla naive_retention [B,H,T,D]; sdpa "
                   "[B,T,heads,D] leaves passed as transposed views [B,heads,T,D] (as LlamaAttention does)",
@@ -973,8 +927,9 @@ def header(args, threads) -> Dict[str, Any]:
         "ours": "models/retention.py retention_parallel(output_final_state=False) / retention_chunkwise(chunk_size) / "
                 "retention_recurrent, output only (chunkwise and recurrent compute the final state but the loss does "
                 "not use it); decay matrices built inside",
-        "torchscale": "MultiScaleRetention.parallel_forward(qr,kr,v,mask) | chunk_recurrent_forward(qr,kr,v,inner_mask)"
-                      ".reshape(B,T,H,Dv) | recurrent_forward(one token, state dict) called T times (inputs unbound per "
+        "torchscale": "MultiScaleRetention.parallel_forward(qr,kr,v,mask) | "
+                      "chunk_recurrent_forward(qr,kr,v,inner_mask).reshape(B,T,H,Dv) | "
+                      "recurrent_forward(one token, state dict) called T times (inputs unbound per "
                       "token, outputs stacked); masks from RetNetRelPos built untimed (their build time is under "
                       "torchscale_rel_pos_build); includes torchscale's own normalisations (abs row-sum and state-norm "
                       "clamps, sqrt decay-sum scaling); excludes projections, theta_shift, group norm, gate",
@@ -982,12 +937,13 @@ def header(args, threads) -> Dict[str, Any]:
                "naive_recurrent_simple_gla(output_final_state=False) with g = log(gamma) per token and scale=1; "
                "fla-naive_retention = fla/ops/retention/naive.py naive_retention(q,k,v) (parallel only, fixed paper "
                "decay, q * Dk^-0.5 inside); files executed by path (the fla package imports triton)",
-        "memory": "fresh subprocess per (case, mode): ru_maxrss after the op minus RSS just before it",
-        "correctness": "check worker, fp32 inputs, T = smallest multiple of C >= max(256, 2C), reference = our parallel form in fp64: ours and fla "
-                       "compared directly (relative max error); torchscale rescaled by its known per-position factor "
-                       "sqrt(sum_{m<=t} gamma^m) (t within the chunk for chunkwise) on small inputs (so its clamps at 1 "
-                       "are inactive), and compared per (position, head) after L2 normalisation on normal inputs "
-                       "(its group norm removes any per-position scale)",
+        "memory": "fresh subprocess per (case, mode): PeakRSS, the RSS high-water mark during the op minus RSS "
+                  "just before it",
+        "correctness": "check worker, fp32 inputs, T = smallest multiple of C >= max(256, 2C), reference = our "
+                       "parallel form in fp64: ours and fla compared directly (relative max error); torchscale "
+                       "rescaled by its known per-position factor sqrt(sum_{m<=t} gamma^m) (t within the chunk for "
+                       "chunkwise) on small inputs (so its clamps at 1 are inactive), and compared per (position, "
+                       "head) after L2 normalisation on normal inputs (its group norm removes any per-position scale)",
         "skips_and_contention": "as bench/retention.py (estimated memory, predicted time, min_repeats in "
                                 "max_seconds_per_case; wait for quiet, retry contended cases)",
     }

@@ -25,11 +25,12 @@ Method
     --max-seconds-per-case is skipped; repeats are reduced to fit the budget otherwise.
     Skips carry their reason and numbers.
   * Peak memory: torch has no CPU allocator statistics, and tracemalloc does not see
-    torch's allocations, so each (case, fwd | fwd+bwd) runs once more in a fresh process:
-    ru_maxrss (the RSS high-water mark) after the op minus the RSS just before it. Inputs
-    are allocated and a tiny warm-up (T <= 64) is run before the baseline, so thread pools
-    and kernels are loaded and only the op is counted. If the op's peak does not exceed
-    the process's earlier high-water mark the value is reported as an upper bound only.
+    torch's allocations, so each (case, fwd | fwd+bwd) runs once more in a fresh process,
+    under PeakRSS (eval/measure.py): the RSS high-water mark during the op minus the RSS
+    just before it. Inputs are allocated and a tiny warm-up (T <= 64) is run before the
+    baseline, so thread pools and kernels are loaded and only the op is counted. Where the
+    kernel's mark cannot be reset and the op's peak does not exceed the process's earlier
+    high-water mark, the value is reported as an upper bound only.
   * Every run's wall time and process CPU time are kept (`cpu_time`); with --threads 1 the
     CPU time is the figure least disturbed by other processes on a shared machine.
   * Contention: each case records how many cores *other* processes kept busy meanwhile
@@ -48,7 +49,6 @@ The JSON goes to stdout (and to --out); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -58,46 +58,36 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    METRICS,
+    MODES,
     REPO,
+    RETENTION_FILE,
     CpuMonitor,
+    PeakRSS,
     contention_limit,
     emit_result,
-    PeakRSS,
     emit_worker_result,
+    estimate_peak_bytes,
     file_sha256,
     fmt_bytes,
     fmt_seconds,
     git_state,
+    int_list,
+    load_retention,
     log,
+    loglog_slope,
     machine_info,
-    wait_for_quiet,
+    median_of,
+    memory_skip,
+    paper_decay,
     run_header,
-    run_worker,
+    skip_reason,
+    spawn,
     summarize,
     time_callable,
+    time_modes,
+    wait_quiet,
 )
-
-RETENTION_FILE = REPO / "models" / "retention.py"
-MODES = ("fwd", "fwd_bwd")
-BYTES_FP32 = 4
-
-
-# --------------------------------------------------------------------------------------
-# The code under test, loaded by path: it only needs torch, whereas importing it through
-# the `retconvert` package would also import transformers (~3 s per worker process).
-# --------------------------------------------------------------------------------------
-
-
-def load_retention():
-    spec = importlib.util.spec_from_file_location("_retconvert_retention_under_test", RETENTION_FILE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def paper_decay(num_heads: int) -> List[float]:
-    """Same schedule as retconvert.models.configuration_retnet.paper_decay (1 - 2^(-5-h))."""
-    return [1.0 - 2.0 ** (-5 - h) for h in range(num_heads)]
 
 
 def form_label(form: str, chunk: Optional[int]) -> str:
@@ -114,59 +104,6 @@ def form_fn(mod, form: str, chunk: Optional[int]):
     if form == "recurrent":
         return mod.retention_recurrent
     raise ValueError(form)
-
-
-# --------------------------------------------------------------------------------------
-# Memory estimates (fp32), used only to decide whether to run a case at all.
-# Derived from the code in models/retention.py; the JSON puts them next to the measured
-# peak so their accuracy can be checked.
-# --------------------------------------------------------------------------------------
-
-
-def estimate_peak_bytes(form: str, chunk: Optional[int], T: int, B: int, H: int, Dk: int, Dv: int, mode: str) -> int:
-    s = BYTES_FP32
-    act = B * T * H * (3 * Dk + 2 * Dv) * s  # linear-size tensors: transposes, output, grads
-    if form == "parallel":
-        # decay_matrix: dist (T,T) + (H,T,T) product + (H,T,T) exp + masked copy + mask,
-        # then scores: D (H,T,T) + q k^T (B,H,T,T) + masked scores (B,H,T,T).
-        decay_phase = s * (T * T * 2 + 3 * H * T * T)
-        score_phase = s * H * T * T * (1 + 2 * B)
-        fwd = max(decay_phase, score_phase)
-        if mode == "fwd":
-            return fwd + act
-        # backward: D + saved scores + grad of scores + grad of q k^T (+ a transpose copy).
-        return max(fwd, s * H * T * T * (1 + 3 * B)) + 3 * act
-    if form == "chunkwise":
-        C = chunk
-        N = -(-T // C)
-        blocks = s * B * H * N * C * C  # one (B,H,N,C,C) score tensor
-        states = s * B * H * N * Dk * Dv  # S_in (B,H,N,Dk,Dv), also the per-chunk kv
-        fwd = 3 * blocks + 3 * states + act
-        return fwd if mode == "fwd" else 3 * fwd
-    if form == "recurrent":
-        state = s * B * H * Dk * Dv
-        if mode == "fwd":
-            return 2 * act + 4 * state
-        # autograd keeps every step's state (for q_t @ S_t) plus per-step outer products.
-        return T * 2 * state + 4 * act
-    raise ValueError(form)
-
-
-# Time complexity exponent per form, used to predict a case's time from the previous length.
-# The prediction uses the larger of this and the exponent observed between the two previous
-# lengths (capped at 3), e.g. the recurrent form's backward turns out superlinear.
-TIME_EXPONENT = {"parallel": 2.0, "chunkwise": 1.0, "recurrent": 1.0}
-
-
-def predict_run_s(history: List[tuple], T: int, form: str) -> tuple:
-    """(predicted seconds of one run at T, exponent used) from [(T_i, median_i), ...]."""
-    expo = TIME_EXPONENT[form]
-    if len(history) >= 2:
-        (T1, t1), (T2, t2) = history[-2:]
-        if t1 > 0 and t2 > 0 and T2 > T1:
-            expo = min(max(expo, math.log(t2 / t1) / math.log(T2 / T1)), 3.0)
-    T0, t0 = history[-1]
-    return t0 * (T / T0) ** expo, expo
 
 
 # --------------------------------------------------------------------------------------
@@ -281,7 +218,7 @@ def worker_decode(p: Dict[str, Any]) -> Dict[str, Any]:
     gamma = torch.tensor(paper_decay(H), dtype=torch.float32)
     # The decode tokens: [B, 1, H, D] each, materialised up front (not part of the step).
     qd, kd, vd = _make_inputs(torch, steps, B, H, Dk, Dv, p["seed"] + 7)
-    toks = [(qd[:, i : i + 1].contiguous(), kd[:, i : i + 1].contiguous(), vd[:, i : i + 1].contiguous()) for i in range(steps)]
+    toks = [tuple(x[:, i : i + 1].contiguous() for x in (qd, kd, vd)) for i in range(steps)]
     results = []
     for P in p["positions"]:
         q, k, v = _make_inputs(torch, P, B, H, Dk, Dv, p["seed"])
@@ -343,12 +280,9 @@ WORKERS = {"time": worker_time, "mem": worker_mem, "decode": worker_decode, "che
 # --------------------------------------------------------------------------------------
 
 
-def int_list(s: str) -> List[int]:
-    return [int(x) for x in s.replace(" ", "").split(",") if x]
-
-
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int_list, default=[256, 512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--forms", default="parallel,chunkwise,recurrent", help="comma list of forms to run")
     ap.add_argument("--chunk-sizes", type=int_list, default=[32, 64, 128, 256])
@@ -385,71 +319,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def spawn(kind: str, payload: Dict[str, Any], timeout_s: float, extra_env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps({"kind": kind, **payload})]
-    env = dict(os.environ)
-    env.setdefault("PYTHONHASHSEED", "0")
-    env.update(extra_env or {})
-    return run_worker(cmd, timeout_s=timeout_s, env=env)
-
-
-def over_total(args, t_start: float) -> bool:
-    return bool(args.max_total_seconds) and time.perf_counter() - t_start > args.max_total_seconds
-
-
-def wait_quiet(args, t_start: float, waits: List[float]) -> Dict[str, Any]:
-    """Before a timing case: wait up to --wait-quiet s (and --max-wait-total s over the
-    whole run) for other processes to go idle. `waits` accumulates the time waited."""
-    left = max(args.max_wait_total - sum(waits), 0.0)
-    max_wait = 0.0 if over_total(args, t_start) else min(args.wait_quiet, left)
-    res = wait_for_quiet(max_wait, args.contention_limit, sample_s=0.5, poll_s=3.0)
-    waits.append(res["waited_s"])
-    return res
-
-
-def _contention(r: Dict[str, Any]) -> float:
-    """Other processes' busy cores while a mode ran (inf if the worker failed)."""
-    if r.get("status") not in ("ok", "skipped"):
-        return math.inf
-    v = r.get("cpu", {}).get("other_busy_cores")
-    return v if v is not None else 0.0
-
-
-def _rank(r: Dict[str, Any]) -> tuple:
-    """Which attempt to keep: measured beats skipped, then least contended."""
-    return (0 if r.get("status") == "ok" else 1, _contention(r))
-
-
-def _brief(res: Dict[str, Any]) -> Dict[str, Any]:
-    """An attempt's per-mode medians and contention, for the record of retries."""
-    if res.get("status") != "ok":
-        return {"status": res.get("status"), "reason": res.get("reason")}
-    return {m: {"status": r.get("status"), "median_s": r.get("median_s"),
-                "other_busy_cores": r.get("cpu", {}).get("other_busy_cores")} for m, r in res["modes"].items()}
-
-
-METRICS = ("wall", "cpu")  # wall-clock time; process CPU time of the same runs
-
-
-def median_of(case: Dict[str, Any], mode: str, metric: str = "wall") -> Optional[float]:
-    m = case["modes"].get(mode, {})
-    if m.get("status") != "ok":
-        return None
-    return m.get("median_s") if metric == "wall" else m.get("cpu_time", {}).get("median_s")
-
-
-def loglog_slope(points: List[tuple]) -> Optional[float]:
-    """Least-squares slope of log(y) vs log(T) (y: a time or a byte count). Points without a
-    positive y are left out: a memory probe whose peak stayed under its baseline reads <= 0."""
-    pts = [(math.log(t), math.log(y)) for t, y in points if y is not None and y > 0]
-    if len(pts) < 2:
-        return None
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    den = sum((x - mx) ** 2 for x, _ in pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
-
-
 def summarise(cases: List[Dict[str, Any]], decode: Dict[str, Any], args) -> Dict[str, Any]:
     labels = []
     for c in cases:
@@ -461,7 +330,8 @@ def summarise(cases: List[Dict[str, Any]], decode: Dict[str, Any], args) -> Dict
     for metric in METRICS:
         summary[metric] = {"median_s": {}, "crossover_vs_parallel": {}, "scaling_exponent": {}, "best_chunk": {}}
         for mode in MODES:
-            table = {lab: {str(T): median_of(by[(lab, T)], mode, metric) if (lab, T) in by else None for T in lengths} for lab in labels}
+            table = {lab: {str(T): median_of(by[(lab, T)], mode, metric) if (lab, T) in by else None
+                           for T in lengths} for lab in labels}
             summary[metric]["median_s"][mode] = table
 
             # Crossover: first measured T from which chunkwise-C is faster than parallel at every
@@ -580,7 +450,7 @@ def main(argv=None) -> int:
     result["code"] = {
         "file": str(RETENTION_FILE.relative_to(REPO)),
         "sha256_at_start": file_sha256(RETENTION_FILE),
-        **git_state(["models/retention.py", "bench/retention.py", "bench/common.py"]),
+        **git_state(["models/retention.py", "bench/retention.py", "bench/common.py", "eval/measure.py"]),
     }
     result["config"] = {
         "B": B, "H": H, "Dk": Dk, "Dv": Dv, "dtype": "float32", "gamma": "paper_decay(H) = 1 - 2^(-5-h)",
@@ -591,20 +461,26 @@ def main(argv=None) -> int:
         "decode_positions": args.decode_positions, "decode_steps": args.decode_steps,
         "decode_repeats": args.decode_repeats, "wait_quiet": args.wait_quiet,
         "quiet_threshold": args.quiet_threshold,
-        "contention_limit_cores": args.contention_limit, "max_wait_total": args.max_wait_total, "retry_contended": args.retry_contended,
+        "contention_limit_cores": args.contention_limit, "max_wait_total": args.max_wait_total,
+        "retry_contended": args.retry_contended,
         "max_total_seconds": args.max_total_seconds, "mmap_variant": args.mmap_variant,
     }
     result["method"] = {
         "fwd": "forward under torch.no_grad()",
-        "fwd_bwd": "forward with q,k,v requiring grad + output.backward(fixed random grad); grads cleared (untimed) before each run",
-        "timing": "fresh subprocess per (form, chunk, T); warm-up runs excluded; median of timed runs; gc disabled during a run; "
-                  "wall time at the top level (median_s, ...), process CPU time of the same runs under cpu_time",
-        "memory": "fresh subprocess per (form, chunk, T, mode): ru_maxrss after the op minus RSS just before it "
-                  "(inputs already allocated, tiny warm-up done); 'resolved': false means only an upper bound is known",
-        "skips": "estimated peak > max_bytes -> not run; predicted or warm-up-observed time not fitting min_repeats runs "
-                 "in max_seconds_per_case -> not timed; larger lengths of a form skipped for the same reason are not run",
-        "decode": "no_grad recurrent steps of one token each ([B,1,H,D]), chained over decode_steps tokens, starting from "
-                  "the state after `position` tokens (computed with the chunkwise form); per-token = sample / steps",
+        "fwd_bwd": "forward with q,k,v requiring grad + output.backward(fixed random grad); grads cleared (untimed) "
+                   "before each run",
+        "timing": "fresh subprocess per (form, chunk, T); warm-up runs excluded; median of timed runs; gc disabled "
+                  "during a run; wall time at the top level (median_s, ...), process CPU time of the same runs "
+                  "under cpu_time",
+        "memory": "fresh subprocess per (form, chunk, T, mode): PeakRSS, the RSS high-water mark during the op minus "
+                  "RSS just before it (inputs already allocated, tiny warm-up done); 'resolved': false means only an "
+                  "upper bound is known",
+        "skips": "estimated peak > max_bytes -> not run; predicted or warm-up-observed time not fitting min_repeats "
+                 "runs in max_seconds_per_case -> not timed; larger lengths of a form skipped for the same reason are "
+                 "not run",
+        "decode": "no_grad recurrent steps of one token each ([B,1,H,D]), chained over decode_steps tokens, starting "
+                  "from the state after `position` tokens (computed with the chunkwise form); per-token = sample / "
+                  "steps",
         "contention": "cpu.other_busy_cores = cores kept busy by other processes during the case (from /proc/stat); "
                       "contended = other processes busy on more than contention_limit_cores = usable cpus - threads + "
                       "quiet_threshold cores (they left fewer free cores than our threads); "
@@ -616,7 +492,7 @@ def main(argv=None) -> int:
     payload_base = {"B": B, "H": H, "Dk": Dk, "Dv": Dv, "threads": threads, "seed": args.seed}
 
     log(f"[retention bench] B={B} H={H} Dk={Dk} Dv={Dv} threads={threads} lengths={args.lengths}")
-    check = spawn("check", {**payload_base, "chunks": args.chunk_sizes}, timeout_s=300)
+    check = spawn(__file__, "check", {**payload_base, "chunks": args.chunk_sizes}, timeout_s=300)
     result["correctness_check"] = check
     log(f"correctness check (fp64, T=300, vs parallel): {check.get('status')}")
 
@@ -627,28 +503,16 @@ def main(argv=None) -> int:
     for T in sorted(args.lengths):
         for form, chunk in specs:
             label = form_label(form, chunk)
-            case: Dict[str, Any] = {"form": form, "chunk_size": chunk, "label": label, "T": T, "modes": {}, "memory": {}}
+            case: Dict[str, Any] = {"form": form, "chunk_size": chunk, "label": label, "T": T, "modes": {},
+                                    "memory": {}}
             to_run = []
             for mode in MODES:
                 est = estimate_peak_bytes(form, chunk, T, B, H, Dk, Dv, mode)
                 rec: Dict[str, Any] = {"estimated_peak_bytes": est}
-                if form == "chunkwise" and chunk > T:
-                    rec.update(status="skipped", reason=f"chunk_size {chunk} > T {T}")
-                elif est > args.max_bytes:
-                    rec.update(status="skipped", reason=(
-                        f"memory budget: estimated peak {est / 1e9:.1f} GB > --max-bytes {args.max_bytes / 1e9:.1f} GB"))
-                elif (label, mode) in stopped:
-                    rec.update(status="skipped", reason=f"a shorter length was already skipped: {stopped[(label, mode)]}")
-                elif (label, mode) in last_ok:
-                    T0, t0 = last_ok[(label, mode)][-1]
-                    pred, expo = predict_run_s(last_ok[(label, mode)], T, form)
-                    rec["predicted_run_s"] = pred
-                    need = pred * (args.warmup + args.min_repeats)
-                    if need > args.max_seconds_per_case:
-                        rec.update(status="skipped", reason=(
-                            f"time budget: predicted {pred:.1f} s per run (median {t0:.2f} s at T={T0} scaled by "
-                            f"T^{expo:.2f}), {args.warmup}+{args.min_repeats} runs = {need:.0f} s > "
-                            f"{args.max_seconds_per_case:.0f} s"))
+                reason = skip_reason(form, chunk, T, est, stopped.get((label, mode)), last_ok.get((label, mode)),
+                                     args, rec)
+                if reason:
+                    rec.update(status="skipped", reason=reason)
                 if rec.get("status") == "skipped":
                     if not rec["reason"].startswith("chunk_size"):
                         stopped.setdefault((label, mode), f"T={T}: {rec['reason']}")
@@ -657,35 +521,13 @@ def main(argv=None) -> int:
                 case["modes"][mode] = rec
 
             if to_run:
-                timeout = (args.max_seconds_per_case * 2 + 60) * len(to_run)
                 payload = {**payload_base, "form": form, "chunk": chunk, "T": T, "repeats": args.repeats,
                            "min_repeats": args.min_repeats, "warmup": args.warmup,
                            "budget_s": args.max_seconds_per_case}
-                pending, attempts = list(to_run), []
-                best: Dict[str, Dict[str, Any]] = {}
-                n_attempts = 1 + max(args.retry_contended, 0)
-                for attempt in range(n_attempts):
-                    quiet = wait_quiet(args, t_start, waits)
-                    res = spawn("time", {**payload, "modes": pending}, timeout_s=timeout)
-                    attempts.append({"quiet_wait": quiet, "modes": pending, "result": _brief(res)})
-                    for mode in pending:
-                        r = res["modes"][mode] if res.get("status") == "ok" else {
-                            "status": "failed", "reason": res.get("reason"), "detail": res}
-                        r["quiet_wait"] = quiet
-                        r["attempt"] = attempt
-                        if mode not in best or _rank(r) < _rank(best[mode]):
-                            best[mode] = r
-                    # Retry modes measured (or skipped for time) while others were busy.
-                    pending = [m for m in pending if best[m].get("status") in ("ok", "skipped")
-                               and _contention(best[m]) > args.contention_limit]
-                    if not pending or attempt == n_attempts - 1 or over_total(args, t_start):
-                        break
-                    log(f"  T={T} {label}: {pending} ran with {max(_contention(best[m]) for m in pending):.2f} "
-                        f"other busy cores; retrying")
+                best, attempts = time_modes(__file__, payload, to_run, args, t_start, waits, f"T={T} {label}")
                 case["attempts"] = attempts
                 for mode in to_run:
                     r = best[mode]
-                    r["contended"] = _contention(r) > args.contention_limit
                     case["modes"][mode].update(r)
                     if r["status"] == "ok":
                         last_ok.setdefault((label, mode), []).append((T, r["median_s"]))
@@ -694,23 +536,18 @@ def main(argv=None) -> int:
 
             for mode in MODES:
                 r = case["modes"][mode]
-                if r.get("status") != "ok":
-                    case["memory"][mode] = {"status": "skipped", "reason": "not timed: " + str(r.get("reason"))}
-                    continue
-                if args.no_memory:
-                    case["memory"][mode] = {"status": "skipped", "reason": "--no-memory"}
-                    continue
-                if r["median_s"] > args.max_seconds_per_case / 2:
-                    case["memory"][mode] = {"status": "skipped", "reason": "one run takes over half the per-case time budget"}
+                skip = memory_skip(r, args)
+                if skip:
+                    case["memory"][mode] = skip
                     continue
                 mem_payload = {**payload_base, "form": form, "chunk": chunk, "T": T, "mode": mode}
-                mem = spawn("mem", mem_payload, timeout_s=args.max_seconds_per_case * 2 + 60)
+                mem = spawn(__file__, "mem", mem_payload, timeout_s=args.max_seconds_per_case * 2 + 60)
                 mem["estimated_peak_bytes"] = r["estimated_peak_bytes"]
                 if args.mmap_variant == "all" or (args.mmap_variant == "recurrent" and form == "recurrent"):
                     # Same op with glibc's mmap threshold fixed at 128 KiB (no dynamic raise): large
                     # blocks then go straight back to the OS, so RSS tracks live tensors more closely.
                     mem["fixed_mmap_threshold_128k"] = spawn(
-                        "mem", mem_payload, timeout_s=args.max_seconds_per_case * 2 + 60,
+                        __file__, "mem", mem_payload, timeout_s=args.max_seconds_per_case * 2 + 60,
                         extra_env={"MALLOC_MMAP_THRESHOLD_": "131072"})
                 case["memory"][mode] = mem
 
@@ -733,8 +570,9 @@ def main(argv=None) -> int:
     if "recurrent" in forms and args.decode_positions:
         log("decode per-token timing ...")
         quiet = wait_quiet(args, t_start, waits)
-        decode = spawn("decode", {**payload_base, "positions": sorted(args.decode_positions), "steps": args.decode_steps,
-                                   "repeats": args.decode_repeats, "warmup": args.warmup}, timeout_s=1200)
+        decode = spawn(__file__, "decode", {**payload_base, "positions": sorted(args.decode_positions),
+                                            "steps": args.decode_steps, "repeats": args.decode_repeats,
+                                            "warmup": args.warmup}, timeout_s=1200)
         decode["quiet_wait"] = quiet
     else:
         decode = {"status": "skipped", "reason": "recurrent form not selected or no --decode-positions"}
