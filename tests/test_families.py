@@ -7,6 +7,7 @@ layer, the first position's logits (attention over one token) match, and the con
 checkpoint loads through trust_remote_code without retconvert and generates.
 """
 
+import copy
 import json
 
 import pytest
@@ -100,7 +101,7 @@ def test_family_is_chosen_by_model_type_and_every_tensor_is_mapped_or_dropped(pa
 
 def test_unknown_config_field_is_refused_by_name(pair):
     _, teacher, _ = pair
-    teacher = AutoModelForCausalLM.from_config(teacher.config)
+    teacher = AutoModelForCausalLM.from_config(copy.deepcopy(teacher.config))  # the fixture's config stays as is
     teacher.config.attn_temperature = 0.5
     with pytest.raises(RetconvertError, match="config field attn_temperature=0.5 is unknown"):
         build_student(teacher, ConvertOptions())
