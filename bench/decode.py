@@ -2,7 +2,7 @@
 """Decoding speed of a teacher and its RetNet student, against the memory-bandwidth bound.
 
 At each context length P (the number of tokens already consumed) and batch size, the
-variants below take turns in blocks of steps, --rounds times (so a slow phase of a shared
+variants below take turns in blocks of steps (eval/measure.py take_turns), --rounds times (so a slow phase of a shared
 machine hits all of them alike); the first steps of every block are warm-up and excluded,
 and the median per-token latency over the other steps is reported. Blocks, not single
 steps: numpy's OpenBLAS and torch's OpenMP keep their worker threads spinning for a while
@@ -46,20 +46,16 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import log, machine_info, run_header, write_json  # noqa: E402
-
-
-def int_list(s: str):
-    return [int(x) for x in s.split(",") if x]
+from common import int_list, log, machine_info, run_header, take_turns, write_json  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", default="smollm2-135m")
-    p.add_argument("--student", help="a RetNet checkpoint folder (default: the teacher's weights mapped by the converter)")
+    p.add_argument("--student",
+                   help="a RetNet checkpoint folder (default: the teacher's weights mapped by the converter)")
     p.add_argument("--contexts", type=int_list, default=[128, 1024, 4096, 8192])
     p.add_argument("--batches", type=int_list, default=[1, 16, 64])
     p.add_argument("--rounds", type=int, default=3, help="blocks per point and variant")
@@ -78,43 +74,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class Probe:
-    """A memory probe that takes turns with the decoders like a variant (see the module docstring)."""
+def probe_steps(nbytes: int) -> dict:
+    """The memory probes' ways of streaming `nbytes`, as steps for take_turns: {way: fn}. A
+    probe's time is its fastest way's median (PROBES); see the module docstring."""
+    import numpy as np
+    import torch
 
-    def __init__(self, name, nbytes: int):
-        import numpy as np
-        import torch
+    from retconvert.models.decoding_retnet import HugePageArena
 
-        from retconvert.models.decoding_retnet import HugePageArena
+    arena = HugePageArena()
+    n = nbytes // 8  # copy: two buffers of nbytes / 2 in fp32
+    src, dst = arena.empty((n,), torch.float32), arena.empty((n,), torch.float32)
+    src.fill_(1.0), dst.fill_(0.0)
+    w = arena.empty((576, nbytes // 4 // 576), torch.float32)
+    w.fill_(1.0)
+    x, w_np = np.ones((1, 576), np.float32), w.numpy()
+    return {"memory/copy": lambda: dst.copy_(src), "memory/read:sum": lambda: w.sum(),
+            "memory/read:gemv": lambda: x @ w_np}
 
-        self.name, self.nbytes, arena = name, nbytes, HugePageArena()
-        if name == "memory/copy":
-            n = nbytes // 8  # two buffers of nbytes / 2 in fp32
-            self.src, self.dst = arena.empty((n,), torch.float32), arena.empty((n,), torch.float32)
-            self.src.fill_(1.0), self.dst.fill_(0.0)
-            self.fns = [lambda: self.dst.copy_(self.src)]
-        else:
-            cols = nbytes // 4 // 576
-            self.w = arena.empty((576, cols), torch.float32)
-            self.w.fill_(1.0)
-            x, w = np.ones((1, 576), np.float32), self.w.numpy()
-            self.fns = [lambda: self.w.sum(), lambda: x @ w]
-        self.times = [[] for _ in self.fns]
-        self.recording = True
 
-    def start(self, *_):
-        pass
-
-    def step(self):
-        """Time every way of streaming once; the variant's time is the fastest way's median."""
-        for fn, times in zip(self.fns, self.times):
-            t0 = time.perf_counter()
-            fn()
-            if self.recording:
-                times.append(time.perf_counter() - t0)
-
-    def stop(self):
-        pass
+PROBES = {"memory/copy": ("memory/copy",), "memory/read": ("memory/read:sum", "memory/read:gemv")}
 
 
 class Variant:
@@ -197,7 +176,7 @@ def main(argv=None) -> int:
             weight_bytes[name] = RetNetDecoder(student, 1, dtype).weight_bytes()
     result["weight_bytes"] = weight_bytes
     probe_bytes = weight_bytes.get("student/decoder-fp32") or RetNetDecoder(student, 1).weight_bytes()
-    probes = [Probe(name, probe_bytes) for name in ("memory/copy", "memory/read")]
+    probes = probe_steps(probe_bytes)
     result["parameters"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
                             "student": sum(p.numel() for p in student.parameters())}
 
@@ -212,39 +191,32 @@ def main(argv=None) -> int:
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 bases[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
             for batch in args.batches:
-                active = probes[:] if batch == 1 else []
+                active = []
                 for v in variants:
                     if v.name == "student/module" and batch not in args.module_batches:
                         continue
-                    if v.name == "teacher" and kv_cache_bytes(teacher.config, batch, context) > args.max_cache_bytes:
+                    kv_bytes = kv_cache_bytes(teacher.config, batch, context)
+                    if v.name == "teacher" and kv_bytes > args.max_cache_bytes:
                         skipped.append({"variant": v.name, "context": context, "batch": batch,
-                                        "reason": f"KV cache {kv_cache_bytes(teacher.config, batch, context) / 1e9:.1f} GB "
+                                        "reason": f"KV cache {kv_bytes / 1e9:.1f} GB "
                                                   f"> --max-cache-bytes {args.max_cache_bytes / 1e9:.1f} GB"})
                         continue
                     v.start(*bases[v.name.split("/")[0]], batch)
                     active.append(v)
-                times = {v.name: [] for v in active}
-                for probe in probes:
-                    probe.times = [[] for _ in probe.fns]
-                for _ in range(args.rounds):
-                    for v in active:  # take turns, a block each
-                        time.sleep(args.settle_s)
-                        for step in range(args.block_warmup + args.block_steps):
-                            v.recording = step >= args.block_warmup
-                            t0 = time.perf_counter()
-                            v.step()
-                            if step >= args.block_warmup:
-                                times[v.name].append(time.perf_counter() - t0)
+                steps = {**(probes if batch == 1 else {}), **{v.name: v.step for v in active}}
+                times = take_turns(steps, [args.block_steps] * args.rounds, args.block_warmup, args.settle_s)
                 for v in active:
                     v.stop()
-                    t = statistics.median(times[v.name])
-                    if isinstance(v, Probe):  # the fastest of its ways of streaming
-                        t = min(statistics.median(ts) for ts in v.times)
-                    points.append({"variant": v.name, "context": context, "batch": batch, "latency_ms": t * 1e3,
-                                   "tokens_per_s": batch / t, "steps": len(times[v.name]),
-                                   "all_ms": [x * 1e3 for x in times[v.name]]})
+                names = (list(PROBES) if batch == 1 else []) + [v.name for v in active]
+                for name in names:
+                    # a probe's time: its fastest way of streaming
+                    way = min(PROBES.get(name, (name,)), key=lambda w: statistics.median(times[w]))
+                    t = statistics.median(times[way])
+                    points.append({"variant": name, "context": context, "batch": batch, "latency_ms": t * 1e3,
+                                   "tokens_per_s": batch / t, "steps": len(times[way]),
+                                   "all_ms": [x * 1e3 for x in times[way]]})
                 log(f"  context {context} batch {batch}: " + ", ".join(
-                    f"{p['variant']} {p['latency_ms']:.1f} ms" for p in points[-len(active):]))
+                    f"{p['variant']} {p['latency_ms']:.1f} ms" for p in points[-len(names):]))
             del bases
         result["flatness_interleaved"] = flatness(args, teacher, student, variants)
     result["points"], result["skipped"] = points, skipped
@@ -276,16 +248,8 @@ def flatness(args, teacher, student, variants) -> dict:
     for v in variants:
         if v.name == "teacher":
             continue
-        times = {lo: [], hi: []}
-        for _ in range(args.rounds):
-            for length in (lo, hi):
-                v.start(*starts[length], 1)
-                time.sleep(args.settle_s)
-                for step in range(args.block_warmup + args.block_steps):
-                    t0 = time.perf_counter()
-                    v.step()
-                    if step >= args.block_warmup:
-                        times[length].append(time.perf_counter() - t0)
+        times = take_turns({lo: v.step, hi: v.step}, [args.block_steps] * args.rounds, args.block_warmup,
+                           args.settle_s, starts={n: (lambda n=n: v.start(*starts[n], 1)) for n in (lo, hi)})
         a, b = statistics.median(times[lo]), statistics.median(times[hi])
         result[v.name] = {f"latency_ms_{lo}": a * 1e3, f"latency_ms_{hi}": b * 1e3, f"ratio_{hi}_over_{lo}": b / a}
         log(f"  flatness {v.name}: {a * 1e3:.1f} ms at {lo}, {b * 1e3:.1f} ms at {hi} ({b / a:.3f})")
