@@ -421,17 +421,19 @@ def write_plots(rows: List[dict], folder: Path) -> List[str]:
     written = []
     center = [r for r in rows if r["point"] == "center" and r.get("loss_curve")]
     if center:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
         seen = set()
         for r in center:
-            t, _, loss = zip(*r["loss_curve"])
+            t, tokens, loss = zip(*r["loss_curve"])
             label = ARCH[r["arch"]] + (" (equal params)" if r.get("equal_params") else "")
-            ax.plot(t, loss, color=colors[r["arch"]], ls="--" if r.get("equal_params") else "-", alpha=0.8,
-                    label=None if label in seen else label)
+            for ax, x in zip(axes, (t, tokens)):
+                ax.plot(x, loss, color=colors[r["arch"]], ls="--" if r.get("equal_params") else "-", alpha=0.8,
+                        label=None if label in seen else label)
             seen.add(label)
-        ax.set(xlabel="training wall time (s, one niced thread on a shared 2-core machine)",
-               ylabel="training loss (nats/token)", title="Loss vs wall time, centre point, every seed")
-        ax.legend()
+        axes[0].set(xlabel="training wall time (s, one niced thread on a shared machine)",
+                    ylabel="training loss (nats/token)", title="Loss vs wall time, centre point, every seed")
+        axes[1].set(xlabel="training tokens", title="Loss vs tokens, centre point, every seed")
+        axes[0].legend()
         fig.tight_layout()
         fig.savefig(folder / "loss_vs_time.png", dpi=110)
         plt.close(fig)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from retconvert.distill.config import ConfigError
-from retconvert.distill.sweep import check_sweep, run_configs, sweep
+from retconvert.distill.sweep import check_sweep, main, run_configs, sweep
 from retconvert.errors import RetconvertError
 from retconvert.eval.study import findings
 from tiny import tiny_text, tiny_tokenizer, write_jsonl
@@ -152,6 +152,10 @@ def test_study_kill_and_resume(data, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "RetNet trains in about 80% of the Transformer's time" in report and "(ESTIMATE)" in report
     assert (out / "loss_vs_time.png").is_file() and (out / "decode_vs_context.png").is_file()
+
+    (out / "report.md").unlink()
+    assert main([str(path), "--report-only"]) == 0 and (out / "report.md").read_text() == report
+    assert json.loads(results.read_text()) == rows  # nothing ran
 
     # a finished row made with other settings is refused, not silently mixed in
     spec["overrides"].append("stage2.steps=4")
