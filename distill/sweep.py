@@ -157,7 +157,7 @@ def run_configs(spec: dict, extra: List[str] = ()) -> List[Run]:
         runs = []
         for i, point in enumerate(combinations(spec["grid"])):
             overrides = list(spec["overrides"]) + [f"{k}={json.dumps(v)}" for k, v in point.items()]
-            overrides += list(extra) + [f"run.out_dir={out / f'run-{i:03d}'}"]
+            overrides += list(extra) + [f"run.out_dir={out / f'run-{i:03d}'}", "run.overwrite=true"]
             run_id = ",".join(f"{k}={v}" for k, v in point.items())
             runs.append(Run(i, run_id, run_id, point, None, None, False, load_config(base, overrides)))
         return runs
