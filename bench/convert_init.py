@@ -61,8 +61,9 @@ def main():
     tok = teacher.tokenizer
     sets = {"c4_heldout": heldout(tok, "c4/c4_heldout.jsonl", args.eval_tokens),
             "wikitext2": heldout(tok, "ppl/wikitext-2-raw-test.txt", args.eval_tokens)}
-    result = {**run_header("convert_init"), "machine": machine_info(), "teacher": args.teacher, "eval_tokens": args.eval_tokens,
-              "protocol": "documents joined by EOS; window 512, stride 256", "teacher_ppl": {}, "variants": []}
+    result = {**run_header("convert_init"), "machine": machine_info(), "teacher": args.teacher,
+              "eval_tokens": args.eval_tokens, "protocol": "documents joined by EOS; window 512, stride 256",
+              "teacher_ppl": {}, "variants": []}
     for name, ids in sets.items():
         result["teacher_ppl"][name] = perplexity(teacher.model, ids).to_dict()
         print(f"teacher {name}: {result['teacher_ppl'][name]['ppl']:.2f}", flush=True)
