@@ -72,6 +72,8 @@ class EvalSettings:
             values = getattr(self, name)
             if values is not None and (not values or min(values) <= 0):
                 raise RetconvertError(f"--{name.replace('_', '-')} needs positive integers, e.g. 128,256")
+        if self.ppl_window < 2:  # a window scores its tokens after the first: at least one
+            raise RetconvertError(f"--ppl-window {self.ppl_window} must be at least 2 (one context token, one scored)")
         if self.assumed_watts is not None and self.assumed_watts <= 0:
             raise RetconvertError("--assumed-watts must be positive")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -259,4 +259,6 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
     assert "neither an existing folder" in capsys.readouterr().err
     assert main(["eval", "--model", "x", "--suite", "quality,speeed", "--out", str(tmp_path / "r")]) == 2
     assert "unknown suite speeed" in capsys.readouterr().err
+    assert main(["eval", "--model", "x", "--ppl-window", "1", "--out", str(tmp_path / "r")]) == 2
+    assert "--ppl-window 1 must be at least 2" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
