@@ -422,7 +422,9 @@ def main(argv=None) -> int:
                 runs[c].append(rec)
             log(f"{'round' if timed else 'warm-up'} {r + 1 - args.warmup if timed else r + 1}: {c:17s} "
                 f"{fmt_seconds(rec['wall_s']):>9s} wall, {fmt_seconds(rec['cpu_s']):>9s} cpu, "
-                f"others {rec['other_busy_cores'] if rec['other_busy_cores'] is None else round(rec['other_busy_cores'], 2)} cores")
+                f"others {rec['other_busy_cores'] if rec['other_busy_cores'] is None else round(rec['other_busy_cores'], 2)} cores"
+                + ("; cpu s by phase " + " ".join(f"{ph} {v:.2f}" for ph, v in rec["phases_s"]["cpu"].items())
+                   if "phases_s" in rec else ""))
 
     # ---------------------------------------------------------------------------------------
     # Summary
