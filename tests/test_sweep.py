@@ -166,7 +166,8 @@ def test_study_kill_and_resume(data, tmp_path, monkeypatch):
 def _row(point, arch, seed, train_s, loss, growth, gain):
     buckets = [{"start_position": 0, "end_position": 16, "nll": loss + 1}, {"start_position": 16, "end_position": 32,
                "nll": loss + gain}, {"start_position": 32, "end_position": 64, "nll": loss}]
-    return {"point": point, "arch": arch, "seed": seed, "train_s": train_s, "final_loss_avg": loss,
+    curve = [[0.0, 0, loss + 1], [train_s / 2, 100, loss + 0.5], [train_s, 200, loss]]  # steady throughput
+    return {"point": point, "arch": arch, "seed": seed, "train_s": train_s, "final_loss_avg": loss, "loss_curve": curve,
             "ppl_c4": math.exp(loss), "position_loss": buckets,
             "decode": {"module": [{"context_tokens": 16, "latency_ms": 1.0},
                                   {"context_tokens": 1024, "latency_ms": 1.0 + growth}]}}
@@ -184,9 +185,21 @@ def test_findings_verdicts():
     got = findings(rows, [16, 1024])
     assert [f["verdict"].split(" (")[0] for f in got] == [
         "holds", "holds in direction", "not comparable at this scale", "holds", "holds"]
-    assert "0.80 ± 0.00 over 6 pairs" in got[0]["here"] and "not reproduced" in got[1]["verdict"]
+    assert "over 6 pairs): 0.80 ± 0.00 from each run's least-contended" in got[0]["here"]
+    assert "not reproduced" in got[1]["verdict"]
     assert "best RetNet by held-out C4 perplexity: lr=0.01" in got[2]["here"]
     assert "RetNet +1.0% (per run +1.0% ± 0.0)" in got[3]["here"] and "Transformer +50.0%" in got[3]["here"]
     swapped = [{**r, "arch": {"retnet": "llama", "llama": "retnet"}[r["arch"]]} for r in rows]
     assert [f["verdict"].split(" (")[0] for f in findings(swapped, [16, 1024])] == [
         "does not hold", "does not hold", "not comparable at this scale", "does not hold", "does not hold"]
+
+
+def test_fast_throughput_ignores_contended_intervals():
+    """Intervals slowed by other processes do not lower the throughput the comparison uses."""
+    from retconvert.eval.study import fast_tokens_per_s
+
+    curve = [[float(i), 100 * i, 5.0] for i in range(11)]  # 100 tokens/s ...
+    curve[5:] = [[t + 9.0, tok, loss] for t, tok, loss in curve[5:]]  # ... one interval 10x slower
+    assert fast_tokens_per_s({"loss_curve": curve}) == pytest.approx(100.0)
+    assert fast_tokens_per_s({"loss_curve": curve}, quantile=0.0) == pytest.approx(10.0)
+    assert fast_tokens_per_s({"loss_curve": curve[:1]}) is None
