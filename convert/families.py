@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Union
 
 import torch
+from transformers import PretrainedConfig
 
 from retconvert.errors import RetconvertError
 
@@ -318,6 +319,11 @@ def gpt2_config(cfg) -> dict:
 # Config fields
 # --------------------------------------------------------------------------------------------
 
+# Fields of the installed transformers' base config class, which every config carries (in 4.x
+# also generation defaults, torchscript, use_bfloat16, ...): none enters a decoder's forward pass
+# except those ruled in COMMON_FIELDS.
+_BASE_CONFIG_FIELDS = frozenset(PretrainedConfig().to_dict())
+
 COMMON_FIELDS: Dict[str, Rule] = {
     **dict.fromkeys(("_name_or_path", "architectures", "chunk_size_feed_forward", "dtype", "torch_dtype",
                      "id2label", "label2id", "model_type", "output_attentions", "output_hidden_states",
@@ -325,6 +331,8 @@ COMMON_FIELDS: Dict[str, Rule] = {
                      "tokenizer_class", "prefix", "task_specific_params", "cache_implementation",
                      "auto_map"), INERT),  # auto_map: the author's own code, used only with --trust-remote-code
     "is_encoder_decoder": Only((False,), "an encoder-decoder model has no causal-LM RetNet counterpart"),
+    "add_cross_attention": Only((False,), "cross-attention to an encoder has no RetNet counterpart"),
+    "pruned_heads": Only(({}, None), "pruned attention heads are not converted"),
     "tie_word_embeddings": MAPPED,
 }
 
@@ -334,8 +342,8 @@ def _rule(family: "Family", name: str) -> Optional[Rule]:
         return family.fields[name]
     if name in COMMON_FIELDS:
         return COMMON_FIELDS[name]
-    if name.startswith("_") or name.endswith("_token_id"):  # private bookkeeping; token ids
-        return INERT
+    if name.startswith("_") or name.endswith("_token_id") or name in _BASE_CONFIG_FIELDS:
+        return INERT  # private bookkeeping, token ids, the base class's generic fields
     return None
 
 
@@ -367,7 +375,6 @@ GPT2_FIELDS: Dict[str, Rule] = {
     "n_ctx": INERT,  # old alias of n_positions that the model never reads
     **dict.fromkeys(("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
                      "summary_first_dropout"), INERT),  # the sequence-classification head
-    "add_cross_attention": Only((False,), "cross-attention to an encoder has no RetNet counterpart"),
 }
 LLAMA_FIELDS: Dict[str, Rule] = {
     **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

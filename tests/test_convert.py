@@ -151,8 +151,9 @@ def test_config_field_the_converter_cannot_carry_is_refused_by_name(field, value
 
 def test_llama3_rope_scaling_carries_over():
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
-    teacher = tiny_llama(rope_parameters=scaling, max_position_embeddings=512)
+               "original_max_position_embeddings": 64}
+    # rope_theta and rope_scaling: what transformers 4.x reads, and 5 folds into rope_parameters
+    teacher = tiny_llama(rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=512)
     student = build_student(teacher, ConvertOptions())
     from retconvert.models.modeling_retnet import rotary_inv_freq
 
