@@ -417,7 +417,8 @@ GEMMA2_FIELDS: Dict[str, Rule] = {
 GEMMA3_FIELDS: Dict[str, Rule] = {
     **GEMMA2_FIELDS,
     "rope_local_base_freq": MAPPED,  # transformers 4.x: the local layers' theta
-    "sliding_window_pattern": MAPPED,  # which layers are local (their RoPE); the window itself becomes retention
+    # which layers are local, so which RoPE each layer has; the window itself becomes retention
+    "layer_types": MAPPED, "sliding_window_pattern": MAPPED,
 }
 QWEN2_FIELDS: Dict[str, Rule] = {
     **LLAMA_FIELDS,
