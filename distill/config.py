@@ -120,6 +120,7 @@ class Stage2Section:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    frozen: List[str] = field(default_factory=list)  # fnmatch patterns of parameter names not trained
     gradient_checkpointing: bool = False
     logit_cache: bool = False  # cache the teacher's top-k logits on disk (reused across runs)
     logit_cache_top_k: int = 64

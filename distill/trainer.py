@@ -4,6 +4,7 @@ distillation, or next-token training from scratch), held-out perplexity, checkpo
 `distill/train.py` is the readable driver; everything it calls lives here.
 """
 
+import fnmatch
 import json
 import math
 import os
@@ -46,6 +47,20 @@ def converged(history, patience: int, min_improvement: float) -> bool:
     if patience <= 0 or len(history) <= patience:
         return False
     return min(history[-patience:]) > min(history[:-patience]) * (1 - min_improvement)
+
+
+def freeze(model, patterns) -> int:
+    """Stop training every parameter whose name matches one of the fnmatch `patterns`
+    (`stage2.frozen`, e.g. "*layernorm.weight"); returns how many were frozen. A pattern that
+    matches nothing is an error (a typo would silently train everything)."""
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise RetconvertError(f"stage2.frozen: {pattern!r} matches no parameter; names look like {names[1]!r}")
+    frozen = [p for n, p in model.named_parameters() if any(fnmatch.fnmatch(n, pat) for pat in patterns)]
+    for p in frozen:
+        p.requires_grad_(False)
+    return len(frozen)
 
 
 def seed_everything(seed: int):
@@ -245,6 +260,7 @@ class Trainer:
             model = wrap_lora(student, cfg, log=self.log)
         else:
             model = student.requires_grad_(True)
+        freeze(model, s2.frozen)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)

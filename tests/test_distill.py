@@ -545,6 +545,17 @@ def test_train_records_name_the_largest_gradients(fx, tmp_path):
         assert r["grad_norm"] > 0.01  # the norm before clipping is what is logged
 
 
+def test_stage2_frozen_patterns(fx, tmp_path):
+    run_tiny(fx, tmp_path / "base", **{"stage1.steps": 0, "stage2.steps": 0})
+    run_tiny(fx, tmp_path / "run", **{"stage1.steps": 0, "stage2.frozen": "['*layernorm.weight', 'model.norm.weight']"})
+    a, b = final_weights(tmp_path / "base"), final_weights(tmp_path / "run")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and not any(k.endswith("layernorm.weight") or k == "model.norm.weight" for k in changed)
+    assert any(k.endswith("q_proj.weight") for k in changed)
+    with pytest.raises(RetconvertError, match=r"stage2.frozen: '\*layer_norm\*' matches no parameter"):
+        run_tiny(fx, tmp_path / "typo", **{"stage1.steps": 0, "stage2.frozen": "['*layer_norm*']"})
+
+
 def test_report_tables_from_metrics(fx, tmp_path, capsys):
     from retconvert.distill.report import main as report
 
