@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from retconvert.eval.common import cache_nbytes, free_memory, is_oom, log
-from retconvert.eval.measure import PeakRSS, median, sync, timed
+from retconvert.eval.measure import SETTLE_S, PeakRSS, median, sync, take_turns, timed
 from retconvert.models.modeling_retnet import CACHE_NAME
 
 
@@ -60,7 +60,6 @@ def expand(cache, batch: int):
     return cache
 
 
-SETTLE_S = 0.3  # between blocks: the previous engine's BLAS/OpenMP threads stop spinning
 ROUNDS = 3
 
 
@@ -132,17 +131,13 @@ def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int
                         raise
                     skipped.append({"model": m.name, "engine": engine, "context_tokens": length,
                                     "batch_size": batch, "reason": "out of memory copying the cache"})
-            for block in blocks(steps):
-                for i, (m, engine, dec) in enumerate(engines):  # take turns, a block of steps each
-                    if i not in state:
-                        continue
-                    time.sleep(SETTLE_S)
-                    for step in range(warmup + block):
-                        cache, token = state[i]
-                        fn = (lambda: dec.step(cache, token)) if dec else (lambda: decode_step(m, cache, token))
-                        t, state[i] = timed(fn, m.device)
-                        if step >= warmup:
-                            times[i].append(t)
+            def step(i, m, dec):  # one token of engine i, its (cache, token) carried in `state`
+                cache, token = state[i]
+                state[i] = dec.step(cache, token) if dec else decode_step(m, cache, token)
+
+            times.update(take_turns({i: lambda i=i, m=m, dec=dec: step(i, m, dec)
+                                     for i, (m, _, dec) in enumerate(engines) if i in state},
+                                    blocks(steps), warmup, device=models[0].device))
             line = []
             for i, (m, engine, dec) in enumerate(engines):
                 if times[i]:
