@@ -1,7 +1,7 @@
 """Faults of kinds reported against similar projects (issue 14), each pinned at the right value."""
 
 import pytest
-from tiny import VARIANTS, assert_close, random_ids, tiny_model
+from tiny import VARIANTS, assert_close, random_ids, tiny_model, write_gguf
 import torch
 
 from retconvert.models.decoding_retnet import RetNetDecoder
@@ -292,57 +292,6 @@ def test_lora_on_another_shared_weight_is_refused():
 # ------------------------------------------------------------------------------------------
 
 
-def write_llama_gguf(model, path):
-    """A float32 llama.cpp GGUF of a transformers Llama, written as llama.cpp's
-    convert_hf_to_gguf.py writes one: q and k rows permuted per head (by the key/value head
-    count for k), a byte-free 'gpt2' vocabulary of placeholder tokens."""
-    import gguf
-
-    cfg = model.config
-    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-
-    def permute(w, heads):  # llama.cpp's LlamaModel.permute
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(H)
-    w.add_head_count_kv(Hkv)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // H)
-    w.add_vocab_size(cfg.vocab_size)
-    tokens = [f"t{i}" for i in range(cfg.vocab_size)]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_scores([0.0] * len(tokens))
-    w.add_token_merges([])
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], H))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], Hkv))
-        for ours, theirs in names.items():
-            w.add_tensor(f"blk.{i}.{theirs}.weight", sd[p + ours + ".weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    w.add_tensor("output.weight", sd["lm_head.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("kv_heads", [2, 1, 4])
 def test_gguf_teacher_equals_its_safetensors_original(tmp_path, kv_heads):
@@ -355,7 +304,7 @@ def test_gguf_teacher_equals_its_safetensors_original(tmp_path, kv_heads):
 
     original = tiny_llama(num_key_value_heads=kv_heads)
     folder = load_teacher(str(save_teacher(original, tmp_path / "folder")))
-    gguf = load_teacher(str(write_llama_gguf(original, tmp_path / "tiny.gguf")))
+    gguf = load_teacher(str(write_gguf(original, tmp_path / "tiny.gguf", "llama")))
     assert gguf.kind == "gguf" and gguf.model.config.num_key_value_heads == kv_heads
     ids = random_ids(2, 19)
     want = folder.model(ids).logits

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import transformers
-from tiny import assert_loads_with_remote_code, save_teacher, tiny_text, write_jsonl
+from tiny import assert_loads_with_remote_code, save_teacher, tiny_text, write_gguf, write_jsonl
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
                           Olmo2Config, Phi3Config, Qwen3Config)
 
@@ -279,51 +279,6 @@ def test_published_configurations_convert_at_the_teachers_size(name):
 # ------------------------------------------------------------------------------------------
 # GGUF teachers, for the families whose GGUF architecture transformers reads
 # ------------------------------------------------------------------------------------------
-
-
-def write_gguf(model, path, arch: str):
-    """A float32 llama.cpp GGUF of a transformers model: tensors named by gguf's own name map
-    for `arch`, Gemma norms stored as llama.cpp stores them (1 + w), a placeholder 'gpt2' vocabulary."""
-    import gguf
-
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}  # transformers 5, or 4.x
-    rope = rope.get("full_attention", rope)  # Gemma 3: the global theta
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(rope["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if getattr(cfg, "sliding_window", None):
-        w.add_sliding_window(cfg.sliding_window)
-    tokens = [f"t{i}" for i in range(cfg.vocab_size)]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_scores([0.0] * len(tokens))
-    w.add_token_merges([])
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
-    w.add_pad_token_id(cfg.pad_token_id)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        if arch.startswith("gemma") and key.endswith("norm.weight"):
-            tensor = tensor + 1
-        w.add_tensor(names.get_name(key, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 # What a GGUF of each can hold: transformers reads no head_dim for qwen3 (its default is 128),
