@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from tiny import (assert_loads_with_remote_code, save_teacher, tiny_gpt2, tiny_llama, tiny_qwen2, tiny_text,
-                  write_jsonl)
+from tiny import (assert_attention_matches, assert_loads_with_remote_code, save_teacher, tiny_gpt2, tiny_llama,
+                  tiny_qwen2, tiny_text, write_jsonl)
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 import retconvert  # noqa: F401
@@ -130,14 +130,7 @@ def test_attention_scores_and_values_carry_over_exactly(pair):
 def test_gpt2_attention_scaling_flags_carry_over(flags):
     """Softmax of the student's scores equals the teacher's attention weights in every layer."""
     teacher = tiny_gpt2(n_layer=3, attn_implementation="eager", **flags)
-    student = build_student(teacher, ConvertOptions()).eval()
-    ids = torch.randint(3, 128, (2, 9))
-    out = teacher(ids, output_attentions=True, output_hidden_states=True)
-    causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    for i, block in enumerate(student.model.layers):
-        q, k, _ = block.retention.project(block.input_layernorm(out.hidden_states[i]), torch.arange(9).expand(2, 9))
-        scores = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(~causal, float("-inf"))
-        torch.testing.assert_close(scores.softmax(-1), out.attentions[i], rtol=1e-5, atol=1e-6)
+    assert_attention_matches(teacher, build_student(teacher, ConvertOptions()).eval(), what=str(flags))
 
 
 @pytest.mark.parametrize("field, value", [("mystery_scale", 2.0), ("add_cross_attention", True),

@@ -13,7 +13,8 @@ import json
 import pytest
 import torch
 import transformers
-from tiny import assert_loads_with_remote_code, save_teacher, tiny_text, write_gguf, write_jsonl
+from tiny import (assert_attention_matches, assert_loads_with_remote_code, save_teacher, tiny_text, write_gguf,
+                  write_jsonl)
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
                           Olmo2Config, Phi3Config, Qwen3Config)
 
@@ -161,15 +162,8 @@ def test_attention_scores_equal_the_teachers_in_every_layer(pair):
     """softmax of the student's q.k (norms, partial or per-layer RoPE, grouped heads, scale) equals
     the teacher's attention weights, given each layer's own input."""
     name, teacher, student = pair
-    ids = torch.randint(3, 128, (2, 9))
-    out = teacher(ids, output_attentions=True, output_hidden_states=True)
-    causal = torch.ones(9, 9, dtype=torch.bool).tril()
-    for i, block in enumerate(student.model.layers):
-        q, k, _ = block.retention.project(block.input_layernorm(out.hidden_states[i]), torch.arange(9).expand(2, 9))
-        scores = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(~causal, float("-inf"))
-        # Gemma 2 soft-caps scores at 50 (tanh): at these magnitudes (|s| < 1) that is below 1e-5
-        torch.testing.assert_close(scores.softmax(-1), out.attentions[i], rtol=1e-4, atol=1e-5,
-                                   msg=f"{name} layer {i}")
+    # Gemma 2 soft-caps scores at 50 (tanh): at these magnitudes (|s| < 1) that is below 1e-5
+    assert_attention_matches(teacher, student, rtol=1e-4, atol=1e-5, what=name)
 
 
 @torch.no_grad()

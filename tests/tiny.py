@@ -275,3 +275,17 @@ def write_gguf(model, path, arch: str):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@torch.no_grad()
+def assert_attention_matches(teacher, student, rtol=1e-5, atol=1e-6, what=""):
+    """softmax of each student layer's q.k, given that layer's teacher input, equals the teacher's
+    attention weights (an eager teacher: it returns them). Ids (2, 9) from a fixed seed."""
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = teacher(ids, output_attentions=True, output_hidden_states=True)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    for i, block in enumerate(student.model.layers):
+        q, k, _ = block.retention.project(block.input_layernorm(out.hidden_states[i]), torch.arange(9).expand(2, 9))
+        scores = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(~causal, float("-inf"))
+        torch.testing.assert_close(scores.softmax(-1), out.attentions[i], rtol=rtol, atol=atol,
+                                   msg=f"{what} layer {i}")
