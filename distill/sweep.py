@@ -192,12 +192,23 @@ def _study_run(spec, base, out, extra, name, point, arch, seed, index, equal_par
     return Run(index, run_id, name, point, arch, seed, equal_params, cfg)
 
 
-def config_sha(cfg: DistillConfig) -> str:
-    """A fingerprint of a run's settings (its output folder aside), to tell a finished row apart
-    from one made with other settings."""
-    data = cfg.to_dict()
-    data["run"] = {k: v for k, v in data["run"].items() if k not in ("out_dir", "resume", "overwrite")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _leaves(data: dict, prefix: str = "") -> Dict[str, object]:
+    out = {}
+    for k, v in data.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_sha(cfg) -> str:
+    """A fingerprint of a run's settings (a DistillConfig or its to_dict()), to tell a finished row
+    apart from one made with other settings. Only settings that differ from the defaults count
+    (and never the output folder), so a field added to the schema later, at its default, leaves
+    the fingerprints of finished runs as they were."""
+    data = cfg.to_dict() if isinstance(cfg, DistillConfig) else cfg
+    defaults = _leaves(DistillConfig().to_dict())
+    kept = {k: v for k, v in _leaves(data).items()
+            if k not in ("run.out_dir", "run.resume", "run.overwrite") and (k not in defaults or defaults[k] != v)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def to_markdown(rows: List[dict], hide=("run_id", "config_sha")) -> str:

@@ -203,3 +203,20 @@ def test_fast_throughput_ignores_contended_intervals():
     assert fast_tokens_per_s({"loss_curve": curve}) == pytest.approx(100.0)
     assert fast_tokens_per_s({"loss_curve": curve}, quantile=0.0) == pytest.approx(10.0)
     assert fast_tokens_per_s({"loss_curve": curve[:1]}) is None
+
+
+def test_fingerprint_ignores_fields_at_their_default(data, tmp_path):
+    """A row stays valid when the config schema later gains a field at its default; any changed
+    setting, default or not, changes the fingerprint."""
+    from retconvert.distill.sweep import config_sha
+
+    cfg = run_configs(study_spec(data, tmp_path))[0].cfg
+    older = cfg.to_dict()
+    del older["stage2"]["lora_alpha"]  # as written before that field existed
+    assert config_sha(older) == config_sha(cfg)
+    changed = cfg.to_dict()
+    changed["stage2"]["lora_alpha"] += 1
+    assert config_sha(changed) != config_sha(cfg)
+    moved = cfg.to_dict()
+    moved["run"]["out_dir"] = "elsewhere"
+    assert config_sha(moved) == config_sha(cfg)
