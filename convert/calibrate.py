@@ -8,7 +8,10 @@ For each layer, on calibration text:
      grids for the setting whose retention output, after the least-squares per-head
      scale, is closest to the attention output; that scale becomes the head's output scale.
 
-Layer-local; two retention passes per candidate decay (see `fit_layer`).
+Layer-local; two retention passes per candidate decay (see `fit_layer`). A windowed student
+(`retention_window`) is fitted the same way on its windowed output: the window adds no parameter,
+but it changes what gamma, b and w should be (they now shape only the tokens beyond the window
+and their weight against it).
 """
 
 from dataclasses import dataclass, field
@@ -129,8 +132,8 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias
                                                                     output_final_state=False)[:2])
     for gamma in gammas:
         if window:  # the linear part covers the tokens beyond the window only
-            A, Z = (windowed_retention_terms(a, b, v, gamma, window, 64, output_final_state=False)[2][:, keep]
-                    for a, b in ((q, k), (ones, ones)))
+            A, Z = (windowed_retention_terms(a, c, v, gamma, window, 64, output_final_state=False,
+                                             window_terms=False)[2][:, keep] for a, c in ((q, k), (ones, ones)))
         else:
             A = retention(q, k, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]  # (N, T', H, Dv + 1)
             Z = retention(ones, ones, v1, gamma, "chunkwise", chunk_size=64)[0][:, keep]

@@ -381,11 +381,12 @@ def windowed_retention_naive(q, k, v, gamma, window: int, initial_state: Optiona
     return out.to(v.dtype), WindowState(S.to(v.dtype), keys.to(v.dtype), values.to(v.dtype), mask)
 
 
-def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final_state: bool):
+def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final_state: bool,
+                  window_terms: bool = True):
     """New positions q, k [B, C, H, Dk], v1 = [v, 1] [B, C, H, Dv + 1], valid [B, C] bool, after
     `state`. Returns the window's softmax terms sum exp(s - m) [v, 1] [B, C, H, Dv + 1], their
     shift m [B, C, H, 1] (>= 0, no gradient), the linear terms [B, C, H, Dv + 1] and the state
-    after the block (None unless `final_state`)."""
+    after the block (None unless `final_state`); the first two are None without `window_terms`."""
     B, C, H, _ = q.shape
     W = window
     dtype = q.dtype
@@ -402,10 +403,13 @@ def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final
     older = (seen & (dist >= W))[:, None]
 
     qh, kh, vh = q.transpose(1, 2), k_x.transpose(1, 2), v_x.transpose(1, 2)  # (B, H, ., D)
-    scores = qh @ kh.transpose(-1, -2)  # (B, H, C, J)
-    s_win = scores.masked_fill(~in_window, float("-inf"))  # -inf first: exp gives exact zeros, and zero gradients
-    m = s_win.amax(-1, keepdim=True).clamp(min=0).detach()  # (B, H, C, 1)
-    soft = torch.exp(s_win - m) @ vh  # (B, H, C, Dv + 1)
+    scores = qh @ (kh if window_terms else kh[:, :, :C]).transpose(-1, -2)  # (B, H, C, J or C): see below
+    soft = m = None
+    if window_terms:
+        s_win = scores.masked_fill(~in_window, float("-inf"))  # -inf first: exp gives exact zeros and zero gradients
+        m = s_win.amax(-1, keepdim=True).clamp(min=0).detach()  # (B, H, C, 1)
+        soft = (torch.exp(s_win - m) @ vh).transpose(1, 2)  # (B, C, H, Dv + 1)
+        m = m.transpose(1, 2)
     # An older key is at least W real tokens, so at least W positions, before its query: among the
     # first C of the J (the cache, then the block), whatever the padding.
     lg = log_g[None, :, None, None]  # (1, H, 1, 1)
@@ -432,19 +436,20 @@ def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final
             return x.gather(1, idx[:, :, None, None].expand(-1, -1, *x.shape[2:])) * kept[:, :, None, None].to(dtype)
 
         new_state = WindowState(S, take(k_x), take(v_x[..., :-1]), kept)
-    return soft.transpose(1, 2), m.transpose(1, 2), lin.transpose(1, 2), new_state
+    return soft, m, lin.transpose(1, 2), new_state
 
 
 def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[int] = None,
                              initial_state: Optional[WindowState] = None, output_final_state: bool = True,
-                             token_mask=None):
+                             token_mask=None, window_terms: bool = True):
     """The two parts of windowed retention, unnormalised, block by block.
 
     q, k [B, T, H, Dk], v [B, T, H, Dv], gamma [H]; `block_size` positions per block (None: one
     block of T). Returns (soft, m, lin, state): soft = sum over the window of exp(s - m) [v, 1]
     and lin = the linear terms, both [B, T, H, Dv + 1] (the last channel is the row sum), the
     shift m [B, T, H, 1], and the final `WindowState` (None with output_final_state=False).
-    `combine_window` turns them into the output; conversion fits the parts separately.
+    `combine_window` turns them into the output; conversion fits the parts separately (and
+    skips the window's terms, None with `window_terms=False`, where it needs only the linear part).
     """
     _check_window(window, q, initial_state)
     B, T, H, _ = q.shape
@@ -458,12 +463,12 @@ def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[i
     blocks = list(zip(*(x.split(max(C, 1), 1) for x in (q, k, v1, valid))))
     for i, (q_c, k_c, v_c, valid_c) in enumerate(blocks):
         carry = output_final_state or i < len(blocks) - 1
-        *out, state = _window_block(q_c, k_c, v_c, valid_c, log_g, window, state, carry)
+        *out, state = _window_block(q_c, k_c, v_c, valid_c, log_g, window, state, carry, window_terms)
         parts.append(out)
     if not parts:  # T = 0
         empty = v1.new_zeros(B, 0, H, v1.shape[-1])
         return empty, empty[..., :1], empty, state if output_final_state else None
-    soft, m, lin = (torch.cat(x, 1) for x in zip(*parts))
+    soft, m, lin = (None if x[0] is None else torch.cat(x, 1) for x in zip(*parts))
     return soft, m, lin, state
 
 

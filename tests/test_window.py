@@ -400,6 +400,10 @@ def test_calibration_decomposition_is_the_layer_output():
     kb = torch.cat([k, ones], -1)
     want, _ = windowed_retention(qb, kb, v, gamma, 4, "chunkwise", chunk_size=5, sink=sink)
     assert_near(got, want, 1e-12, "decomposition")
+    # what conversion runs per candidate decay: the linear part alone, the same numbers
+    none_soft, none_shift, A_only, _ = windowed_retention_terms(q, k, v, gamma, 4, 5, window_terms=False)
+    assert none_soft is None and none_shift is None
+    assert_near(A_only, A, 1e-12, "linear part alone")
 
 
 def test_from_hf_window_calibrates_and_loads(tmp_path):
