@@ -371,7 +371,9 @@ def equal_params_table(rows: List[dict]) -> str:
 
 
 def speed_table(rows: List[dict], contexts: List[int]) -> str:
-    """Decode latency (ms/token, batch 1) and cache bytes per context, mean ± sd over all runs of an arch."""
+    """Decode latency (ms/token, batch 1) and cache bytes per context, mean ± sd over the rows of
+    each architecture (equal-parameter rows left out)."""
+    rows = [r for r in rows if not r.get("equal_params")]
     lines = ["| arch | engine | " + " | ".join(f"{c} tok: ms" for c in contexts) + " | "
              + " | ".join(f"{c} tok: cache bytes" for c in contexts) + " |", "|" + "---|" * (2 + 2 * len(contexts))]
     for arch in ("retnet", "llama"):
@@ -457,7 +459,7 @@ def write_plots(rows: List[dict], folder: Path) -> List[str]:
         fig.savefig(folder / "loss_vs_time.png", dpi=110)
         plt.close(fig)
         written.append("loss_vs_time.png")
-    with_decode = [r for r in rows if r.get("decode")]
+    with_decode = [r for r in rows if r.get("decode") and r["point"] == "center" and not r.get("equal_params")]
     if with_decode:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for arch, engine, style in (("retnet", "module", "-"), ("retnet", "packed", ":"), ("llama", "module", "-")):
@@ -469,7 +471,7 @@ def write_plots(rows: List[dict], folder: Path) -> List[str]:
             ax.errorbar(ctx, [s[0] for s in stats], yerr=[s[1] for s in stats], color=colors[arch], ls=style,
                         marker="o", capsize=3, label=ARCH[arch] + (" (packed decoder)" if engine == "packed" else ""))
         ax.set(xscale="log", xlabel="context (tokens in the state/cache)", ylabel="decode latency (ms/token, batch 1)",
-               title="Decode latency vs context, mean ± sd over all runs")
+               title="Decode latency vs context, centre point, mean ± sd over seeds")
         ax.legend()
         fig.tight_layout()
         fig.savefig(folder / "decode_vs_context.png", dpi=110)
@@ -522,9 +524,11 @@ def write_report(rows: List[dict], folder: Path, spec: dict) -> Path:
               "more parameters than the Transformer; the equal-parameter Transformer widens its FFN to the "
               "RetNet's count (nearest FFN size, parameters counted on the built models).", "",
               equal_params_table(rows), "## Decode latency and state/cache memory versus context", "",
-              "Batch 1, `retconvert.eval.speed.decode_curve` and `memory_curve`; cache bytes are the "
-              "RetNet recurrent state or the Transformer's KV cache after the prompt.", "",
-              speed_table(rows, settings.contexts)]
+              "Batch 1, `retconvert.eval.speed.decode_curve` and `memory_curve`, at the centre point (mean ± "
+              "sd over seeds; the decode verdict above uses every run); cache bytes are the RetNet recurrent "
+              "state or the Transformer's KV cache after the prompt. `module` is a transformers forward per "
+              "token with the cache; `packed` is the RetNet's packed decoder (models/decoding_retnet.py).", "",
+              speed_table([r for r in rows if r["point"] == "center"], settings.contexts)]
     lines += [f"![decode latency vs context]({p})" for p in plots if p.startswith("decode")]
     lines += ["", "## Loss versus wall time", ""] + [f"![loss vs time]({p})" for p in plots if p.startswith("loss")]
     lines += ["", "## Energy (ESTIMATES)", "",
