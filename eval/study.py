@@ -257,7 +257,8 @@ def findings(rows: List[dict], contexts: List[int]) -> List[dict]:
     verdict += "; the size of the study's gap (6.5 nats) is not reproduced" if abs(g) < 3 else ""
     out.append({"claim": STUDY_CLAIMS["loss"], "verdict": verdict,
                 "here": f"average final training loss RetNet {lr_[0]:.3f}, Transformer {lt_[0]:.3f} "
-                        f"({len(ret)} and {len(tra)} runs); paired gap RetNet - Transformer {g:+.3f} ± {gsd:.3f} nats"})
+                        f"({len(ret)} and {len(tra)} runs); paired gap RetNet - Transformer "
+                        f"{g:+.3f} ± {gsd:.3f} nats"})
 
     best = {}
     for arch, rs in by_arch.items():

@@ -20,8 +20,6 @@ from retconvert.errors import RetconvertError
 from retconvert.eval.study import findings
 from tiny import tiny_text, tiny_tokenizer, write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def quiet(*_args, **_kwargs):
     pass
