@@ -38,6 +38,9 @@ VARIANTS = {
     "calibrated + score bias + sink, rmsnorm": dict(decay="calibrated", score_bias=True, sink=True,
                                                     head_norm="rmsnorm"),
     "retnet decay + score bias + sink": dict(decay="retnet", score_bias=True, sink=True, head_norm="none"),
+    # Windowed retention (--window W): the default plus exact softmax over each layer's last W tokens.
+    "default + window 64": dict(decay="calibrated", score_bias=True, sink=True, head_norm="none", window=64),
+    "default + window 16": dict(decay="calibrated", score_bias=True, sink=True, head_norm="none", window=16),
 }
 
 
