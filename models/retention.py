@@ -285,10 +285,11 @@ def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Op
 #     o_t   = num_t / den_t
 #
 # A padded position (token_mask 0) is in no window, adds no key and does not count in any
-# distance, as in `retention()`. The linear part's row sum enters through |.|: linear scores
-# can be negative, and a denominator must stay positive (both variants measured in
-# docs/RESULTS.md). The decay counts from the token's own position, so the window replaces
-# the nearest W terms of plain retention, and W = 0 would leave plain retention.
+# distance, as in `retention()`. The linear part's row sum enters through |.| (as in the
+# paper's normalisation of plain retention): linear scores can be negative, and a negative
+# denominator would flip the output's sign. A real position's window holds the position
+# itself, so its denominator stays positive (a pad's may be 0: its output is then 0). The decay counts from the token's own position, so the
+# window replaces the nearest W terms of plain retention, and W = 0 would leave plain retention.
 #
 # The recurrent state is a `WindowState`: the decayed matrix state of the tokens that have
 # left the window, plus the last W keys and values: decoding cost and memory are constant in
@@ -322,7 +323,7 @@ def empty_window_state(q: Tensor, v: Tensor, window: int) -> WindowState:
                        v.new_zeros(B, window, H, Dv), torch.zeros(B, window, dtype=torch.bool, device=q.device))
 
 
-def _check_window(window: int, q: Tensor, initial_state: Optional[WindowState]):
+def _check_window(window: int, initial_state: Optional[WindowState]):
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"windowed retention needs a window of at least 1 token, got {window!r}")
     if initial_state is not None and initial_state.keys.shape[1] != window:
@@ -334,7 +335,7 @@ def windowed_retention_naive(q, k, v, gamma, window: int, initial_state: Optiona
                              token_mask=None, sink=None) -> Tuple[Tensor, WindowState]:
     """Reference: the definition above, one row and one token at a time, in fp64.
     `sink` = (score [B, T, H], value [H, Dv]): a never-decaying extra term of the linear part."""
-    _check_window(window, q, initial_state)
+    _check_window(window, initial_state)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     s0 = initial_state if initial_state is not None else empty_window_state(q, v, window)
@@ -451,7 +452,7 @@ def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[i
     `combine_window` turns them into the output; conversion fits the parts separately (and
     skips the window's terms, None with `window_terms=False`, where it needs only the linear part).
     """
-    _check_window(window, q, initial_state)
+    _check_window(window, initial_state)
     B, T, H, _ = q.shape
     state = initial_state if initial_state is not None else empty_window_state(q, v, window)
     state = WindowState(*(x.to(q.dtype) for x in state[:3]), state.mask.to(q.device, torch.bool))
