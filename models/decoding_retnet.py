@@ -632,7 +632,7 @@ class RetNetDecoder:
         self.state, self.positions = buffer, positions
         if window:
             self.cache, self.cache_mask = window
-        logits = self.step(token_ids).clone()
+        logits = self.step(token_ids, restore_threads=False).clone()  # generate() restores them
         state.packed = (buffer, self.positions, *window)
         state.seen_tokens += 1
         self.state = None  # the buffer belongs to `state`; reset()/load_state() make a new one
@@ -650,19 +650,24 @@ class RetNetDecoder:
         return self.logits
 
     @torch.no_grad()
-    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def step(self, token_ids: torch.Tensor, restore_threads: bool = True) -> torch.Tensor:
         """Consume one token per row, token_ids (B,) or (B, 1); return next-token logits (B, V),
-        a buffer overwritten by the next call."""
+        a buffer overwritten by the next call.
+
+        With numpy's OpenBLAS products, torch runs on one thread during the step: OpenBLAS runs
+        its own threads, and torch's OpenMP workers spinning beside them would slow every product
+        ~10x (the small torch ops between products gain nothing from threads). The same holds
+        for torch ops between steps, so a caller that runs many steps (generate()) may keep
+        torch at one thread (`restore_threads=False`) and restore it when done."""
         if not self.uses_numpy:
             return self._step(token_ids)
-        # OpenBLAS runs its own threads; torch's OpenMP workers spinning beside them would slow
-        # every product ~10x. The small torch ops between products gain nothing from threads.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             return self._step(token_ids)
         finally:
-            torch.set_num_threads(threads)
+            if restore_threads:
+                torch.set_num_threads(threads)
 
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
         of = self.ops.of

@@ -708,7 +708,11 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
             state.use_decoder(self._generation_decoder())
         if state is not None:
             kwargs[CACHE_NAME] = state
-        return super().generate(inputs, **kwargs)
+        threads = torch.get_num_threads()  # packed steps may leave torch on one thread (see step())
+        try:
+            return super().generate(inputs, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
 
     # Set False to decode generate()'s steps through the modules (no packed copy of the weights).
     packed_generation = True
