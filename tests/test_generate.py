@@ -176,3 +176,14 @@ def test_no_deprecation_warnings(model, caplog):
         model.generate(out.sequences, max_new_tokens=2, pad_token_id=0, **{CACHE_NAME: out[CACHE_NAME]})
         model(ids, use_cache=True)
     assert "deprecated" not in caplog.text
+
+
+def test_generate_leaves_the_thread_count_as_it_found_it(model):
+    """Packed steps run torch on one thread beside OpenBLAS's; generate() restores the count."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model.generate(random_ids(1, 6), max_new_tokens=4, pad_token_id=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
