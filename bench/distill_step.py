@@ -80,7 +80,7 @@ from common import (  # noqa: E402
 
 DEFAULT_CONFIG = "configs/distill/smollm2-135m.yaml"
 CASES = ("teacher_finetune", "distill", "distill_cached", "student_only", "teacher_forward", "distill_bf16",
-         "distill_bf16_teacher")
+         "distill_bf16_teacher", "stage1")
 PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")  # of a distill step, in order
 LABELS = {
     "teacher_finetune": "A  teacher fine-tuning step (fwd + CE + bwd + AdamW)",
@@ -90,6 +90,8 @@ LABELS = {
     "teacher_forward": "T  teacher forward, no grad",
     "distill_bf16": "B  with the student under bf16 autocast (fp32 master weights), whatever run.dtype says",
     "distill_bf16_teacher": "B  with the student and the teacher's forward under bf16 autocast",
+    "stage1": "S1 attention-transfer step (the config's stage1.train) on the same tokens: one teacher pass for "
+              "all layer inputs/outputs, every layer's attention path fwd + bwd, Adam (on a copy of the student)",
 }
 
 
@@ -332,7 +334,27 @@ def main(argv=None) -> int:
         with torch.no_grad():
             tmodel(input_ids=x, use_cache=False).logits
 
+    # S1: one stage-1 step as Trainer.attention_transfer does it, on its own copy of the student
+    # (AttentionPath freezes everything but the attention path and may insert adapters)
+    s1_path = None
+    if "stage1" in cases:
+        from retconvert.convert.families import family_for
+        from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets, layer_errors
+
+        s1 = cfg.stage1
+        s1_path = AttentionPath(copy.deepcopy(student), s1.train, s1.lr, s1.proj_lr, s1.lora_rank, s1.warmup_steps,
+                                torch.Generator().manual_seed(args.seed))
+        s1_family = family_for(tmodel.config)
+
+    def step_stage1():
+        with TeacherTargets(tmodel, s1_family) as targets:
+            inputs, outputs = targets(x)
+        errors = layer_errors(s1_path.module, inputs, outputs, backward_scale=1.0 / len(inputs))
+        check("stage1", torch.tensor(sum(errors) / len(errors)))
+        s1_path.step()
+
     steps = {
+        "stage1": (step_stage1, teacher_frozen),
         "teacher_finetune": (step_teacher_finetune, teacher_trainable),
         "distill": (make_distill_step("distill"), teacher_frozen),
         "distill_cached": (make_distill_step("distill_cached", use_cache=True), teacher_frozen),
@@ -466,6 +488,7 @@ def main(argv=None) -> int:
             "distill_cached_over_distill": ratio("distill_cached", "distill", metric),
             "distill_bf16_over_distill": ratio("distill_bf16", "distill", metric),
             "distill_bf16_teacher_over_distill": ratio("distill_bf16_teacher", "distill", metric),
+            "stage1_over_distill": ratio("stage1", "distill", metric),
         }
     target = 1.5
     headline = ratios["wall"]["distill_over_teacher_finetune"]
