@@ -453,6 +453,22 @@ def test_stage1_trains_the_whole_attention_path_and_nothing_else(fx, tmp_path, m
     assert evals[-1]["mean"] < evals[0]["mean"]
 
 
+def test_stage1_trains_a_windowed_student(fx, tmp_path):
+    """The windowed-retention option (model.convert.window) goes through stage 1 unchanged:
+    whatever parameters its attention path has are trained, nothing outside it."""
+    run_tiny(fx, tmp_path / "conv", **{"stage1.steps": 0, "stage2.steps": 0, "model.convert.window": 4})
+    run_tiny(fx, tmp_path / "s1", **{"stage1.steps": 12, "stage2.steps": 0, "model.convert.window": 4,
+                                     "stage1.proj_lr": 1e-3, "stage1.warmup_steps": 1, "stage1.eval_every": 12})
+    config = json.loads((tmp_path / "s1" / "final" / "config.json").read_text())
+    assert config["retention_window"] == 4
+    a, b = final_weights(tmp_path / "conv"), final_weights(tmp_path / "s1")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert any(k.endswith("retention.q_proj.weight") for k in changed)
+    assert all(".retention." in k for k in changed), sorted(changed)
+    evals = _stage1_records(tmp_path / "s1")
+    assert evals[-1]["mean"] < evals[0]["mean"]
+
+
 def test_teacher_targets_are_layer_inputs_and_attention_outputs(fx):
     from transformers import AutoModelForCausalLM
 
