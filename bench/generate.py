@@ -6,7 +6,7 @@ At each prompt length the engines take turns every round (`eval.speed.generate_c
 eval suite's own measurement): teacher `generate()` (KV cache), student `generate()` (recurrent
 state; its one-token steps run in the packed decoder) and the student's packed decoder called
 directly. Per point: the time of one call for --new-tokens tokens (prompt pass included) and
-the time per generated token with the prompt pass cancelled, (t(n + 1) - t(1)) / n.
+the median time per decoding step (the gap between two generated tokens, from a streamer).
 
 Start-up: what the student's first generate() in a process pays to pack its decoder, timed
 with the kernel choices cached on disk (the usual case) and with an empty kernel cache (the

@@ -153,21 +153,40 @@ def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int
     return {"curves": curves, "packed": packed, "skipped_points": skipped}
 
 
+class StepClock:
+    """A transformers streamer that only notes when each put() arrives: the first put is the
+    prompt, each later one a generated token, so the gaps after the first token are the decoding
+    steps, with the prompt pass left out. Batch 1 (transformers' streamers are)."""
+
+    def __init__(self):
+        self.times: List[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def step_seconds(self) -> List[float]:
+        return [b - a for a, b in zip(self.times[1:], self.times[2:])]
+
+
 def generate_engines(models) -> list:
-    """(model, engine name, generate(ids, n) -> (B, P + n)): every model's `generate()` as users
-    call it (greedy, exactly n new tokens), and each RetNet's packed decoder, built once here."""
+    """(model, engine name, generate(ids, n, streamer)): every model's `generate()` as users call it
+    (greedy, exactly n new tokens), and each RetNet's packed decoder, built once here."""
     engines = []
     for m in models:
         pad = m.model.generation_config.pad_token_id
         pad = pad if pad is not None else m.model.generation_config.eos_token_id
 
-        def call(ids, n, model=m.model, pad=pad):
-            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+        def call(ids, n, streamer, model=m.model, pad=pad):
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad,
+                                  streamer=streamer)
 
         engines.append((m, "generate", call))
         if m.is_retnet:
             decoder = m.model.packed_decoder()
-            engines.append((m, "packed", lambda ids, n, d=decoder: d.generate(ids, n)))
+            engines.append((m, "packed", lambda ids, n, streamer, d=decoder: d.generate(ids, n, streamer=streamer)))
     return engines
 
 
@@ -176,41 +195,42 @@ def generate_curve(models, contexts: List[int], new_tokens: int, rounds: int = R
     """Greedy generation after a batch-1 prompt of each length, engines taking turns every round.
 
     Per point: `total_ms`, the median time of one call for `new_tokens` new tokens (prompt pass
-    included), and `per_token_ms`, the median of (t(new_tokens + 1) - t(1)) / new_tokens: the
-    cost of a generated token with the prompt pass and start-up cancelled. The first round is a
-    warm-up (a RetNet's generate() packs its decoder then). A prompt that leaves no room for
-    the new tokens in a model's positions is skipped for it. Returns {"generate": {model name:
-    points}, "packed": {RetNet name: points}, "skipped_points": [...]}."""
+    included), and `per_token_ms`, the median decoding step (the gap between two generated
+    tokens, from a `StepClock` streamer: the prompt pass and start-up are left out). The first
+    round is a warm-up (a RetNet's generate() packs its decoder then). A prompt that leaves no
+    room for the new tokens in a model's positions is skipped for it. Returns {"generate":
+    {model name: points}, "packed": {RetNet name: points}, "skipped_points": [...]}."""
     engines = generate_engines(models)
     out = {"generate": {m.name: [] for m in models}, "packed": {m.name: [] for m in models if m.is_retnet},
            "skipped_points": []}
     for length in contexts:
         times = {i: ([], []) for i in range(len(engines))}
         for i, (m, engine, _) in enumerate(engines):
-            if m.max_context and length + new_tokens + 1 > m.max_context:
+            if m.max_context and length + new_tokens > m.max_context:
                 del times[i]
                 out["skipped_points"].append({"model": m.name, "engine": engine, "context_tokens": length, "reason":
-                                              f"prompt + {new_tokens + 1} tokens exceed its {m.max_context} positions"})
+                                              f"prompt + {new_tokens} tokens exceed its {m.max_context} positions"})
         for r in range(rounds + 1):
             for i, (m, _, gen) in enumerate(engines):
                 if i not in times:
                     continue
-                ids = random_ids(m, 1, length, seed=r)
+                ids, clock = random_ids(m, 1, length, seed=r), StepClock()
                 time.sleep(SETTLE_S)
-                one, _ = timed(lambda: gen(ids, 1), m.device)
-                full, _ = timed(lambda: gen(ids, new_tokens + 1), m.device)
+                total, _ = timed(lambda: gen(ids, new_tokens, clock), m.device)
                 if r:
-                    times[i][0].append(full)
-                    times[i][1].append((full - one) / new_tokens)
+                    times[i][0].append(total)
+                    times[i][1].extend(clock.step_seconds())
         line = []
         for i, (m, engine, _) in enumerate(engines):
             if i not in times:
                 continue
             total, per_token = median(times[i][0]), median(times[i][1])
             out[engine][m.name].append({"context_tokens": length, "new_tokens": new_tokens, "rounds": rounds,
-                                        "total_ms": total * 1e3, "per_token_ms": per_token * 1e3})
-            line.append(f"{m.role}{' (packed)' if engine == 'packed' else ''} {per_token * 1e3:.1f} ms/token")
-        log(f"  generate after {length} tokens: " + ", ".join(line))
+                                        "total_ms": total * 1e3, "per_token_ms": per_token * 1e3,
+                                        "steps": len(times[i][1])})
+            line.append(f"{m.role}{' (packed)' if engine == 'packed' else ''} {total * 1e3:.0f} ms, "
+                        f"{per_token * 1e3:.1f} ms/token")
+        log(f"  generate {new_tokens} tokens after {length}: " + ", ".join(line))
         free_memory(models[0].device)
     return out
 

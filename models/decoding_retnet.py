@@ -785,26 +785,33 @@ class RetNetDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  eos_token_id=None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, streamer=None) -> torch.Tensor:
         """Prompt (B, P) -> (B, P + max_new_tokens), as transformers' generate() returns it: a row
         that emits an end token (`eos_token_id`, an int or a list) is filled with `pad_token_id`
         (default: that end token) afterwards. Shapes stay static; the loop stops early once
-        every row has finished."""
+        every row has finished. `streamer` (transformers' put()/end() interface, e.g.
+        TextStreamer) gets the prompt, then each new token as it is chosen."""
         B, P = input_ids.shape
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            dtype=torch.long, device=self.device)
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         out = torch.full((B, P + max_new_tokens), pad, dtype=torch.long, device=self.device)
         out[:, :P] = input_ids
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
         logits = self.prefill(input_ids, attention_mask)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
             token = self._choose(logits, do_sample, temperature, top_k, generator).masked_fill(done, pad)
             out[:, P + i] = token
+            if streamer is not None:
+                streamer.put(token.cpu())
             done |= torch.isin(token, eos)
             if i + 1 == max_new_tokens or bool(done.all()):
                 break
             logits = self.step(token)
+        if streamer is not None:
+            streamer.end()
         return out
 
     @staticmethod

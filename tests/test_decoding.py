@@ -85,6 +85,29 @@ def test_generate_matches_hf_generate():
     assert torch.equal(got, want)
 
 
+class Recorder:
+    """A transformers-style streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.parts, self.ended = [], False
+
+    def put(self, value):
+        self.parts.append(value.reshape(-1))
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_what_transformers_streamers_get():
+    model = tiny_model()
+    ids = random_ids(1, 9)
+    theirs, ours = Recorder(), Recorder()
+    model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, streamer=theirs)
+    RetNetDecoder(model).generate(ids, max_new_tokens=6, streamer=ours)
+    assert ours.ended and len(ours.parts) == len(theirs.parts) == 7
+    assert all(torch.equal(a, b) for a, b in zip(ours.parts, theirs.parts))
+
+
 def test_generate_stops_rows_at_eos():
     model = tiny_model(**VARIANTS["converted-gqa"])
     ids = random_ids(2, 8)
