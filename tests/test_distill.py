@@ -305,6 +305,7 @@ def test_smollm2_config_resolves_shared_data(shared_data):
     ("stage1.train=qk", "stage1.train: 'qk' is not supported; use one of full, lora"),
     ("stage1.patience=3", "stage1.patience needs held-out evals; set stage1.eval_every"),
     ("run.eval_at_tokens=[-5]", "run.eval_at_tokens: -5 must be >= 0"),
+    ("data.eval_window=1", "data.eval_window: 1 must be at least 2"),
 ])
 def test_config_errors_are_clear(override, message):
     with pytest.raises(ConfigError) as e:
