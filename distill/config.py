@@ -263,7 +263,8 @@ def _check_ranges(cfg: DistillConfig):
         raise ConfigError("stage1.patience needs held-out evals; set stage1.eval_every (e.g. 25)")
     positive("run.checkpoint_every", cfg.run.checkpoint_every, zero_ok=True)
     if cfg.data.eval_window < 2:  # a window scores its tokens after the first: at least one
-        raise ConfigError(f"data.eval_window: {cfg.data.eval_window} must be at least 2 (one context token, one scored)")
+        raise ConfigError(f"data.eval_window: {cfg.data.eval_window} must be at least 2 "
+                          "(one context token, one scored)")
     if not 0.0 <= cfg.stage2.alpha <= 1.0:
         raise ConfigError(f"stage2.alpha: {cfg.stage2.alpha} must be in [0, 1]")
     if len(cfg.stage2.betas) != 2:
