@@ -10,8 +10,8 @@ On one batch of --batch x --seq-len tokens it times, in fp32 on CPU:
   A  teacher_finetune   plain fine-tuning of the teacher: forward with labels (the model's own
                         cross-entropy), backward, optimizer step (AdamW + clipping + LR schedule
                         of the distillation config, via the recipe's PlainEngine), zero_grad;
-  B  distill            one stage-2 step as `distill/trainer.py` (Trainer.distill) does it:
-                        frozen teacher forward under no_grad, student forward,
+  B  distill            one stage-2 step: the recipe's `train_step` (distill/engine.py), which
+                        Trainer.distill calls: frozen teacher forward under no_grad, student forward,
                         DistillationLoss (sum, temperature and alpha from the config),
                         backward of loss / scored tokens, PlainEngine step;
   B' distill_cached     the same with the teacher's top-k logits read from the recipe's logit
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
 
     from retconvert.distill.config import load_config
     from retconvert.distill.data import PackedStream, make_labels
-    from retconvert.distill.engine import Distributed, PlainEngine
+    from retconvert.distill.engine import Distributed, PlainEngine, TrainingDiverged, train_step
     from retconvert.distill.losses import DistillationLoss
     from retconvert.distill.models import build_student, count_parameters, load_teacher_model, wrap_lora
 
@@ -232,7 +232,6 @@ def main(argv=None) -> int:
 
     loss_fn = DistillationLoss(s2.temperature, s2.alpha, reduction="sum")  # Trainer.distill, same arguments
     autocast = cfg.run.dtype == "bfloat16"
-    scale = s_engine.loss_scale(1, 1)
 
     # Logit cache for B': the recipe's TopKLogitCache in a temporary folder, filled before timing
     cache = None
@@ -281,53 +280,32 @@ def main(argv=None) -> int:
         t_engine.backward(out.loss)
         t_engine.step()  # clip, AdamW step, scheduler step, zero_grad(set_to_none=True)
 
-    # B / B': one stage-2 micro-step and the optimizer step. Mirrors Trainer.distill in
-    # distill/trainer.py: the body of `for j in range(accum)` (teacher logits or cache.get,
-    # autocast student forward, loss_fn, finite check, engine.backward(loss / n_global * scale),
-    # engine.micro_step()) and engine.step() after it, with accum = world = 1. Not called from
-    # the trainer because that loop is inline (no per-step function to reuse); the data stream,
-    # metrics, checkpoints and all_reduce (a no-op in one process) are left out.
-    def make_distill_step(name: str, use_cache: bool = False, student_bf16: bool = autocast,
-                          teacher_bf16: bool = False) -> Callable[[], None]:
+    # B / B' / C: one stage-2 step, the recipe's own `train_step` (distill/engine.py, called by
+    # Trainer.distill) with accum = world = 1 on this batch; the data stream, metrics and
+    # checkpoints are left out. Its `mark` hook gives the phase boundaries.
+    def make_distill_step(name: str, use_teacher: bool = True, use_cache: bool = False,
+                          student_bf16: bool = autocast, teacher_bf16: bool = False) -> Callable[[], None]:
 
         def step():
             clock = [(time.perf_counter(), time.process_time())]  # phase boundaries (CPU ops are synchronous)
-            teacher_logits = teacher_topk = None
-            if use_cache:
-                teacher_topk = cache.get(0, x)
-            else:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=teacher_bf16):
-                    teacher_logits = tmodel(input_ids=x, use_cache=False).logits
-            clock.append((time.perf_counter(), time.process_time()))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=student_bf16):
-                logits = s_engine(input_ids=x, use_cache=False).logits
-            clock.append((time.perf_counter(), time.process_time()))
-            parts = loss_fn(logits, y, teacher_logits=teacher_logits, teacher_topk=teacher_topk)
-            local = torch.stack([parts.loss.detach(), parts.kl.detach(), parts.ce.detach()]).double().cpu()
-            if not torch.isfinite(local).all():
-                raise SystemExit(f"{name}: loss is not finite ({local.tolist()})")
-            last_loss[name] = float(local[0]) / max(n_scored, 1)
-            clock.append((time.perf_counter(), time.process_time()))
-            s_engine.backward(parts.loss / max(n_scored, 1) * scale)
-            clock.append((time.perf_counter(), time.process_time()))
-            s_engine.micro_step()
-            s_engine.step()
-            clock.append((time.perf_counter(), time.process_time()))
-            last_phases[name] = {m: dict(zip(PHASES, (b[i] - a[i] for a, b in zip(clock, clock[1:]))))
-                                 for i, m in enumerate(("wall", "cpu"))}
-            last_grad_norm[name] = s_engine.last_grad_norm
+            try:
+                sums, _ = train_step(s_engine, loss_fn, x, y, dist, micro=B, accum=1, device="cpu",
+                                     teacher=tmodel if use_teacher and not use_cache else None,
+                                     cache=cache if use_cache else None, autocast=student_bf16,
+                                     teacher_autocast=teacher_bf16,
+                                     mark=lambda phase: clock.append((time.perf_counter(), time.process_time())))
+            except TrainingDiverged:
+                raise SystemExit(f"{name}: loss is not finite; the benchmark's weights diverged") from None
+            last_loss[name] = float(sums[0])
+            if use_teacher:
+                last_phases[name] = {m: dict(zip(PHASES, (b[i] - a[i] for a, b in zip(clock, clock[1:]))))
+                                     for i, m in enumerate(("wall", "cpu"))}
+                last_grad_norm[name] = s_engine.last_grad_norm
 
         return step
 
     # C: the student alone, the recipe's no-teacher path (DistillationLoss -> CE only)
-    def step_student_only():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = s_engine(input_ids=x, use_cache=False).logits
-        parts = loss_fn(logits, y)
-        check("student_only", parts.loss / max(n_scored, 1))
-        s_engine.backward(parts.loss / max(n_scored, 1) * scale)
-        s_engine.micro_step()
-        s_engine.step()
+    step_student_only = make_distill_step("student_only", use_teacher=False)
 
     # T: the frozen teacher's forward, as in B
     def step_teacher_forward():

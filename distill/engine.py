@@ -22,12 +22,16 @@ import math
 import os
 import socket
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from retconvert.distill.config import DistillConfig, resolve_path
 from retconvert.errors import RetconvertError
+
+
+class TrainingDiverged(RetconvertError):
+    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -257,3 +261,58 @@ def make_engine(model, params, cfg: DistillConfig, dist: Distributed):
     if dist.use_deepspeed:
         return DeepSpeedEngine(model, params, cfg, dist.world)
     return PlainEngine(model, params, cfg)
+
+
+def train_step(engine, loss_fn, rows: torch.Tensor, labels: torch.Tensor, dist: Distributed, *, micro: int,
+               accum: int, device, teacher=None, cache=None, first_row: int = 0, autocast: bool = False,
+               teacher_autocast: Optional[bool] = None,
+               mark: Optional[Callable[[str], None]] = None) -> Tuple[torch.Tensor, int]:
+    """One optimizer step of stage 2 on one global batch: `accum` micro-steps, then `engine.step()`.
+
+    rows, labels: [accum * world * micro, T] token ids and next-token labels (-100: not scored),
+    the whole global batch (every rank holds it and takes its own rows). Each micro-step:
+    the teacher's logits (a no-grad forward of `teacher`, or its top-k from the logit `cache`
+    at row `first_row + lo`; neither when from scratch), the student's forward, `loss_fn`
+    (DistillationLoss with reduction "sum"), a finite check agreed by the ranks, backward of
+    loss / scored tokens of the global batch (the loss scaling contract above), `engine.micro_step()`.
+    `autocast`: bf16 autocast for the student (and the teacher unless `teacher_autocast` says
+    otherwise). `mark(phase)`, if given, is called as each phase ends ("teacher",
+    "student_forward", "loss", "backward", then "optimizer"), for benchmarks.
+
+    Returns the global batch's (loss, kl, ce) per scored token ([3] float64, summed over ranks)
+    and its scored-token count. Raises TrainingDiverged before any backward of a non-finite loss.
+    """
+    mark = mark or (lambda phase: None)
+    teacher_autocast = autocast if teacher_autocast is None else teacher_autocast
+    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    world, scale = dist.world, engine.loss_scale(accum, dist.world)
+    n_global = int((labels[:, 1:] != -100).sum())
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, ce (summed over tokens)
+    for j in range(accum):
+        lo = (j * world + dist.rank) * micro
+        x = rows[lo:lo + micro].to(device)  # [micro, T]
+        y = labels[lo:lo + micro].to(device)
+        teacher_logits = teacher_topk = None
+        if cache is not None:
+            teacher_topk = cache.get(first_row + lo, x)
+        elif teacher is not None:
+            # bf16: the frozen teacher's matmuls too (its weights stay as loaded)
+            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=teacher_autocast):
+                teacher_logits = teacher(input_ids=x, use_cache=False).logits  # [micro, T, V]
+        mark("teacher")
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            logits = engine(input_ids=x, use_cache=False).logits  # [micro, T, V]
+        mark("student_forward")
+        parts = loss_fn(logits, y, teacher_logits=teacher_logits, teacher_topk=teacher_topk)
+        local = torch.stack([parts.loss.detach(), parts.kl.detach(), parts.ce.detach()]).double().cpu()
+        bad = torch.tensor([0.0 if torch.isfinite(local).all() else 1.0])
+        if float(dist.all_reduce_sum(bad)) > 0:
+            raise TrainingDiverged("the loss is not finite (nan/inf)")
+        sums += local
+        mark("loss")
+        engine.backward(parts.loss / max(n_global, 1) * scale)
+        mark("backward")
+        engine.micro_step()
+    engine.step()
+    mark("optimizer")
+    return dist.all_reduce_sum(sums) / max(n_global, 1), n_global

@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets,
 from retconvert.distill.checkpoint import CheckpointManager, save_student
 from retconvert.distill.config import DistillConfig
 from retconvert.distill.data import PackedStream, check_train_sources, eval_token_ids, make_labels
-from retconvert.distill.engine import Distributed, make_engine
+from retconvert.distill.engine import Distributed, TrainingDiverged, make_engine, train_step
 from retconvert.distill.losses import DistillationLoss
 from retconvert.distill.metrics import MetricsLogger, progress_bar
 from retconvert.distill.models import (
@@ -35,10 +35,6 @@ from retconvert.distill.models import (
     wrap_lora,
 )
 from retconvert.errors import RetconvertError
-
-
-class TrainingDiverged(RetconvertError):
-    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
 def converged(history, patience: int, min_improvement: float) -> bool:
@@ -69,9 +65,28 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
+def hang_after_checkpoint_from_env() -> Optional[Callable[[int], None]]:
+    """The kill-and-resume tests' hook: with RETCONVERT_TEST_HANG_AFTER_CHECKPOINT=N, stage 2
+    waits after saving the checkpoint of step N, to be killed there (tests/test_distill.py,
+    tests/test_correctness.py run train.py as a subprocess). None when the variable is unset."""
+    hang_at = os.environ.get("RETCONVERT_TEST_HANG_AFTER_CHECKPOINT")
+    if hang_at is None:
+        return None
+
+    def hang(step: int):
+        if str(step) == hang_at:
+            time.sleep(3600)
+
+    return hang
+
+
 class Trainer:
-    def __init__(self, cfg: DistillConfig, log=print):
+    """The recipe's state and stages. `on_checkpoint(step)`, if given, is called after each
+    stage-2 checkpoint is saved (default: the test hook of `hang_after_checkpoint_from_env`)."""
+
+    def __init__(self, cfg: DistillConfig, log=print, on_checkpoint: Optional[Callable[[int], None]] = None):
         self.cfg = cfg
+        self.on_checkpoint = on_checkpoint or hang_after_checkpoint_from_env()
         self.out_dir = Path(cfg.run.out_dir).expanduser()
         self.dist = Distributed(cfg)
         self._log = log
@@ -86,8 +101,8 @@ class Trainer:
     # Setup
     # ----------------------------------------------------------------------------------------
     @classmethod
-    def setup(cls, cfg: DistillConfig, log=print) -> "Trainer":
-        self = cls(cfg, log)
+    def setup(cls, cfg: DistillConfig, log=print, on_checkpoint: Optional[Callable[[int], None]] = None) -> "Trainer":
+        self = cls(cfg, log, on_checkpoint)
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
@@ -293,8 +308,7 @@ class Trainer:
         eval_points = [t for t in cfg.run.eval_at_tokens if t > 0]  # 0 is the evaluation before step 1
         self._last_checkpoint = time.time()
         autocast = cfg.run.dtype == "bfloat16" and not dist.use_deepspeed
-        device_type = "cuda" if str(cfg.run.device).startswith("cuda") else "cpu"
-        scale = engine.loss_scale(accum, world)
+        teacher = self.teacher.model if self.teacher is not None else None
         bar = progress_bar(s2.steps, start, dist.is_main and cfg.run.progress,
                            "stage 2 (distillation)" if self.teacher is not None else "training")
         last_loss = float("nan")
@@ -306,35 +320,15 @@ class Trainer:
                 first_row = stream.rows_served
                 rows = stream.next_rows(global_rows)
                 labels = make_labels(rows, self.tokenizer.eos_token_id, None, cfg.data.mask_doc_boundaries)
-                n_global = int((labels[:, 1:] != -100).sum())
-                sums = torch.zeros(3, dtype=torch.float64)  # loss, kl, ce (summed over tokens)
-                for j in range(accum):
-                    lo = (j * world + dist.rank) * micro
-                    x = rows[lo:lo + micro].to(cfg.run.device)
-                    y = labels[lo:lo + micro].to(cfg.run.device)
-                    teacher_logits = teacher_topk = None
-                    if self.teacher is not None:
-                        if cache is not None:
-                            teacher_topk = cache.get(first_row + lo, x)
-                        else:
-                            # bf16: the frozen teacher's matmuls too (its weights stay as loaded)
-                            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                                teacher_logits = self.teacher.model(input_ids=x, use_cache=False).logits
-                    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                        logits = engine(input_ids=x, use_cache=False).logits
-                    parts = loss_fn(logits, y, teacher_logits=teacher_logits, teacher_topk=teacher_topk)
-                    local = torch.stack([parts.loss.detach(), parts.kl.detach(), parts.ce.detach()]).double().cpu()
-                    bad = torch.tensor([0.0 if torch.isfinite(local).all() else 1.0])
-                    if float(dist.all_reduce_sum(bad)) > 0:
-                        raise TrainingDiverged(
-                            f"stage 2 loss is not finite (nan/inf) at step {step}; stopped without saving. "
-                            f"The last good checkpoint is {self.checkpoints.latest() or 'none'}; resume from it "
-                            f"(run.resume=true) with a lower stage2.lr (now {s2.lr}) or stage2.clip")
-                    sums += local
-                    engine.backward(parts.loss / max(n_global, 1) * scale)
-                    engine.micro_step()
-                engine.step()
-                sums = dist.all_reduce_sum(sums) / max(n_global, 1)
+                try:
+                    sums, n_global = train_step(engine, loss_fn, rows, labels, dist, micro=micro, accum=accum,
+                                                device=cfg.run.device, teacher=teacher, cache=cache,
+                                                first_row=first_row, autocast=autocast)
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(
+                        f"stage 2 loss is not finite (nan/inf) at step {step}; stopped without saving. "
+                        f"The last good checkpoint is {self.checkpoints.latest() or 'none'}; resume from it "
+                        f"(run.resume=true) with a lower stage2.lr (now {s2.lr}) or stage2.clip") from e
                 last_loss = float(sums[0])
                 tokens_seen += global_rows * cfg.data.seq_len
                 tokens_before, tokens_after = (step - 1) * self.tokens_per_step, step * self.tokens_per_step
@@ -355,8 +349,8 @@ class Trainer:
                     self.evaluate(step)
                 if self._checkpoint_due(step, final=step == s2.steps):
                     self.checkpoints.save(step, engine, {"step": step, "data": stream.state_dict()})
-                    if os.environ.get("RETCONVERT_TEST_HANG_AFTER_CHECKPOINT") == str(step):
-                        time.sleep(3600)  # test hook: wait here to be killed (tests/test_distill.py)
+                    if self.on_checkpoint is not None:
+                        self.on_checkpoint(step)
         finally:
             if bar is not None:
                 bar.close()
@@ -433,9 +427,9 @@ class Trainer:
         self.dist.close()
 
 
-def run(cfg: DistillConfig, log=print) -> Dict:
-    """The whole recipe in one call (used by the sweep and the tests)."""
-    trainer = Trainer.setup(cfg, log=log)
+def run(cfg: DistillConfig, log=print, on_checkpoint: Optional[Callable[[int], None]] = None) -> Dict:
+    """The whole recipe in one call, in stage order (distill/train.py, the sweep and the tests)."""
+    trainer = Trainer.setup(cfg, log=log, on_checkpoint=on_checkpoint)
     try:
         trainer.attention_transfer()
         trainer.distill()

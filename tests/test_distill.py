@@ -696,8 +696,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(fx, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(trainer_module.DistillationLoss, "forward", poisoned)
+    saved = []  # the on_checkpoint hook sees each saved step
+    cfg = tiny_config(fx, tmp_path / "nan", **{"stage2.steps": 5, "run.checkpoint_every": 1, "stage1.steps": 0})
     with pytest.raises(TrainingDiverged, match=r"not finite .* at step 3.*step-00000002"):
-        run_tiny(fx, tmp_path / "nan", **{"stage2.steps": 5, "run.checkpoint_every": 1, "stage1.steps": 0})
+        trainer_module.run(cfg, log=quiet, on_checkpoint=saved.append)
+    assert saved == [1, 2]
     root = tmp_path / "nan" / "checkpoints"
     assert (root / "latest").read_text() == "step-00000002"
     assert (root / "step-00000002" / "COMPLETE").is_file()
