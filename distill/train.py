@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from retconvert.distill.config import load_config
-from retconvert.distill.trainer import Trainer
+from retconvert.distill.trainer import run
 from retconvert.errors import RetconvertError
 
 
@@ -51,13 +51,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(args)
-        trainer = Trainer.setup(cfg)
-        try:
-            trainer.attention_transfer()  # stage 1
-            trainer.distill()  # stage 2
-            trainer.export()
-        finally:
-            trainer.cleanup()
+        run(cfg)  # stage 1 (attention transfer), stage 2 (distillation), export
     except RetconvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
