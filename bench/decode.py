@@ -80,7 +80,7 @@ def probe_steps(nbytes: int) -> dict:
     import numpy as np
     import torch
 
-    from retconvert.models.decoding_retnet import HugePageArena
+    from retconvert.models.kernels import HugePageArena
 
     arena = HugePageArena()
     n = nbytes // 8  # copy: two buffers of nbytes / 2 in fp32

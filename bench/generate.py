@@ -44,14 +44,14 @@ def parse_args(argv=None):
 def startup(student) -> dict:
     """Seconds to build the generate() decoder in a new process: on a machine's first run (every
     kernel candidate timed), then with the choices read back from the disk cache (the usual case)."""
-    from retconvert.models import decoding_retnet
+    from retconvert.models import decoding_retnet, kernels
 
-    saved_env, saved = os.environ.get("RETCONVERT_KERNEL_CACHE"), dict(decoding_retnet._KERNEL_CACHE)
+    saved_env, saved = os.environ.get("RETCONVERT_KERNEL_CACHE"), dict(kernels._KERNEL_CACHE)
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["RETCONVERT_KERNEL_CACHE"] = os.path.join(tmp, "kernels.json")
         for name in ("pack_s_kernels_timed", "pack_s_kernels_from_disk"):
-            decoding_retnet._KERNEL_CACHE.clear()  # as in a new process
+            kernels._KERNEL_CACHE.clear()  # as in a new process
             t0 = time.perf_counter()
             decoding_retnet.RetNetDecoder(student)
             seconds[name] = time.perf_counter() - t0
@@ -59,8 +59,8 @@ def startup(student) -> dict:
         os.environ.pop("RETCONVERT_KERNEL_CACHE")
     else:
         os.environ["RETCONVERT_KERNEL_CACHE"] = saved_env
-    decoding_retnet._KERNEL_CACHE.clear()
-    decoding_retnet._KERNEL_CACHE.update(saved)
+    kernels._KERNEL_CACHE.clear()
+    kernels._KERNEL_CACHE.update(saved)
     return seconds
 
 

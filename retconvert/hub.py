@@ -42,7 +42,8 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 HIDDEN_PATTERNS = (".*", "*/.*")
 IGNORE_PATTERNS = list(PICKLE_PATTERNS) + list(HIDDEN_PATTERNS)
 # The code `trust_remote_code` imports; retconvert's save_pretrained copies it into every checkpoint.
-CODE_FILES = ("configuration_retnet.py", "modeling_retnet.py", "retention.py", "decoding_retnet.py")
+CODE_FILES = ("configuration_retnet.py", "modeling_retnet.py", "retention.py", "state_retnet.py", "positions_retnet.py",
+              "decoding_retnet.py", "kernels.py")
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"

@@ -4,10 +4,11 @@ import pytest
 from tiny import VARIANTS, assert_close, random_ids, tiny_model
 import torch
 
-from retconvert.models.decoding_retnet import BACKENDS, RetNetDecoder, HugePageArena, kernels_for
-from retconvert.models import decoding_retnet
+from retconvert.models import kernels
+from retconvert.models.decoding_retnet import RetNetDecoder
+from retconvert.models.kernels import BACKENDS, HugePageArena, kernels_for
 
-OPS = {"numpy": decoding_retnet._NumpyOps, "torch": decoding_retnet._TorchOps}
+OPS = {"numpy": kernels.NumpyOps, "torch": kernels.TorchOps}
 
 
 @torch.no_grad()
@@ -154,7 +155,7 @@ def test_huge_page_arena_packs_aligned_tensors_that_outlive_it():
     a = arena.empty((1024, 1536), torch.float32)  # 6 MiB: a block of its own
     b = arena.empty((7, 3), torch.float16)
     c = arena.empty((5,), torch.float32)  # after b, on the next cache line
-    if hasattr(decoding_retnet.mmap, "MADV_HUGEPAGE"):
+    if hasattr(kernels.mmap, "MADV_HUGEPAGE"):
         assert a.data_ptr() % (2 << 20) == 0
     assert c.data_ptr() - b.data_ptr() == 64
     a.copy_(torch.arange(a.numel(), dtype=torch.float32).view_as(a))
@@ -169,18 +170,18 @@ def test_kernel_choices_persist_between_processes(tmp_path, monkeypatch):
     """Timing the candidates costs seconds; a later process (here: an emptied in-memory cache)
     reads the choice from the file instead of timing again."""
     monkeypatch.setenv("RETCONVERT_KERNEL_CACHE", str(tmp_path / "kernels.json"))
-    monkeypatch.setattr(decoding_retnet, "_KERNEL_CACHE", {})
+    monkeypatch.setattr(kernels, "_KERNEL_CACHE", {})
     cpu = torch.device("cpu")
-    chosen = decoding_retnet.fastest_kernel((48, 32), torch.float32, cpu)
+    chosen = kernels.fastest_kernel((48, 32), torch.float32, cpu)
     assert chosen in kernels_for(torch.float32, cpu)
-    monkeypatch.setattr(decoding_retnet, "_KERNEL_CACHE", {})
+    monkeypatch.setattr(kernels, "_KERNEL_CACHE", {})
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed again instead of reading the cache")
 
-    monkeypatch.setattr(decoding_retnet, "_Matrix", no_timing)
-    assert decoding_retnet.fastest_kernel((48, 32), torch.float32, cpu) == chosen
+    monkeypatch.setattr(kernels, "PackedMatrix", no_timing)
+    assert kernels.fastest_kernel((48, 32), torch.float32, cpu) == chosen
     (tmp_path / "kernels.json").write_text("{not json")  # a corrupt file is ignored, not fatal
-    monkeypatch.setattr(decoding_retnet, "_KERNEL_CACHE", {})
+    monkeypatch.setattr(kernels, "_KERNEL_CACHE", {})
     with pytest.raises(AssertionError, match="timed again"):
-        decoding_retnet.fastest_kernel((48, 32), torch.float32, cpu)
+        kernels.fastest_kernel((48, 32), torch.float32, cpu)
