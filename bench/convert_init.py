@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, run_header, write_json  # noqa: E402
 
-from retconvert.convert.convert import ConvertOptions, convert  # noqa: E402
+from retconvert.convert.student import ConvertOptions, convert  # noqa: E402
 from retconvert.convert.sources import load_teacher  # noqa: E402
 from retconvert.data import iter_texts, token_stream  # noqa: E402
 from retconvert.eval.perplexity import perplexity  # noqa: E402

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     import retconvert  # noqa: F401  (registers the RetNet Auto classes)
-    from retconvert.convert.convert import ConvertOptions, build_student
+    from retconvert.convert.student import ConvertOptions, build_student
     from retconvert.convert.sources import load_teacher
     from retconvert.models.decoding_retnet import RetNetDecoder
 

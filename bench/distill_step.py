@@ -521,7 +521,7 @@ def matmul_peak(dtype: str, m: int = 2048, k: int = 576, n: int = 1536, repeats:
 
 def _options_are_defaults(options) -> bool:
     """Whether the conversion options that shape the student (not calibration data) are ConvertOptions()'s."""
-    from retconvert.convert.convert import ConvertOptions
+    from retconvert.convert.student import ConvertOptions
 
     skip = {"calib_data", "calib_tokens", "calib_seq_len"}
     default = asdict(ConvertOptions())

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import retconvert  # noqa: F401  (registers the RetNet Auto classes)
-    from retconvert.convert.convert import ConvertOptions, build_student
+    from retconvert.convert.student import ConvertOptions, build_student
     from retconvert.eval.models import EvalModel, load_model
     from retconvert.eval.speed import generate_curve
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import int_list, machine_info, run_header, write_json  # noqa: E402
 
 from retconvert.convert.calibrate import apply_fit, capture_teacher, fit_layer  # noqa: E402
-from retconvert.convert.convert import ConvertOptions, build_student  # noqa: E402
+from retconvert.convert.student import ConvertOptions, build_student  # noqa: E402
 from retconvert.convert.families import family_for  # noqa: E402
 from retconvert.convert.sources import load_teacher  # noqa: E402
 from retconvert.data import iter_texts, token_stream  # noqa: E402

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from retconvert.convert.convert import ConvertOptions  # noqa: F401  (the model.convert schema)
+from retconvert.convert.student import ConvertOptions  # noqa: F401  (the model.convert schema)
 from retconvert.errors import RetconvertError
 
 
@@ -37,7 +37,7 @@ class ConfigError(RetconvertError):
 
 def _convert_options():
     """model.convert is convert.ConvertOptions itself, so the schema follows the converter."""
-    from retconvert.convert.convert import ConvertOptions
+    from retconvert.convert.student import ConvertOptions
 
     return ConvertOptions()
 

@@ -58,7 +58,7 @@ def build_student(cfg: DistillConfig, teacher, log=print, calibrate: bool = True
         return model.to(cfg.run.device), {"student": str(path)}
     if teacher is None:
         return scratch_model(cfg, None), {"scratch": asdict(cfg.model.scratch)}
-    from retconvert.convert.convert import ConvertOptions, convert
+    from retconvert.convert.student import ConvertOptions, convert
 
     options = ConvertOptions(**asdict(cfg.model.convert))
     if options.calib_data is None:
@@ -71,7 +71,7 @@ def build_student(cfg: DistillConfig, teacher, log=print, calibrate: bool = True
     if calibrate:
         student, report = convert(teacher, options, log=log)
     else:
-        from retconvert.convert.convert import build_student as map_teacher
+        from retconvert.convert.student import build_student as map_teacher
 
         options.validate()
         student, report = map_teacher(teacher.model, options), {"resumed": "calibration skipped"}

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from retconvert.convert.convert import DTYPES
+from retconvert.convert.student import DTYPES
 from retconvert.errors import RetconvertError
 
 

@@ -19,7 +19,7 @@ from retconvert.errors import RetconvertError
 
 
 def _add_from_hf(sub):
-    from retconvert.convert.convert import ConvertOptions
+    from retconvert.convert.student import ConvertOptions
     from retconvert.convert.sources import DEFAULT_TEACHER
 
     d = ConvertOptions()
@@ -69,7 +69,7 @@ def _add_from_hf(sub):
 def cmd_from_hf(args):
     import torch
 
-    from retconvert.convert.convert import ConvertOptions, convert, save_checkpoint
+    from retconvert.convert.student import ConvertOptions, convert, save_checkpoint
     from retconvert.convert.sources import load_teacher
 
     options = ConvertOptions(

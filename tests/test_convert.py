@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 import retconvert  # noqa: F401
 from retconvert.cli import main as cli
 from retconvert.convert.calibrate import calibrate, fit_layer
-from retconvert.convert.convert import ConvertOptions, build_student
+from retconvert.convert.student import ConvertOptions, build_student
 from retconvert.convert.families import family_for, map_state_dict
 from retconvert.errors import RetconvertError
 
@@ -318,7 +318,7 @@ def test_gpt2_and_qwen2_convert_and_generate(tmp_path, calib_file):
 @pytest.mark.ci
 def test_real_smollm2_conversion(tmp_path, shared_data):
     """The embedded default end to end: convert SmolLM2, compare perplexity, generate."""
-    from retconvert.convert.convert import convert
+    from retconvert.convert.student import convert
     from retconvert.convert.sources import load_teacher
     from retconvert.eval.compare import heldout_ids
     from retconvert.eval.perplexity import perplexity

@@ -299,7 +299,7 @@ def test_gguf_teacher_equals_its_safetensors_original(tmp_path, kv_heads):
     from either (the permuted q/k rows of a grouped-query GGUF are undone exactly)."""
     from tiny import save_teacher, tiny_llama
 
-    from retconvert.convert.convert import ConvertOptions, build_student
+    from retconvert.convert.student import ConvertOptions, build_student
     from retconvert.convert.sources import load_teacher
 
     original = tiny_llama(num_key_value_heads=kv_heads)

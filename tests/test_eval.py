@@ -49,7 +49,7 @@ def tiny_pair(tmp_path_factory):
     """(teacher folder, student folder) holding a tiny Llama and its RetNet conversion."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from retconvert.convert.convert import ConvertOptions, build_student
+    from retconvert.convert.student import ConvertOptions, build_student
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")

@@ -20,7 +20,7 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, 
 
 import retconvert  # noqa: F401
 from retconvert.cli import main as cli
-from retconvert.convert.convert import ConvertOptions, build_student, student_config
+from retconvert.convert.student import ConvertOptions, build_student, student_config
 from retconvert.convert.families import family_for, map_state_dict
 from retconvert.errors import RetconvertError
 from retconvert.models.decoding_retnet import RetNetDecoder

@@ -38,7 +38,7 @@ TEACHER = "acme/tiny-llama"
 def built(tmp_path_factory) -> Path:
     """A tiny checkpoint written by the converter itself (`convert` + `save_checkpoint`), from a
     teacher given as the Hub ID TEACHER whose license is unknown (offline: no card to read)."""
-    from retconvert.convert.convert import ConvertOptions, convert, save_checkpoint
+    from retconvert.convert.student import ConvertOptions, convert, save_checkpoint
     from retconvert.convert.sources import Teacher
 
     root = tmp_path_factory.mktemp("built")
@@ -536,7 +536,7 @@ def test_network_failure_is_one_line_and_redacted(ckpt, token_env, capsys):
 
 def test_from_hf_push_to_hub_keeps_the_folder_on_failure(ckpt, tmp_path, token_env, monkeypatch, capsys):
     """`from-hf --push-to-hub` pushes the written folder; here offline, so it fails and says how to retry."""
-    import retconvert.convert.convert as convert_mod
+    import retconvert.convert.student as convert_mod
     import retconvert.convert.sources as sources_mod
 
     out = tmp_path / "out"

@@ -456,7 +456,7 @@ def test_eval_suite_runs_a_windowed_student(tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from retconvert.cli import main as cli
-    from retconvert.convert.convert import ConvertOptions, build_student
+    from retconvert.convert.student import ConvertOptions, build_student
 
     data = tmp_path / "data"  # the shared layout, a few rows
     sentences = ["the quick brown fox jumps over the lazy dog and runs far away"] * 6
