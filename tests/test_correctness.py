@@ -349,12 +349,10 @@ def test_tied_head_survives_zero_and_resume(tied_fx, tmp_path, stage, finetune):
     with LoRA on the head, is untied explicitly in both runs alike."""
     import json
     import os
-    import signal
     import subprocess
-    import time
 
     from safetensors.torch import load_file
-    from test_distill import REPO, _kill_strays, _torchrun, assert_weights_close, run_tiny, tiny_overrides
+    from test_distill import REPO, _torchrun, assert_weights_close, kill_after_checkpoint, run_tiny, tiny_overrides
 
     extra = {"stage1.steps": 0, "stage2.steps": 3, "run.checkpoint_every": 2}
     if finetune != "full":
@@ -365,17 +363,7 @@ def test_tied_head_survives_zero_and_resume(tied_fx, tmp_path, stage, finetune):
     args = tiny_overrides(tied_fx, out, **extra, **{"stage2.micro_batch_size": 4,
                                                      "run.deepspeed": f"configs/deepspeed/zero{stage}.json"})
     port = 29000 + (os.getpid() % 500) * 8 + stage * 2
-    cmd, env = _torchrun(args, port, {"RETCONVERT_TEST_HANG_AFTER_CHECKPOINT": "2"})
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not latest.is_file():
-        time.sleep(0.1)
-    assert proc.poll() is None and latest.read_text() == "step-00000002"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    _kill_strays(str(out))
+    kill_after_checkpoint(args, out, port)
     cmd, env = _torchrun(args + ["run.resume=true"], port + 1)
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -748,23 +748,29 @@ def test_zero_stages_two_processes_match_single_process(fx, tmp_path):
 
     killed = tmp_path / "zero2-killed"
     args = tiny_overrides(fx, killed, **common, **{"run.deepspeed": "configs/deepspeed/zero2.json"})
-    cmd, env = _torchrun(args, base_port + 4, {"RETCONVERT_TEST_HANG_AFTER_CHECKPOINT": "2"})
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not latest.is_file():
-        time.sleep(0.1)
-    assert proc.poll() is None and latest.read_text() == "step-00000002"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher ...
-    proc.wait()
-    _kill_strays(str(killed))  # ... and its ranks, which torchrun starts in sessions of their own
+    kill_after_checkpoint(args, killed, base_port + 4, timeout_s=120)
     cmd, env = _torchrun(args + ["run.resume=true"], base_port + 5)
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = final_weights(killed), final_weights(tmp_path / "zero2")
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after ZeRO-2 kill-and-resume"
+
+
+def kill_after_checkpoint(args, out, port, step: int = 2, timeout_s: float = 300):
+    """Run a 2-process recipe that hangs once checkpoint `step` is written (the test hook), wait
+    for that checkpoint, then SIGKILL the launcher and its ranks: a crash right after a save."""
+    cmd, env = _torchrun(args, port, {"RETCONVERT_TEST_HANG_AFTER_CHECKPOINT": str(step)})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = Path(out) / "checkpoints" / "latest"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None and not latest.is_file():
+        time.sleep(0.1)
+    assert proc.poll() is None and latest.read_text() == f"step-{step:08d}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher ...
+    proc.wait()
+    _kill_strays(str(out))  # ... and its ranks, which torchrun starts in sessions of their own
 
 
 def _kill_strays(marker: str):
