@@ -125,6 +125,23 @@ def _check_safetensors(folder: Path, rel: str, expected_keys: Optional[Sequence[
     return len(keys)
 
 
+def _with_relative_imports(folder: Path, modules) -> set:
+    """`modules` (file names) plus every sibling file they import relatively (`from .x import`),
+    followed through the files that exist: what trust_remote_code will load. A checkpoint
+    written by an older retconvert ships fewer files and stays publishable."""
+    needed, todo = set(), list(modules)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        path = folder / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")
+            todo += [f"{m}.py" for m in re.findall(r"^\s*from\s+\.(\w+)\s+import", text, flags=re.M)]
+    return needed
+
+
 def validate_checkpoint(folder) -> dict:
     """Check that `folder` is a complete, safe RetNet checkpoint; returns its config.json as a dict.
 
@@ -159,13 +176,13 @@ def validate_checkpoint(folder) -> dict:
         raise RetconvertError(f"{config_path} has no auto_map for {' and '.join(REQUIRED_AUTO_MAP)}, so "
                               "trust_remote_code cannot load it; re-save with `import retconvert` done first "
                               "(it registers the code to ship)")
-    modules = set(CODE_FILES)
+    modules = set()
     for ref in auto_map.values():
         refs = ref if isinstance(ref, (list, tuple)) else [ref]
         for r in refs:
             if isinstance(r, str) and "--" not in r and "." in r:  # "repo--module.Class" lives elsewhere
                 modules.add(r.rsplit(".", 1)[0].replace(".", "/") + ".py")
-    for module in sorted(modules):
+    for module in sorted(_with_relative_imports(folder, modules)):
         if not (folder / module).is_file():
             raise RetconvertError(f"{folder / module} is missing, and trust_remote_code needs it; re-save with "
                                   "`import retconvert` done first, or copy it from retconvert's models/ folder")

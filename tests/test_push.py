@@ -8,6 +8,7 @@ HF_HUB_OFFLINE=1.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -617,3 +618,23 @@ def test_http_error_after_create_is_reported(ckpt, token_env):
     with pytest.raises(RetconvertError, match="nothing was committed.*rejected the token"):
         hub.push(ckpt, "alice/tiny-retnet", api=api)
     assert api.names() == ["create_repo", "upload_folder"]
+
+
+def test_checkpoint_of_an_older_layout_stays_publishable(ckpt, tmp_path):
+    """The code files a checkpoint needs are those its modeling code imports: one written before
+    the state, positions and kernels had files of their own still validates; a file that the
+    shipped code imports but is missing is refused by name."""
+    from retconvert.hub import validate_checkpoint
+
+    old = tmp_path / "old"
+    shutil.copytree(ckpt, old)
+    for name in ("state_retnet.py", "positions_retnet.py", "kernels.py", "decoding_retnet.py"):
+        (old / name).unlink()
+    modeling = old / "modeling_retnet.py"
+    kept = [line for line in modeling.read_text().splitlines()
+            if not re.match(r"\s*from \.(state_retnet|positions_retnet|decoding_retnet) import", line)]
+    modeling.write_text("\n".join(kept) + "\n")
+    validate_checkpoint(old)
+    modeling.write_text(modeling.read_text() + "from .positions_retnet import rotary_inv_freq\n")
+    with pytest.raises(RetconvertError, match="positions_retnet.py is missing"):
+        validate_checkpoint(old)
