@@ -101,6 +101,12 @@ def decode_engines(models) -> list:
     return engines
 
 
+def _engine_step(state: dict, i: int, m, dec):
+    """One token of engine i: its (cache, token) is carried in `state[i]`."""
+    cache, token = state[i]
+    state[i] = dec.step(cache, token) if dec else decode_step(m, cache, token)
+
+
 def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int, warmup: int) -> Dict[str, list]:
     """{"curves": {model name: points}, "packed": {RetNet name: points of its packed decoder}, ...};
     a point is {"context_tokens", "batch_size", "latency_ms", "tokens_per_s", "steps"}."""
@@ -131,11 +137,7 @@ def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int
                         raise
                     skipped.append({"model": m.name, "engine": engine, "context_tokens": length,
                                     "batch_size": batch, "reason": "out of memory copying the cache"})
-            def step(i, m, dec):  # one token of engine i, its (cache, token) carried in `state`
-                cache, token = state[i]
-                state[i] = dec.step(cache, token) if dec else decode_step(m, cache, token)
-
-            times.update(take_turns({i: lambda i=i, m=m, dec=dec: step(i, m, dec)
+            times.update(take_turns({i: lambda i=i, m=m, dec=dec, s=state: _engine_step(s, i, m, dec)
                                      for i, (m, _, dec) in enumerate(engines) if i in state},
                                     blocks(steps), warmup, device=models[0].device))
             line = []

@@ -540,9 +540,10 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     packed_generation = True
 
     def _generation_decoder(self):
-        """The packed decoder for generate()'s steps, or None where it does not apply (training mode,
-        `packed_generation` off, a configuration it does not cover). Built once and kept until a weight changes (a
-        parameter's data pointer or version counter), which costs ~50 us per generate() call."""
+        """The packed decoder for generate()'s steps, or None where it does not apply (training
+        mode, `packed_generation` off, a configuration it does not cover). Built once and kept
+        until a weight changes: a parameter's or buffer's data pointer, version counter or dtype,
+        read once per generate() call."""
         from .decoding_retnet import RetNetDecoder
 
         if not self.packed_generation or self.training:
