@@ -80,7 +80,7 @@ from common import (  # noqa: E402
 
 DEFAULT_CONFIG = "configs/distill/smollm2-135m.yaml"
 CASES = ("teacher_finetune", "distill", "distill_cached", "student_only", "teacher_forward", "distill_bf16",
-         "distill_bf16_teacher", "stage1")
+         "distill_bf16_teacher", "stage1", "stage1_bf16")
 PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")  # of a distill step, in order
 LABELS = {
     "teacher_finetune": "A  teacher fine-tuning step (fwd + CE + bwd + AdamW)",
@@ -92,6 +92,7 @@ LABELS = {
     "distill_bf16_teacher": "B  with the student and the teacher's forward under bf16 autocast",
     "stage1": "S1 attention-transfer step (the config's stage1.train) on the same tokens: one teacher pass for "
               "all layer inputs/outputs, every layer's attention path fwd + bwd, Adam (on a copy of the student)",
+    "stage1_bf16": "S1 with the teacher's pass and the retention modules under bf16 autocast (run.dtype=bfloat16)",
 }
 
 
@@ -315,24 +316,25 @@ def main(argv=None) -> int:
     # S1: one stage-1 step as Trainer.attention_transfer does it, on its own copy of the student
     # (AttentionPath freezes everything but the attention path and may insert adapters)
     s1_path = None
-    if "stage1" in cases:
+    if "stage1" in cases or "stage1_bf16" in cases:
         from retconvert.convert.families import family_for
-        from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets, layer_errors
+        from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets, attention_transfer_step
 
         s1 = cfg.stage1
         s1_path = AttentionPath(copy.deepcopy(student), s1.train, s1.lr, s1.proj_lr, s1.lora_rank, s1.warmup_steps,
                                 torch.Generator().manual_seed(args.seed))
         s1_family = family_for(tmodel.config)
 
-    def step_stage1():
-        with TeacherTargets(tmodel, s1_family) as targets:
-            inputs, outputs = targets(x)
-        errors = layer_errors(s1_path.module, inputs, outputs, backward_scale=1.0 / len(inputs))
-        check("stage1", torch.tensor(sum(errors) / len(errors)))
-        s1_path.step()
+    def make_stage1_step(autocast: bool = False):
+        def step():
+            with TeacherTargets(tmodel, s1_family) as targets:
+                attention_transfer_step(s1_path, targets, x, autocast=autocast)
+
+        return step
 
     steps = {
-        "stage1": (step_stage1, teacher_frozen),
+        "stage1": (make_stage1_step(), teacher_frozen),
+        "stage1_bf16": (make_stage1_step(autocast=True), teacher_frozen),
         "teacher_finetune": (step_teacher_finetune, teacher_trainable),
         "distill": (make_distill_step("distill"), teacher_frozen),
         "distill_cached": (make_distill_step("distill_cached", use_cache=True), teacher_frozen),
@@ -467,6 +469,8 @@ def main(argv=None) -> int:
             "distill_bf16_over_distill": ratio("distill_bf16", "distill", metric),
             "distill_bf16_teacher_over_distill": ratio("distill_bf16_teacher", "distill", metric),
             "stage1_over_distill": ratio("stage1", "distill", metric),
+            "stage1_bf16_over_distill_bf16_teacher": ratio("stage1_bf16", "distill_bf16_teacher", metric),
+            "stage1_bf16_over_stage1": ratio("stage1_bf16", "stage1", metric),
         }
     target = 1.5
     headline = ratios["wall"]["distill_over_teacher_finetune"]

@@ -23,11 +23,13 @@ Nothing here names a particular parameter, so a retention variant with extra par
 softmax window, say) is trained the same way.
 """
 
+import math
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
+from retconvert.distill.engine import TrainingDiverged
 from retconvert.distill.losses import attention_transfer_loss
 from retconvert.distill.models import LowRankDelta
 
@@ -124,10 +126,13 @@ class TeacherTargets:
         self.num_layers = n
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def __call__(self, ids: torch.Tensor, autocast: bool = False) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """`ids` (B, T) -> (inputs, outputs), L float32 tensors (B, T, C) each; `autocast`: run
+        the teacher under bf16 autocast (the targets are still returned in float32)."""
         self.captured.clear()
         body = self.teacher.base_model  # transformers: the model without its LM head
-        hidden = body(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            hidden = body(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
         inputs = [h.float() for h in hidden[:self.num_layers]]
         outputs = [self.captured[i] for i in range(self.num_layers)]
         self.captured.clear()
@@ -142,12 +147,13 @@ class TeacherTargets:
 
 
 def layer_errors(student: nn.Module, inputs: List[torch.Tensor], outputs: List[torch.Tensor],
-                 backward_scale: float = 0.0) -> List[float]:
+                 backward_scale: float = 0.0, autocast: bool = False) -> List[float]:
     """Relative MSE of every student layer's attention output against the teacher's.
 
     With `backward_scale > 0` each layer's error times that scale is backpropagated right
     away (so one layer's graph is alive at a time); with 0 nothing is recorded for autograd.
-    Returns the L errors as floats.
+    `autocast`: the retention modules run under bf16 autocast (the error is computed in
+    float32, the parameters and their gradients stay float32). Returns the L errors as floats.
     """
     B, T = inputs[0].shape[:2]
     pos = torch.arange(T, device=inputs[0].device).expand(B, T)
@@ -156,9 +162,31 @@ def layer_errors(student: nn.Module, inputs: List[torch.Tensor], outputs: List[t
         with torch.no_grad():
             x = block.input_layernorm(x)
         with torch.set_grad_enabled(backward_scale > 0):
-            out, _ = block.retention(x, pos, output_final_state=False)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+                out, _ = block.retention(x, pos, output_final_state=False)
             err = attention_transfer_loss(out, target)
             if backward_scale > 0:
                 (err * backward_scale).backward()
         errors.append(err.item())
+    return errors
+
+
+def attention_transfer_step(path: AttentionPath, targets: TeacherTargets, ids: torch.Tensor,
+                            autocast: bool = False) -> List[float]:
+    """One stage-1 optimizer step, the one the recipe, the benchmarks and the tests share.
+
+    `ids` (B, T): one teacher pass gives every layer's input and attention output; each student
+    layer's relative error is backpropagated (scaled by 1/L, so the step follows the mean over
+    layers), then `path` steps. `autocast`: teacher and retention under bf16 autocast
+    (`run.dtype=bfloat16`); weights, gradients and Adam state stay float32.
+    Returns the L per-layer errors (before the update).
+    Raises TrainingDiverged when the mean error is NaN or inf (nothing is updated then).
+    """
+    inputs, outputs = targets(ids, autocast=autocast)
+    errors = layer_errors(path.module, inputs, outputs, backward_scale=1.0 / len(inputs), autocast=autocast)
+    mean = sum(errors) / len(errors)
+    if not math.isfinite(mean):
+        path.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"stage 1 mean layer error is {mean}")
+    path.step()
     return errors

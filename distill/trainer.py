@@ -6,7 +6,6 @@ distillation, or next-token training from scratch), held-out perplexity, checkpo
 
 import fnmatch
 import json
-import math
 import os
 import random
 import shutil
@@ -18,7 +17,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets, has_attention_path, layer_errors
+from retconvert.distill.attention_transfer import (
+    AttentionPath, TeacherTargets, attention_transfer_step, has_attention_path, layer_errors)
 from retconvert.distill.checkpoint import CheckpointManager, save_student
 from retconvert.distill.config import DistillConfig
 from retconvert.distill.data import PackedStream, check_train_sources, eval_token_ids, make_labels
@@ -192,6 +192,7 @@ class Trainer:
         bar = progress_bar(s1.steps, state["step"], self.dist.is_main and cfg.run.progress,
                            "stage 1 (attention transfer)")
         self._last_checkpoint = time.time()
+        autocast = cfg.run.dtype == "bfloat16"
         with TeacherTargets(self.teacher.model, family_for(self.teacher.model.config)) as targets:
             if held_out is not None and state["step"] == 0:
                 state["history"].append(self._stage1_eval(targets, held_out, 0, 0))
@@ -199,13 +200,12 @@ class Trainer:
             while not state["done"] and step < s1.steps:
                 step, t_step = step + 1, time.time()
                 ids = stream.next_rows(s1.micro_batch_size).to(cfg.run.device)
-                inputs, outputs = targets(ids)
-                errors = layer_errors(self.student, inputs, outputs, backward_scale=1.0 / len(inputs))
+                try:
+                    errors = attention_transfer_step(path, targets, ids, autocast=autocast)
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(f"{e} at step {step}; lower stage1.lr (now {s1.lr}) "
+                                           f"or stage1.proj_lr (now {s1.proj_lr})") from e
                 mean = sum(errors) / len(errors)
-                if not math.isfinite(mean):
-                    raise TrainingDiverged(f"stage 1 error is {mean} at step {step}; lower stage1.lr (now {s1.lr}) "
-                                           f"or stage1.proj_lr (now {s1.proj_lr})")
-                path.step()
                 if step % s1.log_every == 0 or step == s1.steps or step == 1:
                     self.metrics.write({"event": "stage1", "step": step, "tokens": step * tokens_per_step,
                                         "loss": mean, "layer_rel_mse": [round(x, 6) for x in errors],

@@ -470,6 +470,41 @@ def test_stage1_trains_a_windowed_student(fx, tmp_path):
     assert evals[-1]["mean"] < evals[0]["mean"]
 
 
+def test_stage1_under_bf16_learns_as_float32(fx, tmp_path):
+    """run.dtype=bfloat16 puts stage 1's teacher pass and retention under autocast; the held-out
+    errors (always measured in float32) follow the float32 run's."""
+    opts = {"stage1.steps": 6, "stage2.steps": 0, "stage1.proj_lr": 1e-3, "stage1.eval_every": 3}
+    run_tiny(fx, tmp_path / "fp32", **opts)
+    run_tiny(fx, tmp_path / "bf16", **opts, **{"run.dtype": "bfloat16"})
+    fp32, bf16 = (_stage1_records(tmp_path / n) for n in ("fp32", "bf16"))
+    assert fp32[0]["mean"] == bf16[0]["mean"]  # the same student before training
+    assert bf16[-1]["mean"] < bf16[0]["mean"]
+    assert bf16[-1]["mean"] == pytest.approx(fp32[-1]["mean"], rel=0.05)
+
+
+def test_attention_transfer_step_refuses_a_non_finite_error(fx, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from retconvert.convert.families import family_for
+    from retconvert.distill.attention_transfer import AttentionPath, TeacherTargets, attention_transfer_step
+    from retconvert.distill.engine import TrainingDiverged
+
+    run_tiny(fx, tmp_path / "conv", **{"stage1.steps": 0, "stage2.steps": 0})
+    teacher = AutoModelForCausalLM.from_pretrained(str(fx["teacher"])).eval()
+    student = AutoModelForCausalLM.from_pretrained(str(tmp_path / "conv" / "final"), trust_remote_code=True)
+    path = AttentionPath(student, "full", 1e-2, 1e-3, 2, 1, torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 100, (2, 9))
+    with TeacherTargets(teacher, family_for(teacher.config)) as targets:
+        assert len(attention_transfer_step(path, targets, ids)) == 2  # one error per layer
+        with torch.no_grad():
+            student.model.layers[1].retention.v_proj.weight[0, 0] = float("nan")
+        before = {k: v.clone() for k, v in student.state_dict().items()}
+        with pytest.raises(TrainingDiverged, match="stage 1 mean layer error is nan"):
+            attention_transfer_step(path, targets, ids)
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) or before[k].isnan().any() for k in before)  # nothing updated
+
+
 def test_teacher_targets_are_layer_inputs_and_attention_outputs(fx):
     from transformers import AutoModelForCausalLM
 
@@ -518,20 +553,20 @@ def test_stage1_resumes_from_its_checkpoint_bitwise(fx, tmp_path, monkeypatch):
     opts = {"stage1.steps": 6, "stage1.train": "lora", "stage1.lora_rank": 2, "stage1.proj_lr": 1e-3,
             "stage1.eval_every": 2, "stage2.steps": 0, "run.checkpoint_every": 2}
     run_tiny(fx, tmp_path / "straight", **opts)
-    original, calls = trainer_module.layer_errors, {"n": 0}
+    original, calls = trainer_module.attention_transfer_step, {"n": 0}
 
-    def interrupted(*args, backward_scale=0.0):
-        calls["n"] += backward_scale > 0
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt  # killed during step 5, after the checkpoint of step 4
-        return original(*args, backward_scale=backward_scale)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "layer_errors", interrupted)
+    monkeypatch.setattr(trainer_module, "attention_transfer_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_tiny(fx, tmp_path / "killed", **opts)
     assert (tmp_path / "killed" / "checkpoints-stage1" / "latest").read_text() == "step-00000004"
     assert not (tmp_path / "killed" / "stage1-student.pt").exists()
-    monkeypatch.setattr(trainer_module, "layer_errors", original)
+    monkeypatch.setattr(trainer_module, "attention_transfer_step", original)
     run_tiny(fx, tmp_path / "killed", **{**opts, "run.resume": True})
     a, b = final_weights(tmp_path / "killed"), final_weights(tmp_path / "straight")
     for k in a:
