@@ -96,7 +96,7 @@ def unmappable_features(model: RetNetForCausalLM) -> list:
     for name in ("attention_bias", "o_proj_bias", "mlp_bias", "score_bias", "attention_sink", "parallel_residual"):
         need(not getattr(cfg, name), f"{name}=True (torchscale has none)")
     need(cfg.use_output_gate, "use_output_gate=False (torchscale always gates)")
-    need(not cfg.retention_window, f"retention_window={cfg.retention_window} (torchscale's retention has no "
+    need(not any(cfg.layer_windows), f"retention_window={cfg.retention_window} (torchscale's retention has no "
          "softmax window; export a pure RetNet, converted without --window)")
     need(cfg.qk_head_dim * H == C,
          f"head_dim={cfg.qk_head_dim} with {H} heads != hidden_size={C} (torchscale ties them)")

@@ -41,6 +41,9 @@ class RetNetConfig(PretrainedConfig):
             through the decayed linear scores, both under one normaliser (see
             `windowed_retention` in retention.py); needs retention_normalization="paper".
             The recurrent state then keeps the last W keys and values beside the matrix.
+            A list gives one window per layer, 0 for a pure-retention layer (a teacher with
+            sliding-window attention on some layers only, e.g. Gemma 2/3); `layer_window(i)`
+            reads either form.
         decay_gammas: initial per-head decay, one list per model (shared by all layers) or one
             list per layer; default: the paper's `1 - 2^(-5-h)`.
         learnable_decay: train the decays (stored as logits, so they stay in (0, 1)).
@@ -99,7 +102,7 @@ class RetNetConfig(PretrainedConfig):
         o_proj_bias: bool = False,
         retention_mode: str = "parallel",
         chunk_size: int = 64,
-        retention_window: int = 0,
+        retention_window: Union[int, Sequence[int]] = 0,
         decay_gammas: Optional[Sequence] = None,
         learnable_decay: bool = False,
         position_embedding_type: str = "xpos",
@@ -147,7 +150,8 @@ class RetNetConfig(PretrainedConfig):
         self.o_proj_bias = o_proj_bias
         self.retention_mode = retention_mode
         self.chunk_size = chunk_size
-        self.retention_window = retention_window
+        self.retention_window = list(retention_window) if isinstance(retention_window, (list, tuple)) \
+            else retention_window
         self.decay_gammas = [list(map(float, g)) if isinstance(g, (list, tuple)) else float(g)
                              for g in decay_gammas] if decay_gammas is not None else None
         self.learnable_decay = learnable_decay
@@ -204,6 +208,16 @@ class RetNetConfig(PretrainedConfig):
         entry = self.layer_rope[layer_idx]
         return entry["rope_theta"], entry.get("rotary_scaling")
 
+    def layer_window(self, layer_idx: int) -> int:
+        """The retention window of one layer in tokens (0: pure retention)."""
+        w = self.retention_window
+        return w[layer_idx] if isinstance(w, list) else w
+
+    @property
+    def layer_windows(self) -> list:
+        """The retention window of every layer, [num_hidden_layers] ints (0: pure retention)."""
+        return [self.layer_window(i) for i in range(self.num_hidden_layers)]
+
     def layer_decay_gammas(self, layer_idx: int) -> list:
         """Initial decays of one layer's heads."""
         g = self.decay_gammas
@@ -238,11 +252,21 @@ class RetNetConfig(PretrainedConfig):
         choice("retention_mode", self.retention_mode, RETENTION_MODES)
         check(isinstance(self.chunk_size, int) and self.chunk_size > 0,
               f"chunk_size={self.chunk_size!r} must be a positive integer", "set chunk_size to e.g. 64")
-        check(isinstance(self.retention_window, int) and not isinstance(self.retention_window, bool)
-              and self.retention_window >= 0, f"retention_window={self.retention_window!r} must be an integer >= 0",
-              "set retention_window to 0 (pure retention) or a window length such as 64")
-        check(self.retention_window == 0 or self.retention_normalization == "paper",
-              f"retention_window={self.retention_window} needs retention_normalization='paper' (the window and "
+        window = self.retention_window
+        if isinstance(window, list):
+            check(len(window) == self.num_hidden_layers,
+                  f"retention_window has {len(window)} entries for {self.num_hidden_layers} layers",
+                  "give one window per layer (0 for pure retention), or one integer for all")
+            for i, w in enumerate(window):
+                check(isinstance(w, int) and not isinstance(w, bool) and w >= 0,
+                      f"retention_window[{i}]={w!r} must be an integer >= 0",
+                      "give each layer 0 (pure retention) or a window length such as 64")
+        else:
+            check(isinstance(window, int) and not isinstance(window, bool) and window >= 0,
+                  f"retention_window={window!r} must be an integer >= 0",
+                  "set retention_window to 0 (pure retention) or a window length such as 64")
+        check(not any(self.layer_windows) or self.retention_normalization == "paper",
+              f"retention_window={window} needs retention_normalization='paper' (the window and "
               f"the decayed state share one normaliser), not {self.retention_normalization!r}",
               "set retention_normalization='paper' or retention_window=0")
         choice("position_embedding_type", self.position_embedding_type, POSITION_TYPES)

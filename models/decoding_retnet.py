@@ -147,11 +147,24 @@ class RetNetDecoder:
             self._pack_embeddings(model)
         self.uses_numpy = any(m.w_numpy is not None for m in self._matrices())
         self.gamma = torch.stack([p["gamma_t"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)  # (L,1,Hkv,G)
-        self.window = cfg.retention_window  # W > 0: every layer also keeps its last W keys and values
-        for p in self.layers:  # a key leaving the window enters the state with weight gamma^W
-            p["gamma_w"] = self.ops.of((p["gamma_t"] ** self.window).view(1, Hkv, self.G, 1, 1).contiguous())
+        self._group_windows(cfg.layer_windows)
         self.inv_freq = rotary_inv_freq(cfg, self.device) if self.rotary else None
         self.reset()
+
+    def _group_windows(self, windows):
+        """Windowed layers (W > 0: the layer also keeps its last W keys and values) grouped by W:
+        `window_groups` [(W, [layer, ...]), ...], one cache per group; each windowed layer's
+        p["window"] = (group, index in the group's cache), None for a pure-retention layer."""
+        self.window_groups = [(w, [l for l, lw in enumerate(windows) if lw == w]) for w in sorted(set(windows) - {0})]
+        self.windowed = bool(self.window_groups)
+        self.pure_layers = not all(windows)  # some layer is pure retention (the paper normaliser c_n)
+        for p in self.layers:
+            p["window"] = None
+        for g, (w, members) in enumerate(self.window_groups):
+            for j, l in enumerate(members):
+                p = self.layers[l]  # a key leaving the window enters the state with weight gamma^W
+                p["window"] = (g, j)
+                p["gamma_w"] = self.ops.of((p["gamma_t"] ** w).view(1, self.Hkv, self.G, 1, 1).contiguous())
 
     @staticmethod
     def supports(config) -> bool:
@@ -281,10 +294,11 @@ class RetNetDecoder:
                 self.state[l] += p["sink"]
         self.positions = torch.zeros(self.B, dtype=torch.long, device=self.device)  # next position per row
         self.seen_tokens = 0
-        self.cache = self.cache_mask = None
-        if self.window:  # (L, B, Hkv, W, Dk' + Dv'): [k', v'] of the last W tokens, oldest first; (B, W) filled slots
-            self.cache = torch.zeros(L, self.B, self.Hkv, self.window, self.Dkp + self.Dvp, device=self.device)
-            self.cache_mask = torch.zeros(self.B, self.window, dtype=torch.bool, device=self.device)
+        # per window group: (L_g, B, Hkv, W, Dk' + Dv') [k', v'] of the last W tokens, oldest first,
+        # and the (B, W) filled slots
+        self.caches = [torch.zeros(len(members), self.B, self.Hkv, w, self.Dkp + self.Dvp, device=self.device)
+                       for w, members in self.window_groups]
+        self.cache_masks = [torch.zeros(self.B, w, dtype=torch.bool, device=self.device) for w, _ in self.window_groups]
         self.logits = torch.empty(self.B, self.config.vocab_size, device=self.device)
         self._logits = self.ops.of(self.logits)
 
@@ -292,10 +306,10 @@ class RetNetDecoder:
         """Model-format layer states (`RetNetState.states`: (B, H, Dk(+1), Dv') each) -> this
         decoder's (L, B, Hkv, G, Dk', Dv') buffer (sink folded in, channels permuted), with
         `positions` (B,): the position of each row's next token. New tensors, nothing shared.
-        Windowed (`WindowState`s): also the (L, B, Hkv, W, Dk' + Dv') cache and its (B, W) mask."""
-        window = ()
-        if self.window:
-            window, states = self._pack_window(states), [s.state for s in states]
+        Windowed layers (`WindowState`s): also, per window group, the (L_g, B, Hkv, W, Dk' + Dv')
+        cache and its (B, W) mask, flat: (buffer, positions, cache_0, mask_0, cache_1, mask_1, ...)."""
+        window = self._pack_window(states) if self.windowed else ()
+        states = [s.state if isinstance(s, WindowState) else s for s in states]
         B = states[0].shape[0]
         packed = torch.zeros(len(self.layers), B, self.Hkv, self.G, self.Dkp, self.Dvp, device=self.device)
         for l, s in enumerate(states):
@@ -308,40 +322,43 @@ class RetNetDecoder:
                 dst += self.layers[l]["sink"]
         return (packed, positions.to(self.device, torch.long).clone(), *window)
 
-    def _pack_window(self, states) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`WindowState`s -> the cache in this decoder's layout (one key/value head per group,
-        channels permuted, [k, bias feature, 0, v, 1]) and the (B, W) mask."""
-        B, W = states[0].mask.shape
-        cache = torch.zeros(len(states), B, self.Hkv, W, self.Dkp + self.Dvp, device=self.device)
-        for l, s in enumerate(states):
-            k, v = (x.float().view(B, W, self.Hkv, self.G, -1)[:, :, :, 0].transpose(1, 2)  # (B, Hkv, W, D)
-                    for x in (s.keys, s.values))
-            dst = cache[l]
-            dst[..., : self.Dk] = k[..., self.perm]
-            if self.extra_k:
-                dst[..., self.Dk] = k[..., self.Dk]
-            dst[..., self.Dkp: self.Dkp + self.Dv] = v
-            dst[..., -1] = s.mask[:, None, :].float()  # the normaliser's 1, in filled slots
-        return cache, states[0].mask.to(self.device).clone()
+    def _pack_window(self, states) -> Tuple[torch.Tensor, ...]:
+        """The windowed layers' `WindowState`s -> per window group, the cache in this decoder's
+        layout (one key/value head per query group, channels permuted, [k, bias feature, 0, v, 1])
+        and the (B, W) mask, flat: (cache_0, mask_0, cache_1, mask_1, ...)."""
+        out = []
+        for w, members in self.window_groups:
+            B = states[members[0]].mask.shape[0]
+            cache = torch.zeros(len(members), B, self.Hkv, w, self.Dkp + self.Dvp, device=self.device)
+            for dst, l in zip(cache, members):
+                s = states[l]
+                k, v = (x.float().view(B, w, self.Hkv, self.G, -1)[:, :, :, 0].transpose(1, 2)  # (B, Hkv, W, D)
+                        for x in (s.keys, s.values))
+                dst[..., : self.Dk] = k[..., self.perm]
+                if self.extra_k:
+                    dst[..., self.Dk] = k[..., self.Dk]
+                dst[..., self.Dkp: self.Dkp + self.Dv] = v
+                dst[..., -1] = s.mask[:, None, :].float()  # the normaliser's 1, in filled slots
+            out += [cache, states[members[0]].mask.to(self.device).clone()]
+        return tuple(out)
 
     def unpack_state(self, packed: torch.Tensor, dtype: Optional[torch.dtype] = None, window=()):
         """The inverse of `pack_state`: a list of model-format layer states, in `dtype`
-        (default: the model's); with `window` = (cache, mask), `WindowState`s."""
+        (default: the model's); with `window` = (cache_0, mask_0, ...) as `pack_state` returns
+        them, `WindowState`s for the windowed layers."""
         B, inverse, out = packed.shape[1], torch.argsort(self.perm), []
         for l, p in enumerate(self.layers):
             s = packed[l] - p["sink"] if p["sink"] is not None else packed[l].clone()
             s = s[..., : self.Dk + (1 if self.extra_k else 0), :]
             s = torch.cat([s[..., : self.Dk, :][..., inverse, :], s[..., self.Dk:, :]], -2)
             out.append(s.reshape(B, self.H, *s.shape[-2:]).to(dtype or self.model.dtype))
-        if not window:
-            return out
-        cache, mask = window
-        for l, s in enumerate(out):
-            c = cache[l]  # (B, Hkv, W, Dk' + Dv')
-            k = torch.cat([c[..., : self.Dk][..., inverse], c[..., self.Dk: self.Dk + (1 if self.extra_k else 0)]], -1)
-            k, v = (x.transpose(1, 2).repeat_interleave(self.G, dim=2).to(s.dtype)  # (B, W, H, D)
-                    for x in (k, c[..., self.Dkp: self.Dkp + self.Dv]))
-            out[l] = WindowState(s, k, v, mask.clone())
+        for (cache, mask), (_, members) in zip(zip(window[0::2], window[1::2]), self.window_groups):
+            for c, l in zip(cache, members):  # c (B, Hkv, W, Dk' + Dv')
+                k = torch.cat([c[..., : self.Dk][..., inverse], c[..., self.Dk: self.Dk + (1 if self.extra_k else 0)]],
+                              -1)
+                k, v = (x.transpose(1, 2).repeat_interleave(self.G, dim=2).to(out[l].dtype)  # (B, W, H, D)
+                        for x in (k, c[..., self.Dkp: self.Dkp + self.Dv]))
+                out[l] = WindowState(out[l], k, v, mask.clone())
         return out
 
     def load_state(self, state: RetNetState, positions: Optional[torch.Tensor] = None):
@@ -349,20 +366,20 @@ class RetNetDecoder:
         is the position of the next token of each row (its count of real tokens; default: every
         token the state has seen, i.e. no padding)."""
         first = state.states[0]
-        B = (first.state if self.window else first).shape[0]
+        B = (first.state if isinstance(first, WindowState) else first).shape[0]
         if positions is None:
             positions = torch.full((B,), state.seen_tokens, dtype=torch.long)
         if B != self.B:
             self.reset(B)
         self.state, self.positions, *window = self.pack_state(state.states, positions)
-        if window:
-            self.cache, self.cache_mask = window
+        self.caches, self.cache_masks = list(window[0::2]), list(window[1::2])
         self.seen_tokens = state.seen_tokens
 
     def export_state(self, dtype: Optional[torch.dtype] = None) -> RetNetState:
         """The current state in the model's `RetNetState` format (to continue with model())."""
         out = RetNetState(len(self.layers))
-        out.states = self.unpack_state(self.state, dtype, (self.cache, self.cache_mask) if self.window else ())
+        window = tuple(x for pair in zip(self.caches, self.cache_masks) for x in pair)
+        out.states = self.unpack_state(self.state, dtype, window)
         out.seen_tokens = self.seen_tokens
         return out
 
@@ -378,12 +395,11 @@ class RetNetDecoder:
             seen = torch.full((B,), state.seen_tokens, dtype=torch.long)
             positions = seen if attention_mask is None else attention_mask[:, :-1].long().sum(-1)
             state.packed = self.pack_state(state.states, positions)
-        buffer, positions, *window = state.packed  # windowed: + cache and mask, updated in place
+        buffer, positions, *window = state.packed  # windowed: + caches and masks, updated in place
         if buffer.shape[1] != self.B:
             self.reset(buffer.shape[1])
         self.state, self.positions = buffer, positions
-        if window:
-            self.cache, self.cache_mask = window
+        self.caches, self.cache_masks = list(window[0::2]), list(window[1::2])
         logits = self.step(token_ids, restore_threads=False).clone()  # generate() restores them
         state.packed = (buffer, self.positions, *window)
         state.seen_tokens += 1
@@ -432,14 +448,18 @@ class RetNetDecoder:
             x += self.embed_pos[of(pos)]
         rot = None if not self.rotary else of(self._rotation(pos))  # (B, 1, Dk'/2) complex, shared by all layers
         norm_c = None
-        if self.extra_v and not self.window:  # paper normaliser c_n per (layer, row, head)
+        if self.extra_v and self.pure_layers:  # paper normaliser c_n per (layer, row, head)
             norm_c = of(paper_decay_norm(pos.view(1, self.B, 1, 1), self.gamma).reshape(-1, self.B, self.H, 1))
         states = of(self.state)  # (L, B, Hkv, G, Dk', Dv'), updated in place
-        window = self._advance_window() if self.window else None
+        windows = [self._advance_window(g) for g in range(len(self.window_groups))]
 
         for l, p in enumerate(self.layers):
-            c = None if norm_c is None else norm_c[l]
-            w = None if window is None else (window[0][l], *window[1:])
+            c = w = None
+            if p["window"] is not None:  # (this layer's cache, leaving rows, score mask)
+                g, j = p["window"]
+                w = (windows[g][0][j], *windows[g][1:])
+            elif norm_c is not None:
+                c = norm_c[l]
             r = self._retention(_normalize(x, *p["norm1"]), p, states[l], rot, c, w)  # (B, H * Dv)
             if self.parallel_residual:
                 x = p["o"](r, residual=self._mlp(_normalize(x, *p["norm2"]), p, residual=x))
@@ -459,16 +479,17 @@ class RetNetDecoder:
             rot = torch.cat([rot, rot.new_ones(self.B, 1)], -1)
         return rot[:, None]
 
-    def _advance_window(self):
-        """Once per step, before the layers: (the cache as arrays, which rows' oldest slot holds a
-        key that now leaves the window (B, 1, 1, 1, 1), the additive score mask (B, 1, 1, W) with
-        the new token's slot filled). The mask moves on in place; each layer moves its cache."""
-        mask = self.cache_mask  # (B, W)
+    def _advance_window(self, group: int):
+        """Once per step and window group, before the layers: (the group's cache as arrays, which
+        rows' oldest slot holds a key that now leaves the window (B, 1, 1, 1, 1), the additive
+        score mask (B, 1, 1, W) with the new token's slot filled). The mask moves on in place;
+        each layer moves its cache."""
+        mask, W = self.cache_masks[group], self.window_groups[group][0]  # (B, W)
         leaving = self.ops.of(mask[:, 0].float().view(self.B, 1, 1, 1, 1))
         mask[:, :-1] = mask[:, 1:].clone()
         mask[:, -1] = True
-        bias = torch.zeros(self.B, 1, 1, self.window, device=self.device).masked_fill_(~mask[:, None, None], float("-inf"))
-        return self.ops.of(self.cache), leaving, self.ops.of(bias)
+        bias = torch.zeros(self.B, 1, 1, W, device=self.device).masked_fill_(~mask[:, None, None], float("-inf"))
+        return self.ops.of(self.caches[group]), leaving, self.ops.of(bias)
 
     def _window_retention(self, q, k, v, p, S, cache, leaving, bias):
         """Windowed retention of one token (see `windowed_retention` in retention.py): the oldest

@@ -173,10 +173,11 @@ class MultiScaleRetention(nn.Module):
             b = self.score_bias if score_bias is None else score_bias
             q = torch.cat([q, b.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
             k = torch.cat([k, k.new_ones(B, T, H, 1)], -1)
-        if cfg.retention_window:  # exact softmax over the last W tokens, one normaliser with the state
+        window = cfg.layer_window(self.layer_idx)
+        if window:  # exact softmax over the last W tokens, one normaliser with the state
             sink_terms = None if sink is None else (sink, self.sink_value.repeat(H // self.num_heads, 1))
             mode = cfg.retention_mode if T > 1 else "recurrent"
-            o, state = windowed_retention(q, k, v, gamma, cfg.retention_window, mode, chunk_size=cfg.chunk_size,
+            o, state = windowed_retention(q, k, v, gamma, window, mode, chunk_size=cfg.chunk_size,
                                           initial_state=state, output_final_state=output_final_state,
                                           token_mask=token_mask, sink=sink_terms)
             return o.to(dtype), state

@@ -33,7 +33,8 @@ def map_layer_state(fn, s):
 
 
 class RetNetState:
-    """Decoding state of a RetNet: one (B, H, Dk', Dv') matrix per layer, whatever the context.
+    """Decoding state of a RetNet: one (B, H, Dk', Dv') matrix per layer, whatever the context
+    (a windowed layer's: a `WindowState`, the matrix plus its last W keys and values).
 
     transformers' `generate()` carries it from step to step (as `cache`, or `past_key_values`
     before transformers 5.24). `seen_tokens` counts the positions consumed (pads included), like
@@ -92,8 +93,8 @@ class RetNetState:
     def _select(self, fn) -> "RetNetState":
         """Apply `fn(tensor, batch_dim)` to every batch-indexed tensor (beam search, expansion)."""
         if self.packed is not None:  # (L, B, ...) buffer and (B,) positions
-            # windowed: + (L, B, ...) key/value cache and (B, W) mask
-            self.packed = tuple(fn(t, d) for t, d in zip(self.packed, (1, 0, 1, 0)))
+            # windowed: + per window group, an (L_g, B, ...) key/value cache and its (B, W) mask
+            self.packed = tuple(fn(t, d) for t, d in zip(self.packed, (1, 0) * (len(self.packed) // 2)))
         self._states = [map_layer_state(lambda t: fn(t, 0), s) for s in self._states]
         return self
 

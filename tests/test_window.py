@@ -208,6 +208,24 @@ def test_config_validates_the_window(value, message):
     assert RetNetConfig().retention_window == 0  # pure retention stays the default
 
 
+@pytest.mark.parametrize("value, message", [
+    ([4, 0], r"retention_window has 2 entries for 3 layers; give one window per layer"),
+    ([4, -1, 0], r"retention_window\[1\]=-1 must be an integer >= 0"),
+    ([4, 2.5, 0], r"retention_window\[1\]=2.5 must be an integer >= 0"),
+    ([True, 0, 0], r"retention_window\[0\]=True must be an integer >= 0"),
+])
+def test_config_validates_per_layer_windows(value, message):
+    with pytest.raises(ValueError, match=message) as err:
+        RetNetConfig(num_hidden_layers=3, retention_window=value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="needs retention_normalization='paper'"):
+        RetNetConfig(num_hidden_layers=3, retention_window=[0, 8, 0], retention_normalization="none")
+    config = RetNetConfig(num_hidden_layers=3, retention_window=(4, 0, 4))  # a tuple is stored as a list
+    assert config.retention_window == [4, 0, 4] and config.layer_windows == [4, 0, 4] and config.layer_window(1) == 0
+    assert RetNetConfig(num_hidden_layers=3, retention_window=8).layer_windows == [8, 8, 8]
+    assert RetNetConfig.from_dict(config.to_dict()).layer_windows == [4, 0, 4]  # survives config.json
+
+
 # ------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------
@@ -218,6 +236,11 @@ WINDOWED = {  # window 5 < the test sequences; chunk_size 8 (tiny_config) spans 
                           head_norm_affine=True, score_bias=True, attention_sink=True, use_output_gate=False,
                           num_key_value_heads=2, mlp_type="glu", hidden_act="silu", norm_type="rmsnorm",
                           learnable_decay=True),
+    # per-layer windows: two window lengths (two caches in the packed decoder) and a pure layer between
+    "mixed": dict(retention_window=[3, 0, 5], num_hidden_layers=3, position_embedding_type="rotary", value_factor=1,
+                  head_norm="none", head_norm_affine=True, score_bias=True, attention_sink=True,
+                  use_output_gate=False, num_key_value_heads=2, mlp_type="glu", hidden_act="silu",
+                  norm_type="rmsnorm", learnable_decay=True),
 }
 
 
@@ -239,7 +262,9 @@ def test_model_forms_agree_and_state_decodes(variant):
     with torch.no_grad():
         out = model(ids[:, :9], use_cache=True)
         state, steps = out.past_key_values, [out.logits]
-        assert all(isinstance(s, WindowState) for s in state.states)
+        windows = model.config.layer_windows
+        assert [isinstance(s, WindowState) for s in state.states] == [w > 0 for w in windows]
+        assert [s.keys.shape[1] for s in state.states if isinstance(s, WindowState)] == [w for w in windows if w]
         for t in range(9, 21):
             out = model(ids[:, t:t + 1], past_key_values=state, use_cache=True)
             state = out.past_key_values
@@ -248,6 +273,33 @@ def test_model_forms_agree_and_state_decodes(variant):
     # the window changes the model (it is not pure retention under another name)
     pure = tiny_model(**dict(WINDOWED[variant], retention_window=0))
     assert not torch.allclose(logits(pure, ids, "parallel", use_cache=False), want, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_mixed_layers_equal_uniform_models_layer_by_layer(mode):
+    """A model with per-layer windows computes, layer by layer, what a model with that layer's
+    window on every layer computes (same weights), in each form; and its state after a prefill
+    continues it token by token."""
+    variant = WINDOWED["mixed"]
+    model = tiny_model(**variant)
+    ids = random_ids(2, 13)
+    uniform = {w: tiny_model(**dict(variant, retention_window=w)) for w in set(model.config.layer_windows)}
+    for m in uniform.values():
+        m.load_state_dict(model.state_dict())
+        m.config.retention_mode = mode
+    model.config.retention_mode = mode
+    pos = torch.arange(13).expand(2, 13)
+    with torch.no_grad():
+        hidden = model(ids, use_cache=False, output_hidden_states=True).hidden_states
+        last = len(model.model.layers) - 1  # hidden: each layer's input, then the final norm's output
+        for i, w in enumerate(model.config.layer_windows):
+            want, _ = uniform[w].model.layers[i](hidden[i], pos, output_final_state=False)
+            want = model.model.norm(want) if i == last else want
+            assert_close(hidden[i + 1], want, what=f"layer {i} (window {w})")
+        got = model(ids, use_cache=False).logits
+        state = model(ids[:, :6], use_cache=True).past_key_values
+        steps = [model(ids[:, t:t + 1], past_key_values=state, use_cache=True).logits for t in range(6, 13)]
+    assert_close(torch.cat(steps, 1), got[:, 6:], what="prefill + steps")
 
 
 def test_training_gradients_match_across_forms():
@@ -280,8 +332,9 @@ def test_left_padded_batch_equals_single_rows(variant):
             assert_close(batched[b:b + 1, real], single, what=f"row {b}")
 
 
-def test_generate_greedy_left_padded_and_beam_search():
-    model = tiny_model(**WINDOWED["converted-gqa"])
+@pytest.mark.parametrize("variant", ["converted-gqa", "mixed"])
+def test_generate_greedy_left_padded_and_beam_search(variant):
+    model = tiny_model(**WINDOWED[variant])
     model.config.retention_mode = "chunkwise"
     ids = random_ids(2, 7, seed=5)
     mask = torch.ones_like(ids)
@@ -339,12 +392,13 @@ def test_packed_decoder_matches_module_path(variant, backend, prefix):
                 assert_close(g, e, what=f"state {name}")
 
 
-def test_packed_decoder_left_padded_and_generate_paths_agree():
+@pytest.mark.parametrize("variant", ["converted-gqa", "mixed"])
+def test_packed_decoder_left_padded_and_generate_paths_agree(variant):
     from test_decoding import decoder_path, module_path
 
     from retconvert.models.decoding_retnet import RetNetDecoder
 
-    model = tiny_model(**WINDOWED["converted-gqa"])
+    model = tiny_model(**WINDOWED[variant])
     ids = random_ids(3, 16, seed=4)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -367,12 +421,15 @@ def test_torchscale_export_refuses_a_windowed_model():
 
     with pytest.raises(TorchscaleExportError, match=r"retention_window=5 \(torchscale's retention has no"):
         to_torchscale(tiny_model(**WINDOWED["default"]))
+    with pytest.raises(TorchscaleExportError, match=r"retention_window=\[3, 0, 5\] \(torchscale's retention has no"):
+        to_torchscale(tiny_model(**WINDOWED["mixed"]))
 
 
-def test_a_windowed_checkpoint_loads_with_remote_code(tmp_path):
+@pytest.mark.parametrize("variant", ["converted-gqa", "mixed"])
+def test_a_windowed_checkpoint_loads_with_remote_code(variant, tmp_path):
     from tiny import assert_loads_with_remote_code
 
-    model = tiny_model(**WINDOWED["converted-gqa"])
+    model = tiny_model(**WINDOWED[variant])
     model.save_pretrained(tmp_path / "ckpt")
     assert_loads_with_remote_code(tmp_path / "ckpt", tmp_path, random_ids(2, 11))
 
