@@ -11,14 +11,19 @@ layer:
   constant features retention needs (score bias b_h on q, 1 on k, 1 on v): no `cat`.
 * Norm weights (and LayerNorm shifts) are folded into the matrix that follows the norm, so
   a norm is a bare normalisation. The key scale and the head-norm scale are folded too.
+  Norms whose output is not a matrix's input keep their affine: those of the retention and
+  MLP outputs (`block_norms` "post", OLMo 2; "sandwich", Gemma 2/3), which feed the residual,
+  and the q/k RMSNorms (`qk_norm`, Qwen3, OLMo 2, Gemma 3), applied to q' and k' before the
+  rotary with one weight array (the key scale folded into it).
 * q/k channels are permuted inside each head so rotary pairs are adjacent; rotary is then
   one complex multiplication. Dot products are unchanged because q, k and the sink key
-  are permuted alike.
+  are permuted alike. Per-layer RoPE (`layer_rope`, Gemma 3) computes each distinct table's
+  phases once per step.
 * The attention sink (a never-decaying rank-1 term) is folded into the state: the decoder
   keeps T = S + Sink and updates T <- gamma T + k^T v + (1 - gamma) Sink, so the output is a
   single q @ T.
 * The state lives in one preallocated buffer updated in place; logits are written into a
-  preallocated buffer.
+  preallocated buffer (soft-capped, Gemma 2: c * tanh(logits / c)).
 * Each weight is stored for the matrix-vector kernel that streams it fastest (timed once per
   shape and dtype: torch in either layout, or numpy's OpenBLAS for fp32 on CPU; on one AMD
   EPYC the spread is 12 to 37 GB/s), optionally in bfloat16/float16 for half the bytes;
@@ -47,17 +52,24 @@ from .state_retnet import CACHE_NAME, RetNetState
 
 # Model features this decoder does not pack yet, as (config field, the value it handles): a model
 # with another value decodes through its modules (generate() checks `RetNetDecoder.supports`).
-UNPACKED_FEATURES: Tuple[Tuple[str, object], ...] = (
-    ("qk_norm", None), ("block_norms", "pre"), ("final_logit_softcapping", None), ("layer_rope", None))
+# None at present.
+UNPACKED_FEATURES: Tuple[Tuple[str, object], ...] = ()
 
 
 def _normalize(x, eps: float, center: bool):
     """Normalise over the last axis without affine: (x - mean) / std when `center` (LayerNorm,
     GroupNorm), else x / rms (RMSNorm). Written with operators numpy and torch share."""
-    n = x.shape[-1]
     if center:
-        x = x - x.sum(-1, keepdims=True) * (1 / n)
-    return x * (1 / ((x * x).sum(-1, keepdims=True) * (1 / n) + eps) ** 0.5)
+        x = x - x.sum(-1, keepdims=True) * (1 / x.shape[-1])
+    return x * _inv_rms(x, eps)
+
+
+def _inv_rms(x, eps: float, axes: int = 1):
+    """1 / sqrt(mean(x^2) + eps) over the last `axes` axes, kept as size-1 axes (numpy or torch)."""
+    ss, n = x * x, 1
+    for a in range(1, axes + 1):
+        ss, n = ss.sum(-a, keepdims=True), n * x.shape[-a]
+    return 1 / (ss * (1 / n) + eps) ** 0.5
 
 
 class _Norm(NamedTuple):
@@ -70,18 +82,49 @@ class _Norm(NamedTuple):
     centered: bool  # LayerNorm subtracts the mean; RMSNorm does not
 
     @classmethod
-    def of(cls, module) -> "_Norm":
+    def of(cls, module) -> Optional["_Norm"]:
+        """The norm of a norm module; None for an identity (a block without that norm)."""
+        if isinstance(module, torch.nn.Identity):
+            return None
         shift = getattr(module, "bias", None)
         return cls(module.weight.detach().float(), None if shift is None else shift.detach().float(), module.eps,
                    isinstance(module, torch.nn.LayerNorm))
 
 
-def _fold(norm: _Norm, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """A matrix after a norm's affine, folded: W (s * x + t) + b = (W * s) x + (W t + b)."""
+def _fold(norm: Optional[_Norm], weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """A matrix after a norm's affine, folded: W (s * x + t) + b = (W * s) x + (W t + b).
+    No norm (None): the matrix as it is."""
     weight = weight.detach().float()
+    if norm is None:
+        return weight, bias
     if norm.shift is not None:
         bias = weight @ norm.shift + (0 if bias is None else bias.detach().float())
     return weight * norm.scale[None, :], bias
+
+
+def _packed_norm(norm: Optional[_Norm], of=None):
+    """A norm as `_apply_norm` takes it: (eps, centered, scale, shift). With `of` (a backend's
+    array view) the affine stays, as arrays (a norm whose output feeds a residual add); without,
+    it is None (folded into the next matrix by `_fold`). No norm: None."""
+    if norm is None:
+        return None
+    if of is None:
+        return norm.eps, norm.centered, None, None
+    shift = None if norm.shift is None else of(norm.shift.contiguous())
+    return norm.eps, norm.centered, of(norm.scale.contiguous()), shift
+
+
+def _apply_norm(x, norm):
+    """x (B, C) through a packed norm (`_packed_norm`): a new array; x itself when there is no norm."""
+    if norm is None:
+        return x
+    eps, centered, scale, shift = norm
+    x = _normalize(x, eps, centered)
+    if scale is not None:
+        x *= scale
+    if shift is not None:
+        x += shift
+    return x
 
 
 # ------------------------------------------------------------------------ the decoder
@@ -132,8 +175,8 @@ class RetNetDecoder:
         self.H, self.Hkv, self.G, self.Dk, self.Dv = H, Hkv, H // Hkv, Dk, Dv
         self.rotary = cfg.position_embedding_type != "none"
         # Read once: a transformers config attribute costs ~1 us per access, in the step's loop.
-        self.gate, self.parallel_residual, self.embed_scale = (
-            cfg.use_output_gate, cfg.parallel_residual, cfg.embed_scale)
+        self.gate, self.parallel_residual, self.embed_scale, self.qk_norm = (
+            cfg.use_output_gate, cfg.parallel_residual, cfg.embed_scale, cfg.qk_norm)
         self.extra_k = 2 if cfg.score_bias else 0  # [bias feature, zero pad]: keeps Dk' even for rotary
         self.extra_v = 1 if cfg.retention_normalization == "paper" else 0
         self.Dkp, self.Dvp = Dk + self.extra_k, Dv + self.extra_v
@@ -148,7 +191,11 @@ class RetNetDecoder:
         self.uses_numpy = any(m.w_numpy is not None for m in self._matrices())
         self.gamma = torch.stack([p["gamma_t"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)  # (L,1,Hkv,G)
         self._group_windows(cfg.layer_windows)
-        self.inv_freq = rotary_inv_freq(cfg, self.device) if self.rotary else None
+        self.inv_freqs = []  # the distinct rotary tables (Gemma 3: local and global layers); p["rope"] picks one
+        for l, p in enumerate(self.layers if self.rotary else ()):
+            f = rotary_inv_freq(cfg, self.device, l)
+            p["rope"] = next((i for i, g in enumerate(self.inv_freqs) if torch.equal(g, f)), len(self.inv_freqs))
+            self.inv_freqs += [f] if p["rope"] == len(self.inv_freqs) else []
         self.reset()
 
     def _group_windows(self, windows):
@@ -194,8 +241,9 @@ class RetNetDecoder:
         def vec_or_zeros(linear, n):
             return linear.bias.float() if linear.bias is not None else torch.zeros(n, device=dev)
 
-        # Rows of the fused projection: q', k', v', gate.
-        scale = ret.scale
+        # Rows of the fused projection: q', k', v', gate. The key scale is folded into k's rows,
+        # or, with a q/k norm (which would undo it), into the norm's weight.
+        scale = 1.0 if cfg.qk_norm is not None else ret.scale
         wq = heads_qk(ret.q_proj.weight.float(), H, None)
         wk = heads_qk(ret.k_proj.weight.float() * scale, Hkv, None)
         bias_feature = ret.score_bias.float() if cfg.score_bias else None
@@ -214,7 +262,7 @@ class RetNetDecoder:
         if sum(len(b) for b in biases) % 2:  # an even row stride, so rotary can view pairs as complex
             rows.append(rows[0].new_zeros(1, C))
             biases.append(biases[0].new_zeros(1))
-        norm1, norm2 = _Norm.of(block.input_layernorm), _Norm.of(block.post_retention_layernorm)
+        norm1, norm2 = _Norm.of(block.input_layernorm), _Norm.of(block.post_retention_layernorm)  # None: "post"
         w_qkv, b_qkv = _fold(norm1, torch.cat(rows), torch.cat(biases))
 
         # Output projection with the head-norm affine folded in: o_proj(gate * (o * w + b)).
@@ -251,7 +299,11 @@ class RetNetDecoder:
         else:
             w_up, b_up, down = mlp.fc_in.weight, mlp.fc_in.bias, mlp.fc_out
         return {
-            "norm1": (norm1.eps, norm1.centered), "norm2": (norm2.eps, norm2.centered),  # for _normalize
+            "norm1": _packed_norm(norm1), "norm2": _packed_norm(norm2),  # affines folded: bare normalisations
+            # Norms of the retention and MLP outputs ("post", "sandwich"), affine kept: they feed the residual.
+            "out_norms": None if cfg.block_norms == "pre" else tuple(
+                _packed_norm(_Norm.of(n), of) for n in (block.retention_out_norm, block.mlp_out_norm)),
+            "qk_norm": self._pack_qk_norm(ret) if cfg.qk_norm is not None else None,
             "qkv": self._matrix(w_qkv, b_qkv if bool(b_qkv.abs().max() > 0) else None),
             "o": self._matrix(wo, bo),
             "up": self._matrix(*_fold(norm2, w_up, b_up)),
@@ -265,12 +317,23 @@ class RetNetDecoder:
             "head_affine": head_affine,
         }
 
+    def _pack_qk_norm(self, ret) -> Tuple[float, object]:
+        """The q/k RMSNorm weights as one (H + Hkv, Dk') array in the packed q'/k' layout (channels
+        permuted, the key scale folded into k's rows, 1 on the extra features), and the eps."""
+        H, Hkv, Dk = self.H, self.Hkv, self.Dk
+        rows = []
+        for norm, heads, scale in ((ret.q_norm, H, 1.0), (ret.k_norm, Hkv, ret.scale)):
+            w = (norm.weight.detach().float() * scale).view(-1, Dk).expand(heads, Dk)[:, self.perm]  # "head": (Dk,)
+            rows.append(torch.cat([w, w.new_ones(heads, self.extra_k)], 1))
+        return ret.q_norm.eps, self.ops.of(torch.cat(rows).contiguous())
+
     def _pack_embeddings(self, model):
         self.embed = self.ops.of(model.model.embed_tokens.weight.detach().float())
         embed_pos = getattr(model.model, "embed_positions", None)
         self.embed_pos = None if embed_pos is None else self.ops.of(embed_pos.weight.detach().float())
         final = _Norm.of(model.model.norm)
-        self.final_norm = (final.eps, final.centered)
+        self.final_norm = _packed_norm(final)
+        self.softcap = model.config.final_logit_softcapping  # logits c * tanh(logits / c)
         self.lm_head = self._matrix(*_fold(final, model.lm_head.weight, getattr(model.lm_head, "bias", None)))
 
     def _matrices(self):
@@ -446,7 +509,7 @@ class RetNetDecoder:
         if self.embed_pos is not None:
             check_position_table(int(pos.max()), self.config)
             x += self.embed_pos[of(pos)]
-        rot = None if not self.rotary else of(self._rotation(pos))  # (B, 1, Dk'/2) complex, shared by all layers
+        rots = [of(self._rotation(pos, f)) for f in self.inv_freqs]  # (B, 1, Dk'/2) complex, one per table
         norm_c = None
         if self.extra_v and self.pure_layers:  # paper normaliser c_n per (layer, row, head)
             norm_c = of(paper_decay_norm(pos.view(1, self.B, 1, 1), self.gamma).reshape(-1, self.B, self.H, 1))
@@ -460,20 +523,28 @@ class RetNetDecoder:
                 w = (windows[g][0][j], *windows[g][1:])
             elif norm_c is not None:
                 c = norm_c[l]
-            r = self._retention(_normalize(x, *p["norm1"]), p, states[l], rot, c, w)  # (B, H * Dv)
+            rot = rots[p["rope"]] if rots else None
+            r = self._retention(_apply_norm(x, p["norm1"]), p, states[l], rot, c, w)  # (B, H * Dv)
             if self.parallel_residual:
-                x = p["o"](r, residual=self._mlp(_normalize(x, *p["norm2"]), p, residual=x))
-            else:
+                x = p["o"](r, residual=self._mlp(_apply_norm(x, p["norm2"]), p, residual=x))
+            elif p["out_norms"] is None:  # pre-norm: the residual adds are fused into the products
                 x = p["o"](r, residual=x)
-                x = self._mlp(_normalize(x, *p["norm2"]), p, residual=x)
-        self._logits[...] = self.lm_head(_normalize(x, *self.final_norm))
+                x = self._mlp(_apply_norm(x, p["norm2"]), p, residual=x)
+            else:  # x + norm(f(x)), the norm's affine applied (it feeds the residual, not a matrix)
+                x = x + _apply_norm(p["o"](r), p["out_norms"][0])
+                x = x + _apply_norm(self._mlp(_apply_norm(x, p["norm2"]), p), p["out_norms"][1])
+        logits = self.lm_head(_apply_norm(x, self.final_norm))
+        if self.softcap is not None:
+            logits = self.ops.xp.tanh(logits * (1 / self.softcap)) * self.softcap
+        self._logits[...] = logits
         self.positions = pos + 1
         self.seen_tokens += 1
         return self.logits
 
-    def _rotation(self, pos: torch.Tensor) -> torch.Tensor:
-        """Rotary phases for the next token of each row, (B, 1, Dk'/2) complex64."""
-        angles = pos.float()[:, None] * self.inv_freq  # (B, Dk/2)
+    def _rotation(self, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Rotary phases at frequencies `inv_freq` (Dk/2,) for the next token of each row,
+        (B, 1, Dk'/2) complex64."""
+        angles = pos.float()[:, None] * inv_freq  # (B, Dk/2)
         rot = torch.polar(torch.ones_like(angles), angles)
         if self.extra_k:  # the bias feature and its pad are not rotated
             rot = torch.cat([rot, rot.new_ones(self.B, 1)], -1)
@@ -521,6 +592,8 @@ class RetNetDecoder:
         qkv = p["qkv"](h)  # (B, H*Dk' + Hkv*Dk' + Hkv*Dv' [+ H*Dv])
         n_qk = (H + Hkv) * Dkp
         qk = qkv[:, :n_qk].reshape(B, H + Hkv, Dkp)
+        if p["qk_norm"] is not None:
+            qk = self._qk_norm(qk, *p["qk_norm"])
         if rot is not None:
             qk = self.ops.rotate(qk, rot)
         q, k = qk[:, :H], qk[:, H:]
@@ -545,7 +618,20 @@ class RetNetDecoder:
             o = self.ops.apply(F.silu, qkv[:, n_qk + Hkv * Dvp:n_qk + Hkv * Dvp + H * Dv]) * o
         return o
 
-    def _mlp(self, h, p, residual):
+    def _qk_norm(self, qk, eps, weight):
+        """RMSNorm of q and k before the rotary, per head or over each whole projection (`qk_norm`
+        "head" / "full"): qk (B, H + Hkv, Dk') -> a new array; the extra features (score bias)
+        keep their values (weight 1, not in the mean)."""
+        H, Dk = self.H, self.Dk
+        out = qk * weight  # (B, H + Hkv, Dk')
+        if self.qk_norm == "head":
+            out[..., :Dk] *= _inv_rms(qk[..., :Dk], eps)
+        else:
+            out[:, :H, :Dk] *= _inv_rms(qk[:, :H, :Dk], eps, axes=2)
+            out[:, H:, :Dk] *= _inv_rms(qk[:, H:, :Dk], eps, axes=2)
+        return out
+
+    def _mlp(self, h, p, residual=None):
         u = p["up"](h)
         if p["glu"]:
             n = u.shape[-1] // 2

@@ -7,6 +7,8 @@ import torch
 from retconvert.models import kernels
 from retconvert.models.decoding_retnet import RetNetDecoder
 from retconvert.models.kernels import BACKENDS, HugePageArena, kernels_for
+from retconvert.models.modeling_retnet import CACHE_NAME
+from retconvert.models.retention import WindowState
 
 OPS = {"numpy": kernels.NumpyOps, "torch": kernels.TorchOps}
 
@@ -50,6 +52,56 @@ def test_decoder_matches_module_path(variant, kernel, backend):
     assert got_state.seen_tokens == want_state.seen_tokens == 23
     for got, exp in zip(got_state.states, want_state.states):
         assert_close(got, exp, what="state")
+
+
+# The features of the Qwen3, OLMo 2 and Gemma 2/3 students (their norm weights are randomised by
+# tiny_model, so their affines are tested; the soft-cap is small enough to bend the logits).
+LOCAL_GLOBAL_ROPE = [{"rope_theta": 1e4}, {"rope_theta": 1e6, "rotary_scaling": {"rope_type": "linear", "factor": 8.0}}]
+GEMMA3_LIKE = dict(position_embedding_type="rotary", qk_norm="head", block_norms="sandwich", value_factor=1,
+                   head_norm="none", score_bias=True, layer_rope=LOCAL_GLOBAL_ROPE)
+FEATURES = {
+    "qk-norm-head": dict(position_embedding_type="rotary", qk_norm="head", num_key_value_heads=2, score_bias=True,
+                         norm_type="rmsnorm", mlp_type="glu", hidden_act="silu"),
+    "qk-norm-full-post-norms": dict(position_embedding_type="rotary", qk_norm="full", block_norms="post",
+                                    num_key_value_heads=2, score_bias=True, attention_sink=True, norm_type="rmsnorm"),
+    "sandwich-layernorms": dict(block_norms="sandwich"),  # LayerNorm: the output norms' shifts too
+    "logit-softcap": dict(final_logit_softcapping=0.5),
+    "layer-rope": dict(position_embedding_type="rotary", layer_rope=LOCAL_GLOBAL_ROPE),
+    "gemma3-like": dict(GEMMA3_LIKE, attention_sink=True, use_output_gate=False, num_key_value_heads=2,
+                        mlp_type="glu", hidden_act="gelu_pytorch_tanh", norm_type="rmsnorm", embed_scale=32 ** 0.5,
+                        final_logit_softcapping=1.0),
+    "gemma3-like-windowed": dict(GEMMA3_LIKE, retention_window=4),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_decoder_packs_the_family_features(feature, backend):
+    """q/k norms, post and sandwich block norms, logit soft-capping and per-layer RoPE: step logits
+    and the exported state equal the module path's."""
+    model = tiny_model(**FEATURES[feature])
+    ids = random_ids(2, 23)
+    want, want_state = module_path(model, ids, prefix=9)
+    decoder = RetNetDecoder(model, batch_size=2, backend=backend)
+    assert_close(decoder_path(decoder, ids, prefix=9), want, what=feature)
+    for got, exp in zip(decoder.export_state().states, want_state.states):
+        if isinstance(got, WindowState):
+            assert torch.equal(got.mask, exp.mask)
+            got, exp = (torch.cat([t.flatten() for t in s[:3]]) for s in (got, exp))  # state, keys, values
+        assert_close(got, exp, what="state")
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_generate_steps_the_family_features_in_the_packed_decoder(feature):
+    from test_generate import run
+
+    model = tiny_model(**FEATURES[feature])
+    ids = random_ids(2, 13)
+    want, _ = run(model, False, ids, max_new_tokens=8, do_sample=False)
+    got, lengths = run(model, True, ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want)
+    assert lengths == [13] + [1] * 7  # one prompt pass, then one token per step
+    assert got[CACHE_NAME].packed is not None  # the steps ran in the packed decoder
 
 
 @pytest.mark.parametrize("variant", ["converted-gqa", "llama-like", "default"])

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 import transformers
-from tiny import (assert_attention_matches, assert_loads_with_remote_code, save_teacher, tiny_text, write_gguf,
-                  write_jsonl)
+from tiny import (assert_attention_matches, assert_close, assert_loads_with_remote_code, save_teacher, tiny_text,
+                  write_gguf, write_jsonl)
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
                           Olmo2Config, Phi3Config, Qwen3Config)
 
@@ -24,6 +24,7 @@ from retconvert.convert.student import ConvertOptions, build_student, student_co
 from retconvert.convert.families import family_for, map_state_dict
 from retconvert.errors import RetconvertError
 from retconvert.models.decoding_retnet import RetNetDecoder
+from retconvert.models.kernels import BACKENDS
 from retconvert.models.modeling_retnet import CACHE_NAME
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -184,9 +185,9 @@ def test_first_position_logits_match_the_teachers(pair):
 @torch.no_grad()
 @pytest.mark.parametrize("window", [0, 4])
 def test_token_by_token_decoding_equals_the_parallel_form(pair, window):
-    """The recurrent state (through the modules, and the packed decoder where it covers the
-    model) gives the logits of the whole-sequence forward, with every new layer option; also
-    for the windowed student (`--window`), whose window is shorter than the sequence here."""
+    """The recurrent state (through the modules, and the packed decoder) gives the logits of the
+    whole-sequence forward, with every new layer option; also for the windowed student
+    (`--window`), whose window is shorter than the sequence here."""
     name, teacher, student = pair
     if window:
         student = build_student(teacher, ConvertOptions(window=window)).eval()
@@ -197,12 +198,45 @@ def test_token_by_token_decoding_equals_the_parallel_form(pair, window):
         out = student(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: state})
         torch.testing.assert_close(out.logits[:, 0], want[:, t], rtol=1e-4, atol=1e-5, msg=f"{name} step {t}")
         state = out[CACHE_NAME]
-    if RetNetDecoder.supports(student.config):
-        decoder = student.packed_decoder(batch_size=2)
-        decoder.prefill(ids[:, :5])
-        for t in range(5, 12):
-            torch.testing.assert_close(decoder.step(ids[:, t]), want[:, t], rtol=1e-4, atol=1e-5,
-                                       msg=f"{name} packed step {t}")
+    decoder = student.packed_decoder(batch_size=2)
+    decoder.prefill(ids[:, :5])
+    for t in range(5, 12):
+        torch.testing.assert_close(decoder.step(ids[:, t]), want[:, t], rtol=1e-4, atol=1e-5,
+                                   msg=f"{name} packed step {t}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_decoder_steps_and_states_equal_the_modules(pair, backend):
+    """Every family decodes in the packed decoder (q/k norms, post and sandwich norms, logit
+    soft-capping, per-layer RoPE): its one-token steps give the logits and states of the modules'."""
+    name, _, student = pair
+    ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(2))
+    state = student(ids[:, :5], use_cache=True)[CACHE_NAME]
+    decoder = RetNetDecoder(student, batch_size=2, backend=backend)
+    decoder.prefill(ids[:, :5])
+    for t in range(5, 14):
+        out = student(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: state})
+        assert_close(decoder.step(ids[:, t]), out.logits[:, 0], what=f"{name} step {t}")
+        state = out[CACHE_NAME]
+    for got, want in zip(decoder.export_state().states, state.states):
+        assert_close(got, want, what=f"{name} state")
+
+
+@torch.no_grad()
+def test_generate_steps_in_the_packed_decoder(pair):
+    from test_generate import run
+
+    name, _, student = pair
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    try:
+        want, _ = run(student, False, ids, max_new_tokens=8, do_sample=False)
+        got, lengths = run(student, True, ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    finally:
+        student.packed_generation = True
+    assert torch.equal(got.sequences, want), name
+    assert lengths == [9] + [1] * 7  # one prompt pass, then one token per step
+    assert got[CACHE_NAME].packed is not None  # the steps ran in the packed decoder
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -218,8 +252,7 @@ def test_cli_converts_and_the_checkpoint_loads_without_retconvert_and_generates(
     assert report["family"] == name
     if name in ("qwen3", "phi3", "gemma2", "gemma3_text"):  # the record says the window is gone
         assert "sliding window becomes retention" in report["family_notes"], report["family_notes"]
-    assert_loads_with_remote_code(out, tmp_path, torch.randint(3, 40, (2, 9)),
-                                  packed=RetNetDecoder.supports(model.config))
+    assert_loads_with_remote_code(out, tmp_path, torch.randint(3, 40, (2, 9)))
 
 
 # Published configurations, as their config.json files spell them (fields of older transformers
