@@ -18,8 +18,9 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -99,9 +100,27 @@ class CheckpointManager:
         return state
 
 
-def save_student(model, tokenizer, out: Path, info: dict, generation_config=None, readme: str = ""):
-    """The final student, loadable with AutoModelForCausalLM (trust_remote_code or retconvert imported)."""
+def hang_hook(variable: str) -> Optional[Callable[[int], None]]:
+    """The kill-and-resume tests' hook, read once when a run is set up: with the environment
+    variable `variable` set to N, the returned callback, called with N, waits an hour there for
+    the test to kill the process (tests/test_sweep.py). None when `variable` is unset."""
+    hang_at = os.environ.get(variable)
+    if hang_at is None:
+        return None
+
+    def hang(count: int):
+        if str(count) == hang_at:
+            time.sleep(3600)
+
+    return hang
+
+
+def save_student(model, tokenizer, out: Path, info: dict, generation_config=None, name: Optional[str] = None):
+    """The final student, loadable with AutoModelForCausalLM (trust_remote_code or retconvert imported),
+    with its distillation record `info` (config.json and distillation.json) and its model card
+    (`retconvert.hub.write_card`) titled `name` (default: the folder's name)."""
     import retconvert  # noqa: F401  (registers RetNet for auto_map, so save_pretrained writes it and the code)
+    from retconvert.hub import write_card
 
     with atomic_output_dir(out, force=True) as tmp:
         model.config.distillation = info
@@ -110,6 +129,5 @@ def save_student(model, tokenizer, out: Path, info: dict, generation_config=None
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         (tmp / "distillation.json").write_text(json.dumps(info, indent=2, default=str))
-        if readme:
-            (tmp / "README.md").write_text(readme)
+        write_card(tmp, name or Path(out).name)
     return out

@@ -405,21 +405,11 @@ class Trainer:
 
             info = distillation_record(cfg, self.result, origin=self.origin, world_size=self.dist.world)
             gen = getattr(self.teacher.model, "generation_config", None) if self.teacher is not None else None
-            save_student(model, self.tokenizer, out, info, generation_config=gen, readme=self._readme())
+            save_student(model, self.tokenizer, out, info, generation_config=gen, name=self.out_dir.name)
             self.log(f"wrote {out}")
         self.dist.barrier()
         self.result["final"] = str(out)
         return out
-
-    def _readme(self) -> str:
-        teacher = self.teacher.base_model if self.teacher is not None else None
-        ev = self.result.get("eval") or {}
-        rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in ev.items())
-        return (f"# {'RetNet distilled from ' + teacher if teacher else 'Model trained from scratch'}\n\n"
-                f"Trained with retconvert `distill/train.py` ({self.cfg.stage2.steps} steps).\n\n"
-                f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                f"model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)\n```\n\n"
-                f"## Held-out perplexity\n| set | ppl |\n|---|---|\n{rows}\n")
 
     def cleanup(self):
         if hasattr(self, "metrics"):

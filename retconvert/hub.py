@@ -406,7 +406,17 @@ def _model_index(name: str, results: EvalResults) -> list:
     return [{"name": name, "results": entries}] if entries else []
 
 
-def _conversion_section(conversion: Optional[dict], teacher_md: str) -> List[str]:
+def _layer_errors(conversion_report: Optional[dict]) -> List[str]:
+    """The per-layer calibration errors of conversion_report.json as card lines (none: [])."""
+    layers = (conversion_report or {}).get("layers")
+    errors = [_number(layer.get("rel_error")) for layer in layers or [] if isinstance(layer, dict)]
+    if not errors or None in errors:
+        return []
+    return ["", "Relative error of retention vs attention output per layer (calibration text):", "",
+            _table(["layer", "relative error"], [[str(i), _cell(e)] for i, e in enumerate(errors)])]
+
+
+def _conversion_section(conversion: Optional[dict], teacher_md: str, conversion_report: Optional[dict]) -> List[str]:
     if not conversion:
         return ["No conversion record in config.json."]
     options = conversion.get("options") if isinstance(conversion.get("options"), dict) else {}
@@ -422,7 +432,7 @@ def _conversion_section(conversion: Optional[dict], teacher_md: str) -> List[str
         if _number(calibration.get("mean_rel_error")) is not None:
             rows.append(["mean relative error of retention vs attention (calibration text)",
                          _cell(float(calibration["mean_rel_error"]))])
-    return [_table(["setting", "value"], rows)]
+    return [_table(["setting", "value"], rows)] + _layer_errors(conversion_report)
 
 
 def _distillation_section(distillation: Optional[dict]) -> List[str]:
@@ -466,108 +476,94 @@ def _recorded_eval(distillation: Optional[dict]) -> List[str]:
             _table(["held-out set"] + (["teacher"] if with_teacher else []) + ["this model"], rows)]
 
 
-def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_report: Optional[EvalReport] = None,
-                license: Optional[str] = None, base_model: Optional[str] = None, revision: Optional[str] = None,
-                conversion_report: Optional[dict] = None) -> str:
-    """The README.md for `repo_id`: Hub YAML metadata, then what was done and what is known.
-
-    What was done comes from the checkpoint's provenance record (`retconvert.provenance`, older
-    records included; `conversion_report` is an older checkpoint's conversion_report.json).
-    No path of the machine that converted or trained the model appears in the card.
-    """
-    import yaml
-
-    conversion = read_conversion(config, conversion_report)
-    distillation = read_distillation(config)
-    teacher = (conversion or {}).get("teacher")
-    hub_teacher = base_model or _hub_base_model(conversion or {})
-    license_id = license or (conversion or {}).get("license")
-    options = (conversion or {}).get("options") or {}
-    name = repo_id.split("/", 1)[1]
-    scratch = bool(distillation) and (distillation.get("student") or {}).get("init") == "scratch"
-    status = "distilled" if distillation else "converted"
-
+def _metadata(name: str, retnet: bool, scratch: bool, hub_teacher: Optional[str], license_id: Optional[str],
+              distillation: Optional[dict], eval_report: Optional[EvalReport]) -> dict:
+    """The card's YAML front matter (the Hub's model metadata)."""
     meta = {}
     if hub_teacher:
         meta["base_model"] = hub_teacher
     if license_id:
         meta["license"] = license_id
-    else:
+    elif not scratch:  # derived weights: the teacher's license
         meta["license"] = "other"
         meta["license_name"] = "same-as-teacher"
         if hub_teacher:
             meta["license_link"] = f"https://huggingface.co/{hub_teacher}"
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["retnet", "retconvert", "retention", "linear-attention", "custom_code",
-                    "distillation" if distillation else "converted"]
+    meta["tags"] = (["retnet", "retconvert", "retention", "linear-attention", "custom_code"] if retnet else
+                    ["retconvert"]) + ([] if scratch else ["distillation" if distillation else "converted"])
     if eval_report is not None:
         index = _model_index(name, eval_report.student)
         if index:
             meta["model-index"] = index
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    return meta
 
-    teacher_md = f"[{hub_teacher}](https://huggingface.co/{hub_teacher})" if hub_teacher else \
-        (f"`{teacher}` ({KINDS.get(conversion.get('kind'), 'a local file or folder')}, not linked to a Hub model)"
-         if teacher else "unknown (config.json records no `conversion`)")
-    out = [f"---\n{front}---", f"# {name}", ""]
+
+def _intro(retnet: bool, model_type, scratch: bool, distillation: Optional[dict], teacher_md: str) -> List[str]:
+    """What the model is, in a paragraph."""
+    if scratch and not retnet:
+        return [f"A Transformer (`{model_type}`) trained from scratch with "
+                "[retconvert](https://pypi.org/project/retconvert/): the softmax-attention baseline of a "
+                "RetNet-vs-Transformer comparison.", ""]
     if scratch:
-        out.append("A Retentive Network (RetNet) trained from scratch with "
-                   "[retconvert](https://pypi.org/project/retconvert/): multi-scale retention instead of softmax "
-                   "attention, which can run as a recurrence: constant memory per generated token.")
-    else:
-        out.append(f"A Retentive Network (RetNet) {status} from the Transformer {teacher_md} with "
-                   f"[retconvert](https://pypi.org/project/retconvert/). The teacher's embeddings, MLPs, norms and "
-                   "attention projections were carried over and softmax attention was replaced by multi-scale "
-                   "retention, which can run as a recurrence: constant memory per generated token."
-                   + (" It was then distilled: trained to match the teacher's outputs." if distillation else ""))
-    out.append("")
+        return ["A Retentive Network (RetNet) trained from scratch with "
+                "[retconvert](https://pypi.org/project/retconvert/): multi-scale retention instead of softmax "
+                "attention, which can run as a recurrence: constant memory per generated token.", ""]
+    out = [f"A Retentive Network (RetNet) {'distilled' if distillation else 'converted'} from the Transformer "
+           f"{teacher_md} with [retconvert](https://pypi.org/project/retconvert/). The teacher's embeddings, MLPs, "
+           "norms and attention projections were carried over and softmax attention was replaced by multi-scale "
+           "retention, which can run as a recurrence: constant memory per generated token."
+           + (" It was then distilled: trained to match the teacher's outputs." if distillation else ""), ""]
     if not distillation:
         out += ["**Not distilled.** This is the direct conversion; expect a large quality gap to the teacher "
                 "until it has been distilled (trained to match the teacher's outputs).", ""]
+    return out
 
-    out += ["## License", ""]
+
+def _license_section(license_id: Optional[str], given: bool, scratch: bool, hub_teacher: Optional[str],
+                     teacher_md: str) -> List[str]:
+    """The license and where it comes from (`given`: set when publishing, else the teacher's record)."""
     if license_id:
-        source = "set when publishing" if license else "the teacher's, as its source states it, recorded at conversion"
-        out.append(f"`{license_id}` ({source}).")
-    elif scratch:
-        out.append("No license was recorded; set one with `retconvert push --license ID`.")
-    else:
-        out.append("The teacher's license was not recorded at conversion. These weights are derived from the "
-                   f"teacher's, so the teacher's license applies{': see ' + teacher_md if hub_teacher else ''}; "
-                   "check it before use.")
-    out.append("")
+        source = "set when publishing" if given else "the teacher's, as its source states it, recorded at conversion"
+        return [f"`{license_id}` ({source})."]
+    if scratch:
+        return ["No license was recorded; set one with `retconvert push --license ID`."]
+    return ["The teacher's license was not recorded at conversion. These weights are derived from the "
+            f"teacher's, so the teacher's license applies{': see ' + teacher_md if hub_teacher else ''}; "
+            "check it before use."]
 
-    if not scratch:
-        out += ["## Conversion", ""] + _conversion_section(conversion, teacher_md) + [""]
-    out += ["## Distillation" if not scratch else "## Training", ""] + _distillation_section(distillation) + [""]
 
-    out += ["## Evaluation", ""]
-    if eval_report is not None:
-        s, t = eval_report.student, eval_report.teacher or EvalResults(name="")
-        out.append(f"Self-reported by `retconvert eval` (`{eval_report.path.name}`), not verified by the Hub. "
-                   f"Teacher: `{t.name or 'not in the report'}`; this model: `{s.name}`.")
-        if t.name and teacher and t.name != teacher and hub_teacher and t.name != hub_teacher:
-            out.append(f"Note: the report's teacher (`{t.name}`) is not the recorded teacher (`{teacher}`).")
-        if s.perplexity or t.perplexity:
-            out += ["", "Perplexity (lower is better):", "",
-                    _table(["dataset", "metric", "teacher", "this model"], _side_by_side(s.perplexity, t.perplexity))]
-        if s.zero_shot or t.zero_shot:
-            out += ["", "Zero-shot tasks:", "",
-                    _table(["task", "metric", "teacher", "this model"], _side_by_side(s.zero_shot, t.zero_shot))]
-        if not (s.perplexity or t.perplexity or s.zero_shot or t.zero_shot):
-            out.append("The report holds no perplexity or zero-shot numbers.")
-        recorded = _recorded_eval(distillation)
+def _evaluation_section(eval_report: Optional[EvalReport], distillation: Optional[dict], teacher: Optional[str],
+                        hub_teacher: Optional[str]) -> List[str]:
+    """The eval report's numbers (teacher beside this model) and the recipe's own held-out perplexity."""
+    recorded = _recorded_eval(distillation)
+    if eval_report is None:
         if recorded:
-            out += [""] + recorded
-    elif _recorded_eval(distillation):
-        out += _recorded_eval(distillation)
-        out += ["", "No `retconvert eval` report was attached: zero-shot quality was not measured here."]
-    else:
-        out.append("No evaluation report was attached when this card was written: quality relative to the "
-                   "teacher was not measured here.")
-    out.append("")
+            return recorded + ["", "No `retconvert eval` report was attached: zero-shot quality was not measured here."]
+        return ["No evaluation report was attached when this card was written: quality relative to the "
+                "teacher was not measured here."]
+    s, t = eval_report.student, eval_report.teacher or EvalResults(name="")
+    out = [f"Self-reported by `retconvert eval` (`{eval_report.path.name}`), not verified by the Hub. "
+           f"Teacher: `{t.name or 'not in the report'}`; this model: `{s.name}`."]
+    if t.name and teacher and t.name != teacher and hub_teacher and t.name != hub_teacher:
+        out.append(f"Note: the report's teacher (`{t.name}`) is not the recorded teacher (`{teacher}`).")
+    if s.perplexity or t.perplexity:
+        out += ["", "Perplexity (lower is better):", "",
+                _table(["dataset", "metric", "teacher", "this model"], _side_by_side(s.perplexity, t.perplexity))]
+    if s.zero_shot or t.zero_shot:
+        out += ["", "Zero-shot tasks:", "",
+                _table(["task", "metric", "teacher", "this model"], _side_by_side(s.zero_shot, t.zero_shot))]
+    if not (s.perplexity or t.perplexity or s.zero_shot or t.zero_shot):
+        out.append("The report holds no perplexity or zero-shot numbers.")
+    return out + ([""] + recorded if recorded else [])
 
+
+def _usage_section(config: dict, repo_id: Optional[str], revision: Optional[str], files: Sequence[str],
+                   hub_teacher: Optional[str]) -> List[str]:
+    """How to load and run it: from the Hub repo (`repo_id`), else from this folder."""
+    retnet = config.get("model_type") == "retnet"
+    where = "repo" if repo_id else "folder"
     has_tokenizer = any(f.startswith("tokenizer") or f.endswith(("tokenizer.json", ".model", "vocab.json"))
                         for f in files)
     rev = f', revision="{revision}"' if revision and revision != "main" else ""
@@ -575,41 +571,112 @@ def render_card(config: dict, repo_id: str, *, files: Sequence[str] = (), eval_r
         tok_line = f"tok = AutoTokenizer.from_pretrained(repo{rev})"
     else:
         tok_src = f'"{hub_teacher}"' if hub_teacher else "TEACHER_TOKENIZER"
-        tok_line = f"tok = AutoTokenizer.from_pretrained({tok_src})  # this repo ships no tokenizer: the teacher's"
-    out += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-            f'repo = "{repo_id}"',
-            f"model = AutoModelForCausalLM.from_pretrained(repo{rev}, trust_remote_code=True)",
-            tok_line,
-            'inputs = tok("The capital of France is", return_tensors="pt")',
-            "out = model.generate(**inputs, max_new_tokens=20)",
-            "print(tok.decode(out[0], skip_special_tokens=True))", "",
-            "# faster: packed weights and a static decode loop (same tokens, greedy)",
-            "out = model.packed_decoder().generate(inputs.input_ids, max_new_tokens=20)", "```", "",
-            "`trust_remote_code=True` runs the modeling code shipped in this repo "
-            f"({', '.join(f'`{c}`' for c in CODE_FILES)}); retconvert itself is not needed. The prompt is "
-            f"processed in the `{config.get('retention_mode', 'chunkwise')}` form; decoding is always recurrent "
-            "(a fixed-size state per layer instead of a growing KV cache).", ""]
+        tok_line = f"tok = AutoTokenizer.from_pretrained({tok_src})  # this {where} ships no tokenizer: the teacher's"
+    out = ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+           f'repo = "{repo_id}"' if repo_id else 'repo = "path/to/this/folder"  # or its Hub repo id once pushed',
+           f"model = AutoModelForCausalLM.from_pretrained(repo{rev}{', trust_remote_code=True' if retnet else ''})",
+           tok_line,
+           'inputs = tok("The capital of France is", return_tensors="pt")',
+           "out = model.generate(**inputs, max_new_tokens=20)",
+           "print(tok.decode(out[0], skip_special_tokens=True))"]
+    if not retnet:
+        return out + ["```", ""]
+    return out + ["", "# faster: packed weights and a static decode loop (same tokens, greedy)",
+                  "out = model.packed_decoder().generate(inputs.input_ids, max_new_tokens=20)", "```", "",
+                  f"`trust_remote_code=True` runs the modeling code shipped in this {where} "
+                  f"({', '.join(f'`{c}`' for c in CODE_FILES)}); retconvert itself is not needed. The prompt is "
+                  f"processed in the `{config.get('retention_mode', 'chunkwise')}` form; decoding is always "
+                  "recurrent (a fixed-size state per layer instead of a growing KV cache).", ""]
 
-    out += ["## Limitations", ""]
+
+def _limitations_section(retnet: bool, scratch: bool, distillation: Optional[dict], options: dict,
+                         eval_report: Optional[EvalReport]) -> List[str]:
+    out = []
     s_lr = eval_report.student.longrange if eval_report else {}
     t_lr = eval_report.teacher.longrange if eval_report and eval_report.teacher else {}
     if s_lr or t_lr:
         out += ["Long-range retrieval (from the eval report):", "",
                 _table(["measure", "teacher", "this model"],
                        [[k, _fmt(t_lr.get(k)), _fmt(s_lr.get(k))] for k in sorted(set(s_lr) | set(t_lr))]), ""]
-        out.append("- Retention decays exponentially with distance; check the numbers above before relying on "
-                   "recall of facts far back in a long context.")
-    else:
+        if retnet:
+            out.append("- Retention decays exponentially with distance; check the numbers above before relying on "
+                       "recall of facts far back in a long context.")
+    elif retnet:
         out.append("- Long-range retrieval (passkey / needle-in-a-haystack) was **not measured**. Retention decays "
                    "exponentially with distance, so recall of facts far back in a long context is likely worse "
-                   "than the teacher's.")
+                   + ("than a Transformer's." if scratch else "than the teacher's."))
+    else:
+        out.append("- Long-range retrieval (passkey / needle-in-a-haystack) was **not measured**.")
     if not distillation:
         out.append("- Not distilled: outputs are noticeably worse than the teacher's.")
     if options.get("gate") and not distillation:
         out.append("- The output gate was randomly initialised at conversion and has not been trained.")
-    out.append("- It inherits the teacher's training data, biases and intended-use restrictions.")
-    out += ["", f"_Card generated by `retconvert push` (retconvert {_version()})._", ""]
+    if not scratch:
+        out.append("- It inherits the teacher's training data, biases and intended-use restrictions.")
+    return out
+
+
+def render_card(config: dict, repo_id: Optional[str] = None, *, name: Optional[str] = None, files: Sequence[str] = (),
+                eval_report: Optional[EvalReport] = None, license: Optional[str] = None,
+                base_model: Optional[str] = None, revision: Optional[str] = None,
+                conversion_report: Optional[dict] = None) -> str:
+    """The model card (README.md) of a checkpoint whose config.json is `config`: Hub YAML
+    metadata, then what was done and what is known. The one card writer: `retconvert push`
+    renders it for `repo_id` (the published card); the converter and the distillation recipe
+    render it with `repo_id` None, titled `name`, into the folder they write (`write_card`).
+
+    What was done comes from the checkpoint's provenance record (`retconvert.provenance`, older
+    records included; `conversion_report` is the conversion_report.json beside it, which also
+    gives the per-layer calibration errors). `files` are the folder's files (relative paths:
+    whether it ships a tokenizer). No path of the machine that converted or trained the model
+    appears in the card. ValueError when neither `repo_id` nor `name` is given.
+    """
+    import yaml
+
+    if repo_id is None and not name:
+        raise ValueError("render_card needs the repo id it is published to, or the checkpoint's name")
+    conversion = read_conversion(config, conversion_report) or {}
+    distillation = read_distillation(config)
+    teacher = conversion.get("teacher")
+    hub_teacher = base_model or _hub_base_model(conversion)
+    license_id = license or conversion.get("license")
+    name = repo_id.split("/", 1)[1] if repo_id else name
+    retnet = config.get("model_type") == "retnet"
+    scratch = bool(distillation) and (distillation.get("student") or {}).get("init") == "scratch"
+
+    meta = _metadata(name, retnet, scratch, hub_teacher, license_id, distillation, eval_report)
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    teacher_md = f"[{hub_teacher}](https://huggingface.co/{hub_teacher})" if hub_teacher else \
+        (f"`{teacher}` ({KINDS.get(conversion.get('kind'), 'a local file or folder')}, not linked to a Hub model)"
+         if teacher else "unknown (config.json records no `conversion`)")
+    out = [f"---\n{front}---", f"# {name}", ""] + _intro(retnet, config.get("model_type"), scratch, distillation,
+                                                          teacher_md)
+    out += ["## License", ""] + _license_section(license_id, bool(license), scratch, hub_teacher, teacher_md) + [""]
+    if not scratch:
+        out += ["## Conversion", ""] + _conversion_section(conversion, teacher_md, conversion_report) + [""]
+    out += ["## Distillation" if not scratch else "## Training", ""] + _distillation_section(distillation) + [""]
+    out += ["## Evaluation", ""] + _evaluation_section(eval_report, distillation, teacher, hub_teacher) + [""]
+    out += _usage_section(config, repo_id, revision, files, hub_teacher)
+    out += ["## Limitations", ""] + _limitations_section(retnet, scratch, distillation, conversion.get("options") or {},
+                                                         eval_report)
+    out += ["", f"_Card generated by `retconvert push` (retconvert {_version()})._" if repo_id else
+            f"_Card generated by retconvert {_version()} when this checkpoint was written._", ""]
     return "\n".join(out)
+
+
+def write_card(folder, name: str) -> Path:
+    """Write the model card (README.md) of the checkpoint just saved in `folder`, by the converter
+    or the distillation recipe: `render_card` of its config.json and conversion_report.json,
+    titled `name` (the checkpoint's name: `folder` may be a temporary folder renamed later).
+    Returns the card's path."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    report = _read_json(folder / "conversion_report.json")
+    card = render_card(config, name=name, files=[r for r in _visible_files(folder) if r != CARD],
+                       conversion_report=report if isinstance(report, dict) else None)
+    path = folder / CARD
+    path.write_text(card, encoding="utf-8")
+    return path
 
 
 def _version() -> str:

@@ -662,6 +662,9 @@ def test_from_scratch(fx, tmp_path, arch):
     assert len(got) == 4 and got[-1] < got[0]
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["model_type"] == arch
+    card = (out / "final" / "README.md").read_text()  # retconvert.hub.write_card
+    assert ("A Retentive Network (RetNet) trained from scratch" if arch == "retnet" else
+            "A Transformer (`llama`) trained from scratch") in card and "teacher" not in card
 
 
 def test_sweep_writes_one_table(fx, tmp_path):
