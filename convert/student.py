@@ -7,7 +7,6 @@
 
 import json
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,12 +14,12 @@ from typing import Optional
 
 import torch
 
-import retconvert
 from retconvert.convert.calibrate import calibrate
 from retconvert.convert.families import NEW_PARAMETERS, Family, check_config, family_for, map_state_dict
 from retconvert.convert.sources import Teacher
 from retconvert.data import iter_texts, token_stream
 from retconvert.errors import RetconvertError
+from retconvert.hub import write_card
 from retconvert.models import RetNetConfig, RetNetForCausalLM
 from retconvert.paths import atomic_output_dir, shared_data_dir
 from retconvert.provenance import conversion_record, strip_local_paths, teacher_license
@@ -180,47 +179,10 @@ def convert(teacher: Teacher, options: ConvertOptions, log=print):
     return student, report
 
 
-def model_card(teacher: Teacher, options: ConvertOptions, report: dict, command: str) -> str:
-    rows = "\n".join(f"| {i} | {layer['rel_error']:.3f} |" for i, layer in enumerate(report.get("layers", [])))
-    return f"""---
-base_model: {teacher.base_model}
-library_name: transformers
-tags: [retnet, retention, retconvert, linear-attention]
----
-# RetNet converted from {teacher.base_model}
-
-Converted by [retconvert](https://pypi.org/project/retconvert/) {retconvert.__version__}: the
-teacher's embeddings, MLPs, norms and Q/K/V/O projections are carried over; softmax attention
-is replaced by multi-scale retention with per-head decay. **Not distilled yet**: expect a
-large quality gap to the teacher until `distill/train.py` has run.
-
-Command: `{command}`
-
-## Conversion settings
-```json
-{json.dumps(asdict(options), indent=2)}
-```
-
-## Usage
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained(PATH)
-out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=20)
-```
-Decoding always uses the recurrent form (constant memory per token).
-
-## Per-layer relative error of retention vs attention output (calibration text)
-| layer | relative error |
-|---|---|
-{rows}
-"""
-
-
 def save_checkpoint(student: RetNetForCausalLM, teacher: Teacher, options: ConvertOptions, report: dict,
-                    out: Path, dtype: str = "float32", force: bool = False, command: Optional[str] = None):
-    """Write the student, its code, tokenizer, generation config and model card, atomically."""
-    command = command or " ".join(["retconvert"] + sys.argv[1:])
+                    out: Path, dtype: str = "float32", force: bool = False):
+    """Write the student, its code, tokenizer, generation config, conversion report and model
+    card (`retconvert.hub.write_card`, from the provenance record), atomically."""
     student.config.conversion = conversion_record(teacher, options, report, license=teacher_license(teacher))
     with atomic_output_dir(out, force=force) as tmp:
         student.to(DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
@@ -228,6 +190,6 @@ def save_checkpoint(student: RetNetForCausalLM, teacher: Teacher, options: Conve
         gen = getattr(teacher.model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(teacher, options, report, command))
         (tmp / "conversion_report.json").write_text(json.dumps(strip_local_paths(report), indent=2))
+        write_card(tmp, Path(out).name)
     return out
