@@ -13,13 +13,15 @@ teacher counterpart; `NEW_PARAMETERS` lists them with their initialisation.
 Config fields get the same treatment as tensors: every field of the teacher's config is
 listed, in `COMMON_FIELDS` or the family's own table, as carried over (MAPPED), without
 effect on the forward pass (INERT), part of the softmax attention that retention replaces
-(REPLACED), or accepted only at the values the RetNet can express (`Only`). A field that is
-not listed (a new transformers release, a fork) stops the conversion with its name.
+(REPLACED), the sliding window (WINDOW: kept per layer with `--window teacher`, see
+`teacher_windows`, else replaced), or accepted only at the values the RetNet can express
+(`Only`). A field that is not listed (a new transformers release, a fork) stops the conversion
+with its name.
 """
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from transformers import PretrainedConfig
@@ -60,6 +62,9 @@ Target = Union[str, None, Transform]
 MAPPED = "mapped"  # carried over exactly by the family's retnet_config
 INERT = "inert"  # no effect on the forward pass in eval mode (dropout, initialisation, token ids, bookkeeping)
 REPLACED = "replaced"  # a detail of softmax attention, which retention replaces as a whole
+# the sliding window: each sliding layer's window becomes its retention window with --window teacher
+# (`teacher_windows`); otherwise retention replaces it, the decay playing its role
+WINDOW = "window"
 
 
 @dataclass(frozen=True)
@@ -282,11 +287,40 @@ def gemma3_config(cfg) -> dict:
         by_type = {kind: _rope_from(p) for kind, p in params.items()}
     else:  # 4.x: the global rope_theta / rope_scaling, and rope_local_base_freq for the local layers
         by_type = {"full_attention": _rope(cfg), "sliding_attention": _rope_from({"rope_theta": cfg.rope_local_base_freq})}
-    pattern = getattr(cfg, "sliding_window_pattern", 6)
-    types = getattr(cfg, "layer_types", None) or [
-        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)]
-    layer_rope = [by_type[kind] for kind in types]
+    layer_rope = [by_type[kind] for kind in _layer_types(cfg)]
     return {**gemma2_config(cfg), "qk_norm": "head", "layer_rope": layer_rope, **layer_rope[0]}
+
+
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+
+def _layer_types(cfg) -> List[str]:
+    """Each layer's attention, "full_attention" or "sliding_attention": the config's `layer_types`
+    (transformers' hybrid families), else Gemma 3's older `sliding_window_pattern` (every n-th
+    layer global, default 6) for a config that has it, else the same kind on every layer (sliding
+    where the config sets a `sliding_window`: Mistral, Phi-3)."""
+    types = getattr(cfg, "layer_types", None)
+    if types is None and getattr(cfg, "model_type", None) == "gemma3_text":
+        pattern = getattr(cfg, "sliding_window_pattern", 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                 for i in range(cfg.num_hidden_layers)]
+    if types is None:
+        kind = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
+        types = [kind] * cfg.num_hidden_layers
+    for i, kind in enumerate(types):
+        if kind not in ATTENTION_KINDS:
+            raise RetconvertError(f"layer {i} has attention type {kind!r}, which the converter does not know; "
+                                  f"supported: {', '.join(ATTENTION_KINDS)}")
+    return list(types)
+
+
+def teacher_windows(cfg) -> List[int]:
+    """The teacher's sliding window per layer in tokens, 0 for a layer that attends to the whole
+    context: what `--window teacher` gives each student layer as its retention window. A sliding
+    layer sees its last `sliding_window` tokens, itself included (transformers' mask keeps key j
+    for query i when i - j < sliding_window), as a retention window of that length does."""
+    window = getattr(cfg, "sliding_window", None) or 0
+    return [window if kind == "sliding_attention" else 0 for kind in _layer_types(cfg)]
 
 
 def gpt2_config(cfg) -> dict:
@@ -385,15 +419,15 @@ LLAMA_FIELDS: Dict[str, Rule] = {
     # nanotron export fields (SmolLM2's config.json) that transformers' Llama never reads
     "is_llama_config": INERT, "rope_interleaved": INERT,
 }
-_SLIDING = dict.fromkeys(("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"), REPLACED)
-MISTRAL_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, "sliding_window": REPLACED}
+_SLIDING = dict.fromkeys(("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"), WINDOW)
+MISTRAL_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, "sliding_window": WINDOW}
 _NO_MLP_BIAS = {"mlp_bias": INERT}  # the family's MLP has no biases, whatever the config says
 QWEN3_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, **_SLIDING, **_NO_MLP_BIAS}
 OLMO2_FIELDS: Dict[str, Rule] = {**LLAMA_FIELDS, **_NO_MLP_BIAS}
 PHI3_FIELDS: Dict[str, Rule] = {
     **LLAMA_FIELDS,
     **dict.fromkeys(("attention_bias", "mlp_bias"), INERT),  # Phi-3's modules never read them
-    "sliding_window": REPLACED,
+    "sliding_window": WINDOW,
     "original_max_position_embeddings": INERT,  # read only by the longrope scaling, which is refused
     "partial_rotary_factor": MAPPED,  # transformers 4.x; 5 keeps it in rope_parameters
 }
@@ -410,20 +444,20 @@ GEMMA2_FIELDS: Dict[str, Rule] = {
     **_NO_MLP_BIAS,
     "hidden_act": INERT,  # Gemma 2/3 read hidden_activation; old configs carry both
     **dict.fromkeys(("hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping"), MAPPED),
-    # tanh soft-capping of the softmax scores and the sliding window: softmax attention details
-    "attn_logit_softcapping": REPLACED, "sliding_window": REPLACED, "layer_types": REPLACED,
+    # tanh soft-capping of the softmax scores: a softmax attention detail (a kept window's softmax has none)
+    "attn_logit_softcapping": REPLACED, "sliding_window": WINDOW, "layer_types": WINDOW,
     "use_bidirectional_attention": Only((None, False), "bidirectional attention has no causal RetNet counterpart"),
 }
 GEMMA3_FIELDS: Dict[str, Rule] = {
     **GEMMA2_FIELDS,
     "rope_local_base_freq": MAPPED,  # transformers 4.x: the local layers' theta
-    # which layers are local, so which RoPE each layer has; the window itself becomes retention
+    # which layers are local: which RoPE each layer has, and which keep the window with --window teacher
     "layer_types": MAPPED, "sliding_window_pattern": MAPPED,
 }
 QWEN2_FIELDS: Dict[str, Rule] = {
     **LLAMA_FIELDS,
     **dict.fromkeys(("attention_bias", "mlp_bias"), INERT),  # Qwen2's modules never read them
-    **dict.fromkeys(("use_sliding_window", "sliding_window", "max_window_layers", "layer_types"), REPLACED),
+    **_SLIDING,
 }
 
 
@@ -526,6 +560,9 @@ for _p in ("weight", "bias"):
         f"{_NEOX}.mlp.dense_4h_to_h.{_p}": f"model.layers.{{i}}.mlp.fc_out.{_p}",
     })
 
+# What becomes of a sliding window (the families' notes)
+_KEEP = "kept as each such layer's retention window with --window teacher, else replaced by retention (decay)"
+
 FAMILIES: Dict[str, Family] = {
     "gpt2": Family("gpt2", GPT2_KEYS, gpt2_config, attention_output="transformer.h.{i}.attn.c_proj",
                    fields=GPT2_FIELDS,
@@ -536,31 +573,34 @@ FAMILIES: Dict[str, Family] = {
                     notes="grouped-query K/V kept (or expanded per head), RoPE carried over with its theta and scaling"),
     "mistral": Family("mistral", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
                       fields=MISTRAL_FIELDS,
-                      notes="as llama; the sliding window becomes retention (decay plays its role)"),
+                      notes=f"as llama; the sliding window (every layer) {_KEEP}"),
     "qwen2": Family("qwen2", LLAMA_KEYS, qwen2_config, attention_output="model.layers.{i}.self_attn.o_proj",
                     fields=QWEN2_FIELDS,
-                    notes="as llama, with q/k/v biases; the sliding window becomes retention"),
+                    notes=f"as llama, with q/k/v biases; a sliding window (use_sliding_window: the layers from "
+                          f"max_window_layers on) {_KEEP}"),
     "qwen3": Family("qwen3", QWEN3_KEYS, qwen3_config, attention_output="model.layers.{i}.self_attn.o_proj",
-                    fields=QWEN3_FIELDS, notes="as llama, with per-head q/k RMSNorm; the sliding window becomes retention"),
+                    fields=QWEN3_FIELDS,
+                    notes=f"as llama, with per-head q/k RMSNorm; a sliding window (use_sliding_window: the layers "
+                          f"from max_window_layers on) {_KEEP}"),
     "gpt_neox": Family("gpt_neox", GPT_NEOX_KEYS, gpt_neox_config, attention_output="gpt_neox.layers.{i}.attention.dense",
                        fields=GPT_NEOX_FIELDS,
                        notes="fused per-head query_key_value split, partial rotary kept (q/k channels permuted), "
                              "parallel residual, untied head"),
     "phi3": Family("phi3", PHI3_KEYS, phi3_config, attention_output="model.layers.{i}.self_attn.o_proj",
                    fields=PHI3_FIELDS,
-                   notes="fused qkv and gate/up projections split, partial rotary kept; the sliding window becomes "
-                         "retention; longrope scaling refused"),
+                   notes=f"fused qkv and gate/up projections split, partial rotary kept; longrope scaling refused; "
+                         f"the sliding window (every layer) {_KEEP}"),
     "olmo2": Family("olmo2", OLMO2_KEYS, olmo2_config, attention_output="model.layers.{i}.self_attn.o_proj",
                     fields=OLMO2_FIELDS, notes="norms on the attention and MLP outputs, q/k RMSNorm over the projection"),
     "gemma2": Family("gemma2", GEMMA2_KEYS, gemma2_config, attention_output="model.layers.{i}.self_attn.o_proj",
                      fields=GEMMA2_FIELDS,
                      notes="embeddings scaled by sqrt(hidden), (1 + w) norms stored as weights, sandwich norms, GeGLU, "
-                           "query_pre_attn_scalar, final logit soft-capping; the sliding window becomes retention, "
-                           "and so does the soft-capping of attention scores"),
+                           "query_pre_attn_scalar, final logit soft-capping; the soft-capping of attention scores "
+                           f"becomes retention; the sliding window (every other layer) {_KEEP}"),
     "gemma3_text": Family("gemma3_text", GEMMA3_KEYS, gemma3_config, attention_output="model.layers.{i}.self_attn.o_proj",
                           fields=GEMMA3_FIELDS,
-                          notes="as gemma2, with per-head q/k norms and the local/global RoPE per layer; the sliding "
-                                "window becomes retention"),
+                          notes=f"as gemma2, with per-head q/k norms and the local/global RoPE per layer; the sliding "
+                                f"window (the local layers) {_KEEP}"),
 }
 
 

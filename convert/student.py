@@ -10,12 +10,13 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from retconvert.convert.calibrate import calibrate
-from retconvert.convert.families import NEW_PARAMETERS, Family, check_config, family_for, map_state_dict
+from retconvert.convert.families import (NEW_PARAMETERS, Family, check_config, family_for, map_state_dict,
+                                         teacher_windows)
 from retconvert.convert.sources import Teacher
 from retconvert.data import iter_texts, token_stream
 from retconvert.errors import RetconvertError
@@ -41,7 +42,9 @@ class ConvertOptions:
     gate: bool = False  # the paper's swish gate, untrained (random) at conversion
     retention_mode: str = "chunkwise"
     chunk_size: int = 64
-    window: int = 0  # W > 0: exact softmax over each layer's last W tokens beside the decayed state
+    # W > 0: exact softmax over each layer's last W tokens beside the decayed state; "teacher": the
+    # teacher's own sliding window on its sliding layers, pure retention on its global ones
+    window: Union[int, str] = 0
     calib_data: Optional[str] = None  # text source; default: the offline C4 sample, else C4 online
     calib_tokens: int = 8192
     calib_seq_len: int = 512
@@ -55,14 +58,28 @@ class ConvertOptions:
                                       f"use one of {', '.join(allowed)}")
         if self.chunk_size <= 0:
             raise RetconvertError(f"--chunk-size {self.chunk_size} must be positive; use e.g. 64")
-        if not isinstance(self.window, int) or self.window < 0:
-            raise RetconvertError(f"--window {self.window} must be 0 (pure RetNet) or a token count such as 64")
+        if self.window != "teacher" and (not isinstance(self.window, int) or self.window < 0):
+            raise RetconvertError(f"--window {self.window} must be 0 (pure RetNet), a token count such as 64, "
+                                  "or 'teacher' (the teacher's sliding window on its sliding layers)")
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 2:
             raise RetconvertError("calibration needs calib_tokens >= calib_seq_len >= 2; raise --calib-tokens")
 
     @property
     def needs_calibration(self) -> bool:
         return self.decay == "calibrated" or self.output_scale == "fit" or self.score_bias or self.sink
+
+
+def student_windows(teacher_config, window: Union[int, str]) -> Union[int, list]:
+    """`retention_window` of the student: the option's W for every layer, or with "teacher" the
+    teacher's sliding window on each sliding layer and 0 (pure retention) on the others."""
+    if window != "teacher":
+        return window
+    windows = teacher_windows(teacher_config)
+    if not any(windows):
+        raise RetconvertError(f"--window teacher: this {teacher_config.model_type} teacher has no sliding-window "
+                              "layer (every layer attends to the whole context); use --window 0 (pure RetNet) "
+                              "or --window W")
+    return windows
 
 
 def student_config(teacher_config, options: ConvertOptions) -> RetNetConfig:
@@ -76,7 +93,7 @@ def student_config(teacher_config, options: ConvertOptions) -> RetNetConfig:
         value_factor=1,
         retention_mode=options.retention_mode,
         chunk_size=options.chunk_size,
-        retention_window=options.window,
+        retention_window=student_windows(teacher_config, options.window),
         learnable_decay=True,
         retention_normalization="paper",
         head_norm=options.head_norm,
@@ -162,6 +179,10 @@ def convert(teacher: Teacher, options: ConvertOptions, log=print):
     family: Family = family_for(teacher.model.config)
     log(f"converting {teacher.source} ({family.model_type}: {family.notes})")
     student = build_student(teacher.model, options).to(teacher.model.device)
+    if options.window == "teacher":
+        windows = student.config.layer_windows
+        log(f"keeping the teacher's sliding window: {sum(map(bool, windows))} of {len(windows)} layers windowed "
+            f"({', '.join(sorted({f'{w} tokens' for w in windows if w}))}), the others pure retention")
     # notes: what carries over and what retention replaces (e.g. a sliding window), for the record
     report = {"family": family.model_type, "family_notes": family.notes, "options": asdict(options), "layers": []}
     if options.needs_calibration:

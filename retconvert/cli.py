@@ -18,6 +18,17 @@ from pathlib import Path
 from retconvert.errors import RetconvertError
 
 
+def window_arg(text: str):
+    """--window: a token count, or "teacher" (the teacher's own sliding window per layer)."""
+    if text == "teacher":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a window; give a token count such as 64, 0 for a pure "
+                                         "RetNet, or 'teacher'") from None
+
+
 def _add_from_hf(sub):
     from retconvert.convert.student import ConvertOptions
     from retconvert.convert.sources import DEFAULT_TEACHER
@@ -43,10 +54,12 @@ def _add_from_hf(sub):
                    help="add the paper's swish output gate (randomly initialised: needs distillation)")
     p.add_argument("--retention-mode", choices=("parallel", "chunkwise", "recurrent"), default=d.retention_mode)
     p.add_argument("--chunk-size", type=int, default=d.chunk_size)
-    p.add_argument("--window", type=int, default=d.window, metavar="W",
+    p.add_argument("--window", type=window_arg, default=d.window, metavar="W|teacher",
                    help="every retention layer also attends to its last W tokens with exact softmax, under one "
                         "normaliser with the decayed state (64 as in LoLCATs/Liger; 0: pure RetNet, the default "
-                        "and the only kind torchscale export accepts)")
+                        "and the only kind torchscale export accepts). 'teacher': keep the teacher's sliding "
+                        "window (mistral, qwen2/3 with use_sliding_window, phi3, gemma2/3): each sliding layer gets "
+                        "a window of the teacher's sliding_window tokens, each global layer pure retention")
     p.add_argument("--calib-data", help="calibration text: .jsonl/.txt file or hf:NAME:CONFIG:SPLIT "
                                         "(default: the offline C4 sample, else C4 streamed)")
     p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)

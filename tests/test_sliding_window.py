@@ -1,0 +1,155 @@
+"""Teachers with sliding-window attention (Mistral, Qwen2/3, Phi-3, Gemma 2/3) converted with
+`--window teacher`: each sliding layer keeps the teacher's window as its retention window, each
+global layer becomes pure retention. Tiny random teachers built from their configs.
+
+The window is the teacher's exactly: with the decayed part switched off (gamma ~ 0, no sink),
+a kept layer computes the teacher's sliding-window attention at every position, also past the
+window, so a window one token too long or too short fails.
+"""
+
+import json
+
+import pytest
+import torch
+from test_families import GQA, TINY
+from tiny import assert_close, assert_loads_with_remote_code, save_teacher, tiny_llama, tiny_text, write_jsonl
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen3Config
+
+from retconvert.cli import main as cli
+from retconvert.convert.families import teacher_windows
+from retconvert.convert.student import ConvertOptions, build_student
+from retconvert.errors import RetconvertError
+from retconvert.models.modeling_retnet import CACHE_NAME
+
+W = 4  # the teachers' sliding window: shorter than the test sequences
+GEMMA3 = dict(**TINY, **GQA, query_pre_attn_scalar=24, sliding_window=W, rope_local_base_freq=10000.0,
+              rope_theta=1000000.0)
+TEACHERS = {  # name: (config, the windows `--window teacher` must give)
+    "mistral": (lambda: MistralConfig(**TINY, **GQA, sliding_window=W), [W, W]),
+    "phi3": (lambda: Phi3Config(**TINY, **GQA, sliding_window=W), [W, W]),
+    # the layers from max_window_layers on slide (three layers, so that a sliding one is not the last)
+    "qwen3": (lambda: Qwen3Config(**dict(TINY, num_hidden_layers=3), **GQA, use_sliding_window=True,
+                                  sliding_window=W, max_window_layers=1), [0, W, W]),
+    "gemma2": (lambda: Gemma2Config(**TINY, **GQA, query_pre_attn_scalar=24, sliding_window=W), [W, 0]),
+    "gemma3_text": (lambda: Gemma3TextConfig(**GEMMA3, layer_types=["sliding_attention", "full_attention"]), [W, 0]),
+    "gemma3_text-all-local": (lambda: Gemma3TextConfig(**GEMMA3, layer_types=["sliding_attention"] * 2), [W, W]),
+}
+
+
+def make_teacher(name: str):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(TEACHERS[name][0]()).eval()
+
+
+def switch_off_decayed_part(student):
+    """gamma = 1e-6: a token past the window weighs gamma^W ~ 1e-24; the sink weight stays 0."""
+    with torch.no_grad():
+        for block in student.model.layers:
+            block.retention.decay_logit.fill_(float(torch.logit(torch.tensor(1e-6))))
+            assert not block.retention.sink_weight.any()
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_teacher_windows_land_on_the_sliding_layers(name):
+    teacher = make_teacher(name)
+    want = TEACHERS[name][1]
+    assert teacher_windows(teacher.config) == want
+    student = build_student(teacher, ConvertOptions(window="teacher"))
+    assert student.config.layer_windows == want
+    default = build_student(teacher, ConvertOptions()).config
+    assert default.layer_windows == [0] * len(want)  # the default stays pure retention
+    assert build_student(teacher, ConvertOptions(window=8)).config.layer_windows == [8] * len(want)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_a_kept_window_computes_the_teachers_sliding_attention(name):
+    """Each kept layer's output equals the teacher's layer output at every position (T = 3 W),
+    given the teacher's input to that layer: the window is the teacher's, no longer and no shorter. Where every
+    layer slides, the logits are the teacher's."""
+    teacher = make_teacher(name)
+    student = build_student(teacher, ConvertOptions(window="teacher")).eval()
+    switch_off_decayed_part(student)
+    ids = torch.randint(3, 128, (2, 3 * W))
+    hidden = teacher(ids, output_hidden_states=True).hidden_states  # hidden[i]: the input of layer i
+    pos = torch.arange(3 * W).expand(2, 3 * W)
+    last = len(student.model.layers) - 1
+    for i, w in enumerate(student.config.layer_windows):
+        if w and i < last:  # the last hidden state is after the final norm
+            got, _ = student.model.layers[i](hidden[i], pos, output_final_state=False)
+            assert_close(got, hidden[i + 1], what=f"{name} layer {i}")
+    if all(student.config.layer_windows):
+        assert_close(student(ids).logits, teacher(ids).logits, what=f"{name} logits")
+        # one token longer or shorter is another function: the test above can fail
+        for other in (W - 1, W + 1):
+            off = build_student(teacher, ConvertOptions(window=other)).eval()
+            switch_off_decayed_part(off)
+            assert not torch.allclose(off(ids).logits, teacher(ids).logits, rtol=1e-4, atol=1e-4), other
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["mistral", "gemma3_text"])
+def test_first_position_logits_and_decoding(name):
+    """Over one token the student returns the teacher's logits (the window's softmax over the
+    token itself, the global layers' normalised retention with b large), and decoding from the
+    state (modules, and the packed decoder where it covers the family) equals the parallel form."""
+    from retconvert.models.decoding_retnet import RetNetDecoder
+
+    teacher = make_teacher(name)
+    student = build_student(teacher, ConvertOptions(window="teacher")).eval()
+    for block in student.model.layers:
+        block.retention.score_bias.fill_(1e3)
+    first = torch.randint(3, 128, (4, 1))
+    assert_close(student(first).logits, teacher(first).logits, what=f"{name} first position")
+    for block in student.model.layers:
+        block.retention.score_bias.fill_(1.0)
+    ids = torch.randint(3, 128, (2, 3 * W))
+    want = student(ids, use_cache=False).logits
+    state = student(ids[:, :3], use_cache=True)[CACHE_NAME]
+    for t in range(3, 3 * W):
+        out = student(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: state})
+        assert_close(out.logits[:, 0], want[:, t], what=f"{name} step {t}")
+        state = out[CACHE_NAME]
+    if RetNetDecoder.supports(student.config):
+        decoder = student.packed_decoder(batch_size=2)
+        decoder.prefill(ids[:, :3])
+        for t in range(3, 3 * W):
+            assert_close(decoder.step(ids[:, t]), want[:, t], what=f"{name} packed step {t}")
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma3_text"])
+def test_cli_keeps_the_window_and_the_checkpoint_loads_without_retconvert(name, tmp_path):
+    folder = save_teacher(make_teacher(name), tmp_path / name)
+    calib = write_jsonl(tmp_path / "calib.jsonl", tiny_text())
+    out = tmp_path / "student"
+    assert cli(["from-hf", str(folder), "--out", str(out), "--window", "teacher", "--calib-data", str(calib),
+                "--calib-tokens", "256", "--calib-seq-len", "64"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["retention_window"] == TEACHERS[name][1]
+    assert config["conversion"]["options"]["window"] == "teacher"
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert "kept as each such layer's retention window with --window teacher" in report["family_notes"]
+    assert all(0 <= layer["rel_error"] <= 1 + 1e-6 for layer in report["layers"])
+    assert_loads_with_remote_code(out, tmp_path, torch.randint(3, 40, (2, 11)))
+
+
+def test_window_teacher_without_a_sliding_layer_is_a_one_line_error(tmp_path, capsys):
+    folder = save_teacher(tiny_llama(), tmp_path / "llama")
+    out = tmp_path / "student"
+    assert cli(["from-hf", str(folder), "--out", str(out), "--window", "teacher"]) == 2
+    err = capsys.readouterr().err
+    assert "--window teacher: this llama teacher has no sliding-window layer" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1 and not out.exists()
+    qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**TINY))  # without use_sliding_window: global layers
+    with pytest.raises(RetconvertError, match="this qwen3 teacher has no sliding-window layer"):
+        build_student(qwen3, ConvertOptions(window="teacher"))
+
+
+def test_bad_window_values_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage, then the error, status 2
+        cli(["from-hf", "smollm2-135m", "--window", "wide"])
+    assert exit_.value.code == 2
+    assert "'wide' is not a window; give a token count such as 64, 0 for a pure RetNet, or 'teacher'" in \
+        capsys.readouterr().err
+    with pytest.raises(RetconvertError, match="--window -2 must be 0"):
+        ConvertOptions(window=-2).validate()
