@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import yaml
 
@@ -251,10 +251,15 @@ def finished(rows: List[dict], runs: List[Run], out: Path) -> Dict[str, dict]:
     return done
 
 
-def sweep(spec: dict, extra: List[str] = (), log=print) -> List[dict]:
-    """Run every run not yet in `<out_dir>/results.json`; return all rows in the sweep's order."""
+def sweep(spec: dict, extra: List[str] = (), log=print,
+          on_run_done: Optional[Callable[[int], None]] = None) -> List[dict]:
+    """Run every run not yet in `<out_dir>/results.json`; return all rows in the sweep's order.
+    `on_run_done(n)`, if given, is called after the row of the n-th run (1-based) is written
+    (default: the kill-and-resume test's hook, RETCONVERT_TEST_HANG_AFTER_RUN=n)."""
+    from retconvert.distill.checkpoint import hang_hook
     from retconvert.distill.trainer import run as train
 
+    on_run_done = on_run_done or hang_hook("RETCONVERT_TEST_HANG_AFTER_RUN")
     runs = run_configs(spec, extra)
     out = Path(spec["out_dir"]).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -280,8 +285,8 @@ def sweep(spec: dict, extra: List[str] = (), log=print) -> List[dict]:
         row["config_sha"] = config_sha(run.cfg)
         done[run.run_id] = row
         write_rows(out, [done[r.run_id] for r in runs if r.run_id in done])
-        if os.environ.get("RETCONVERT_TEST_HANG_AFTER_RUN") == str(run.index + 1):
-            time.sleep(3600)  # test hook: wait here to be killed (tests/test_sweep.py)
+        if on_run_done is not None:
+            on_run_done(run.index + 1)
     rows = [done[r.run_id] for r in runs]
     if study:
         from retconvert.eval.study import write_report
