@@ -11,8 +11,10 @@ steps of a block absorb that. The variants:
 
   teacher              transformers' own path: model(input_ids=token, past_key_values=cache),
                        DynamicCache holding P keys/values per layer (what HF generate() runs)
+                       (eval/speed.py ModuleDecoding, as the eval suite's decode curve)
   student/module       the same call on the RetNet (its RetNetState makes each step recurrent)
   student/decoder-fp32 models/decoding_retnet.py: packed weights, static shapes, fp32
+                       (eval/speed.py PackedDecoding: one decoder per batch size)
   student/decoder-bf16 ... with bfloat16 weights (half the bytes; state and norms stay fp32)
   student/decoder-fp16 ... with float16 weights
 
@@ -96,36 +98,12 @@ def probe_steps(nbytes: int) -> dict:
 PROBES = {"memory/copy": ("memory/copy",), "memory/read": ("memory/read:sum", "memory/read:gemv")}
 
 
-class Variant:
-    """One way of decoding: `start(batch_state)` then `step()` returns the next token ids."""
+def packed_weight_bytes(student, dtype) -> int:
+    """Bytes of the packed decoder's weights in `dtype` (read once per token), from a decoder of
+    its own: the variants build theirs for the batch sizes they time."""
+    from retconvert.eval.speed import PackedDecoding
 
-    def __init__(self, name, model=None, make_decoder=None):
-        self.name, self.model, self.make_decoder = name, model, make_decoder
-        self.decoders, self.decoder = {}, None  # one decoder per batch size: kernels are tuned for it
-
-    def start(self, cache, token, batch: int):
-        """Continue from a batch-1 prefill (its cache and next token), copied to `batch` rows."""
-        from retconvert.eval.speed import expand
-
-        cache = expand(cache, batch)
-        if self.make_decoder is not None:
-            if batch not in self.decoders:
-                self.decoders[batch] = self.make_decoder(batch)
-            self.decoder = self.decoders[batch]
-            self.decoder.load_state(cache)
-            self.token = token.view(-1).repeat(batch)
-        else:
-            self.cache, self.token = cache, token.repeat(batch, 1)
-
-    def step(self):
-        if self.make_decoder is not None:
-            self.token = self.decoder.step(self.token).argmax(-1)
-        else:
-            out = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
-            self.cache, self.token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-
-    def stop(self):
-        self.cache = None
+    return PackedDecoding(student, dtype).decoder_for(1).weight_bytes()
 
 
 def kv_cache_bytes(cfg, batch: int, context: int) -> int:
@@ -147,7 +125,7 @@ def main(argv=None) -> int:
     import retconvert  # noqa: F401  (registers the RetNet Auto classes)
     from retconvert.convert.student import ConvertOptions, build_student
     from retconvert.convert.sources import load_teacher
-    from retconvert.models.decoding_retnet import RetNetDecoder
+    from retconvert.eval.speed import ModuleDecoding, PackedDecoding
 
     result = {**run_header("decode"), "machine": machine_info(), "settings": vars(args)}
 
@@ -161,21 +139,20 @@ def main(argv=None) -> int:
                              "options": vars(ConvertOptions())}
     student.config.retention_mode = "chunkwise"
     wanted = args.variants.split(",")
-    variants = []
+    variants = {}  # name -> its decoding (start, step, stop)
     if "teacher" in wanted:
-        variants.append(Variant("teacher", model=teacher))
+        variants["teacher"] = ModuleDecoding(teacher)
     if "student/module" in wanted:
-        variants.append(Variant("student/module", model=student))
+        variants["student/module"] = ModuleDecoding(student)
     weight_bytes = {"teacher": sum(p.numel() * p.element_size() for p in teacher.parameters()),
                     "student/module": sum(p.numel() * p.element_size() for p in student.parameters())}
-    for dtype_name in ("fp32", "bf16", "fp16"):
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         name = f"student/decoder-{dtype_name}"
         if name in wanted:
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-            variants.append(Variant(name, make_decoder=lambda b, dtype=dtype: RetNetDecoder(student, b, dtype)))
-            weight_bytes[name] = RetNetDecoder(student, 1, dtype).weight_bytes()
+            variants[name] = PackedDecoding(student, dtype)
+            weight_bytes[name] = packed_weight_bytes(student, dtype)
     result["weight_bytes"] = weight_bytes
-    probe_bytes = weight_bytes.get("student/decoder-fp32") or RetNetDecoder(student, 1).weight_bytes()
+    probe_bytes = weight_bytes.get("student/decoder-fp32") or packed_weight_bytes(student, torch.float32)
     probes = probe_steps(probe_bytes)
     result["parameters"] = {"teacher": sum(p.numel() for p in teacher.parameters()),
                             "student": sum(p.numel() for p in student.parameters())}
@@ -192,22 +169,22 @@ def main(argv=None) -> int:
                 bases[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
             for batch in args.batches:
                 active = []
-                for v in variants:
-                    if v.name == "student/module" and batch not in args.module_batches:
+                for name, v in variants.items():
+                    if name == "student/module" and batch not in args.module_batches:
                         continue
                     kv_bytes = kv_cache_bytes(teacher.config, batch, context)
-                    if v.name == "teacher" and kv_bytes > args.max_cache_bytes:
-                        skipped.append({"variant": v.name, "context": context, "batch": batch,
+                    if name == "teacher" and kv_bytes > args.max_cache_bytes:
+                        skipped.append({"variant": name, "context": context, "batch": batch,
                                         "reason": f"KV cache {kv_bytes / 1e9:.1f} GB "
                                                   f"> --max-cache-bytes {args.max_cache_bytes / 1e9:.1f} GB"})
                         continue
-                    v.start(*bases[v.name.split("/")[0]], batch)
-                    active.append(v)
-                steps = {**(probes if batch == 1 else {}), **{v.name: v.step for v in active}}
+                    v.start(*bases[name.split("/")[0]], batch)
+                    active.append(name)
+                steps = {**(probes if batch == 1 else {}), **{name: variants[name].step for name in active}}
                 times = take_turns(steps, [args.block_steps] * args.rounds, args.block_warmup, args.settle_s)
-                for v in active:
-                    v.stop()
-                names = (list(PROBES) if batch == 1 else []) + [v.name for v in active]
+                for name in active:
+                    variants[name].stop()
+                names = (list(PROBES) if batch == 1 else []) + active
                 for name in names:
                     # a probe's time: its fastest way of streaming
                     way = min(PROBES.get(name, (name,)), key=lambda w: statistics.median(times[w]))
@@ -220,8 +197,9 @@ def main(argv=None) -> int:
             del bases
         result["flatness_interleaved"] = flatness(args, teacher, student, variants)
     result["points"], result["skipped"] = points, skipped
-    result["decoder_kernels"] = {v.name: {str(b): sorted({f"{tuple(m.w.shape)}: {m.kernel}" for m in d._matrices()})
-                                          for b, d in v.decoders.items()} for v in variants if v.decoders}
+    result["decoder_kernels"] = {name: {str(b): sorted({f"{tuple(m.w.shape)}: {m.kernel}" for m in d._matrices()})
+                                        for b, d in v.decoders.items()}
+                                 for name, v in variants.items() if isinstance(v, PackedDecoding)}
     result["probe_bytes"] = probe_bytes
     result["summary"] = summarise(points, probe_bytes, weight_bytes, args)
     print_summary(result["summary"])
@@ -245,14 +223,15 @@ def flatness(args, teacher, student, variants) -> dict:
                       use_cache=True, logits_to_keep=1)
         starts[length] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
     result = {}
-    for v in variants:
-        if v.name == "teacher":
+    for name, v in variants.items():
+        if name == "teacher":
             continue
         times = take_turns({lo: v.step, hi: v.step}, [args.block_steps] * args.rounds, args.block_warmup,
                            args.settle_s, starts={n: (lambda n=n: v.start(*starts[n], 1)) for n in (lo, hi)})
+        v.stop()
         a, b = statistics.median(times[lo]), statistics.median(times[hi])
-        result[v.name] = {f"latency_ms_{lo}": a * 1e3, f"latency_ms_{hi}": b * 1e3, f"ratio_{hi}_over_{lo}": b / a}
-        log(f"  flatness {v.name}: {a * 1e3:.1f} ms at {lo}, {b * 1e3:.1f} ms at {hi} ({b / a:.3f})")
+        result[name] = {f"latency_ms_{lo}": a * 1e3, f"latency_ms_{hi}": b * 1e3, f"ratio_{hi}_over_{lo}": b / a}
+        log(f"  flatness {name}: {a * 1e3:.1f} ms at {lo}, {b * 1e3:.1f} ms at {hi} ({b / a:.3f})")
     return result
 
 

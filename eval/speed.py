@@ -40,8 +40,9 @@ def prefill(m, ids: torch.Tensor):
 
 
 @torch.no_grad()
-def decode_step(m, cache, token):
-    out = m.model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
+def decode_step(model, cache, token):
+    """One greedy token through `model`'s forward: (cache after it, next token ids (B, 1))."""
+    out = model(input_ids=token, use_cache=True, **{CACHE_NAME: cache})
     return out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
 
 
@@ -69,42 +70,66 @@ def blocks(steps: int) -> List[int]:
     return [steps // n + (1 if i < steps % n else 0) for i in range(n)]
 
 
-class _Decoder:
-    """A RetNet's packed decoder (models/decoding_retnet.py), run with the same calls as a model.
-    One decoder per batch size, built on first use: its matrix kernels are chosen for it."""
+class ModuleDecoding:
+    """Greedy decoding through the model's own forward, one `model(input_ids=token, cache)` per
+    token (transformers' path; a RetNet's RetNetState makes each step recurrent). `start`
+    continues from a batch-1 prefill copied to `batch` rows, `step` decodes one token per row,
+    `stop` drops the cache."""
 
-    def __init__(self, m):
-        self.m, self.decoders = m, {}
+    def __init__(self, model):
+        self.model, self.cache, self.token = model, None, None
 
-    def start(self, cache, token, batch: int):
+    def start(self, cache, token: torch.Tensor, batch: int):
+        """Continue from `cache` and `token` (1, 1) of a batch-1 prefill, copied to `batch` rows."""
+        self.cache, self.token = expand(cache, batch), token.expand(batch, 1).contiguous()
+
+    def step(self):
+        self.cache, self.token = decode_step(self.model, self.cache, self.token)
+
+    def stop(self):
+        self.cache = self.token = None
+
+
+class PackedDecoding:
+    """Greedy decoding by a RetNet's packed decoder (models/decoding_retnet.py), weights in `dtype`
+    (None: the decoder's default, float32), with the calls of `ModuleDecoding`. One decoder per
+    batch size, built on first use: its matrix kernels are chosen for that size."""
+
+    def __init__(self, model, dtype: Optional[torch.dtype] = None):
+        self.model, self.dtype, self.token = model, dtype, None
+        self.decoders = {}  # batch size -> RetNetDecoder
+        self.decoder = None  # the one `start` loaded
+
+    def decoder_for(self, batch: int):
+        """The decoder for `batch` rows (built and kept on first use)."""
         from retconvert.models.decoding_retnet import RetNetDecoder
 
         if batch not in self.decoders:
-            self.decoders[batch] = RetNetDecoder(self.m.model, batch_size=batch)
-        decoder = self.decoders[batch]
-        decoder.load_state(expand(cache, batch))
-        return decoder, token.view(-1).repeat(batch)
+            self.decoders[batch] = RetNetDecoder(self.model, batch_size=batch, dtype=self.dtype)
+        return self.decoders[batch]
 
-    @staticmethod
-    def step(decoder, token):
-        return decoder, decoder.step(token).argmax(-1)
+    def start(self, cache, token: torch.Tensor, batch: int):
+        """Continue from `cache` (a RetNetState) and `token` (1, 1) of a batch-1 prefill, copied to `batch` rows."""
+        self.decoder = self.decoder_for(batch)
+        self.decoder.load_state(expand(cache, batch))
+        self.token = token.view(-1).repeat(batch)  # (B,)
+
+    def step(self):
+        self.token = self.decoder.step(self.token).argmax(-1)
+
+    def stop(self):
+        self.decoder = self.token = None
 
 
 def decode_engines(models) -> list:
-    """(model, engine name, decoder or None): every model through transformers' call, and each
-    RetNet also through its packed decoder."""
+    """(model, engine name, decoding): every model through its own forward ("module"), and each
+    RetNet also through its packed decoder ("packed")."""
     engines = []
     for m in models:
-        engines.append((m, "module", None))
+        engines.append((m, "module", ModuleDecoding(m.model)))
         if m.is_retnet:
-            engines.append((m, "packed", _Decoder(m)))
+            engines.append((m, "packed", PackedDecoding(m.model)))
     return engines
-
-
-def _engine_step(state: dict, i: int, m, dec):
-    """One token of engine i: its (cache, token) is carried in `state[i]`."""
-    cache, token = state[i]
-    state[i] = dec.step(cache, token) if dec else decode_step(m, cache, token)
 
 
 def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int, warmup: int) -> Dict[str, list]:
@@ -124,32 +149,30 @@ def decode_curve(models, contexts: List[int], batch_sizes: List[int], steps: int
                     raise
                 skipped.append({"model": m.name, "context_tokens": length, "reason": "out of memory at prefill"})
         for batch in batch_sizes:
-            state, times = {}, {i: [] for i in range(len(engines))}
+            started, times = [], {i: [] for i in range(len(engines))}
             for i, (m, engine, dec) in enumerate(engines):
                 if m.name not in base:
                     continue
-                cache, token = base[m.name]
                 try:
-                    state[i] = dec.start(cache, token, batch) if dec else (expand(cache, batch),
-                                                                           token.expand(batch, 1).contiguous())
+                    dec.start(*base[m.name], batch)
+                    started.append(i)
                 except RuntimeError as e:
                     if not is_oom(e):
                         raise
                     skipped.append({"model": m.name, "engine": engine, "context_tokens": length,
                                     "batch_size": batch, "reason": "out of memory copying the cache"})
-            times.update(take_turns({i: lambda i=i, m=m, dec=dec, s=state: _engine_step(s, i, m, dec)
-                                     for i, (m, _, dec) in enumerate(engines) if i in state},
-                                    blocks(steps), warmup, device=models[0].device))
+            times.update(take_turns({i: engines[i][2].step for i in started}, blocks(steps), warmup,
+                                    device=models[0].device))
             line = []
             for i, (m, engine, dec) in enumerate(engines):
+                dec.stop()
                 if times[i]:
                     t = median(times[i])
-                    (packed if dec else curves)[m.name].append({
+                    (packed if engine == "packed" else curves)[m.name].append({
                         "context_tokens": length, "batch_size": batch, "latency_ms": t * 1e3,
                         "tokens_per_s": batch / t, "steps": len(times[i])})
-                    line.append(f"{m.role}{' (packed)' if dec else ''} {t * 1e3:.2f} ms")
+                    line.append(f"{m.role}{' (packed)' if engine == 'packed' else ''} {t * 1e3:.2f} ms")
             log(f"  decode at context {length}, batch {batch}: " + ", ".join(line))
-            del state
         del base
         free_memory(models[0].device)
     return {"curves": curves, "packed": packed, "skipped_points": skipped}
@@ -304,7 +327,7 @@ def memory_curve(models, contexts: List[int], decode_steps: int = 8) -> dict:
                     cache, token = prefill(m, ids)
                     cache_bytes = cache_nbytes(cache)
                     for _ in range(decode_steps):
-                        cache, token = decode_step(m, cache, token)
+                        cache, token = decode_step(m.model, cache, token)
                     sync(m.device)
             except RuntimeError as e:
                 if not is_oom(e):
@@ -346,7 +369,7 @@ def energy_run(models, meter, context: int, batch: int, steps: int, repeats: int
             e0 = meter.read() if meter else None
             t0 = time.perf_counter()
             for _ in range(steps):
-                cache, token = decode_step(m, cache, token)
+                cache, token = decode_step(m.model, cache, token)
             sync(m.device)
             seconds = time.perf_counter() - t0
             e1 = meter.read() if meter else None
