@@ -19,7 +19,7 @@ import torch
 
 from retconvert.distill.attention_transfer import (
     AttentionPath, TeacherTargets, attention_transfer_step, has_attention_path, layer_errors)
-from retconvert.distill.checkpoint import CheckpointManager, save_student
+from retconvert.distill.checkpoint import CheckpointManager, hang_hook, save_student
 from retconvert.distill.config import DistillConfig
 from retconvert.distill.data import PackedStream, check_train_sources, eval_token_ids, make_labels
 from retconvert.distill.engine import Distributed, TrainingDiverged, make_engine, train_step
@@ -69,15 +69,7 @@ def hang_after_checkpoint_from_env() -> Optional[Callable[[int], None]]:
     """The kill-and-resume tests' hook: with RETCONVERT_TEST_HANG_AFTER_CHECKPOINT=N, stage 2
     waits after saving the checkpoint of step N, to be killed there (tests/test_distill.py,
     tests/test_correctness.py run train.py as a subprocess). None when the variable is unset."""
-    hang_at = os.environ.get("RETCONVERT_TEST_HANG_AFTER_CHECKPOINT")
-    if hang_at is None:
-        return None
-
-    def hang(step: int):
-        if str(step) == hang_at:
-            time.sleep(3600)
-
-    return hang
+    return hang_hook("RETCONVERT_TEST_HANG_AFTER_CHECKPOINT")
 
 
 class Trainer:
