@@ -41,6 +41,12 @@ VARIANTS = {
     # Windowed retention (--window W): the default plus exact softmax over each layer's last W tokens.
     "default + window 64": dict(decay="calibrated", score_bias=True, sink=True, head_norm="none", window=64),
     "default + window 16": dict(decay="calibrated", score_bias=True, sink=True, head_norm="none", window=16),
+    # Gemma 3's layout kept (--window teacher on a Gemma 3 teacher): a window on 5 of every 6 layers, the
+    # 6th (global) pure retention; laid on SmolLM2-135M's 30 layers. At 512 tokens (the evaluation window)
+    # the windowed layers are exact softmax attention: what remains is the global layers' conversion.
+    "default + window 512 on 5 of 6 layers (Gemma 3 layout)": dict(
+        decay="calibrated", score_bias=True, sink=True, head_norm="none",
+        window=[0 if (i + 1) % 6 == 0 else 512 for i in range(30)]),
 }
 
 

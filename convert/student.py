@@ -10,7 +10,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 
@@ -42,9 +42,10 @@ class ConvertOptions:
     gate: bool = False  # the paper's swish gate, untrained (random) at conversion
     retention_mode: str = "chunkwise"
     chunk_size: int = 64
-    # W > 0: exact softmax over each layer's last W tokens beside the decayed state; "teacher": the
-    # teacher's own sliding window on its sliding layers, pure retention on its global ones
-    window: Union[int, str] = 0
+    # W > 0: exact softmax over each layer's last W tokens beside the decayed state; a list: one W per
+    # layer (0: pure retention); "teacher": the teacher's own sliding window on its sliding layers,
+    # pure retention on its global ones
+    window: Union[int, str, List[int]] = 0
     calib_data: Optional[str] = None  # text source; default: the offline C4 sample, else C4 online
     calib_tokens: int = 8192
     calib_seq_len: int = 512
@@ -58,9 +59,11 @@ class ConvertOptions:
                                       f"use one of {', '.join(allowed)}")
         if self.chunk_size <= 0:
             raise RetconvertError(f"--chunk-size {self.chunk_size} must be positive; use e.g. 64")
-        if self.window != "teacher" and (not isinstance(self.window, int) or self.window < 0):
-            raise RetconvertError(f"--window {self.window} must be 0 (pure RetNet), a token count such as 64, "
-                                  "or 'teacher' (the teacher's sliding window on its sliding layers)")
+        windows = self.window if isinstance(self.window, list) else [self.window]
+        if self.window != "teacher" and not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
+                                                for w in windows):
+            raise RetconvertError(f"--window {self.window} must be 0 (pure RetNet), a token count such as 64, one "
+                                  "per layer, or 'teacher' (the teacher's sliding window on its sliding layers)")
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 2:
             raise RetconvertError("calibration needs calib_tokens >= calib_seq_len >= 2; raise --calib-tokens")
 
@@ -69,9 +72,14 @@ class ConvertOptions:
         return self.decay == "calibrated" or self.output_scale == "fit" or self.score_bias or self.sink
 
 
-def student_windows(teacher_config, window: Union[int, str]) -> Union[int, list]:
-    """`retention_window` of the student: the option's W for every layer, or with "teacher" the
-    teacher's sliding window on each sliding layer and 0 (pure retention) on the others."""
+def student_windows(teacher_config, window: Union[int, str, List[int]]) -> Union[int, list]:
+    """`retention_window` of the student: the option's W for every layer (or its W per layer), or
+    with "teacher" the teacher's sliding window on each sliding layer and 0 (pure retention) on
+    the others."""
+    layers = teacher_config.num_hidden_layers
+    if isinstance(window, list) and len(window) != layers:
+        raise RetconvertError(f"--window gives {len(window)} windows for a teacher of {layers} layers; "
+                              "give one per layer, or one for all")
     if window != "teacher":
         return window
     windows = teacher_windows(teacher_config)

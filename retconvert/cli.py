@@ -19,14 +19,16 @@ from retconvert.errors import RetconvertError
 
 
 def window_arg(text: str):
-    """--window: a token count, or "teacher" (the teacher's own sliding window per layer)."""
+    """--window: a token count, one per layer (comma-separated), or "teacher" (the teacher's own
+    sliding window per layer)."""
     if text == "teacher":
         return text
     try:
-        return int(text)
+        windows = [int(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a window; give a token count such as 64, 0 for a pure "
-                                         "RetNet, or 'teacher'") from None
+                                         "RetNet, one per layer (64,64,0,...), or 'teacher'") from None
+    return windows if len(windows) > 1 else windows[0]
 
 
 def _add_from_hf(sub):
@@ -57,7 +59,8 @@ def _add_from_hf(sub):
     p.add_argument("--window", type=window_arg, default=d.window, metavar="W|teacher",
                    help="every retention layer also attends to its last W tokens with exact softmax, under one "
                         "normaliser with the decayed state (64 as in LoLCATs/Liger; 0: pure RetNet, the default "
-                        "and the only kind torchscale export accepts). 'teacher': keep the teacher's sliding "
+                        "and the only kind torchscale export accepts), or one per layer (64,64,0,...: 0 for pure "
+                        "retention). 'teacher': keep the teacher's sliding "
                         "window (mistral, qwen2/3 with use_sliding_window, phi3, gemma2/3): each sliding layer gets "
                         "a window of the teacher's sliding_window tokens, each global layer pure retention")
     p.add_argument("--calib-data", help="calibration text: .jsonl/.txt file or hf:NAME:CONFIG:SPLIT "

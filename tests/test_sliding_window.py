@@ -145,11 +145,25 @@ def test_window_teacher_without_a_sliding_layer_is_a_one_line_error(tmp_path, ca
         build_student(qwen3, ConvertOptions(window="teacher"))
 
 
+def test_window_per_layer_option():
+    """--window W0,W1,...: one window per layer, 0 for pure retention; checked against the teacher."""
+    from retconvert.cli import build_parser
+
+    args = build_parser().parse_args(["from-hf", "x", "--window", "4,0"])
+    assert args.window == [4, 0] and build_parser().parse_args(["from-hf", "x", "--window", "4"]).window == 4
+    teacher = make_teacher("mistral")
+    assert build_student(teacher, ConvertOptions(window=[0, 6])).config.layer_windows == [0, 6]
+    with pytest.raises(RetconvertError, match="--window gives 3 windows for a teacher of 2 layers"):
+        build_student(teacher, ConvertOptions(window=[4, 0, 4]))
+    with pytest.raises(RetconvertError, match=r"--window \[4, -1\] must be 0"):
+        ConvertOptions(window=[4, -1]).validate()
+
+
 def test_bad_window_values_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse: usage, then the error, status 2
         cli(["from-hf", "smollm2-135m", "--window", "wide"])
     assert exit_.value.code == 2
-    assert "'wide' is not a window; give a token count such as 64, 0 for a pure RetNet, or 'teacher'" in \
+    assert "'wide' is not a window; give a token count such as 64, 0 for a pure RetNet, one per layer" in \
         capsys.readouterr().err
     with pytest.raises(RetconvertError, match="--window -2 must be 0"):
         ConvertOptions(window=-2).validate()

@@ -499,7 +499,7 @@ def test_bad_window_option_is_one_line_error(tmp_path, capsys):
 
     assert cli(["from-hf", "smollm2-135m", "--out", str(tmp_path / "x"), "--window", "-3"]) == 2
     err = capsys.readouterr().err
-    assert "--window -3 must be 0 (pure RetNet), a token count such as 64, or 'teacher'" in err
+    assert "--window -3 must be 0 (pure RetNet), a token count such as 64, one per layer, or 'teacher'" in err
     assert "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
