@@ -105,7 +105,8 @@ def parse_args(argv=None):
                    help="config override, as for distill/train.py (e.g. model.convert.chunk_size=128); repeatable")
     p.add_argument("--teacher", default=None,
                    help="teacher source for load_teacher (built-in name, folder, GGUF, Hub ID); default: the config's")
-    p.add_argument("--batch", type=int, default=None, help="rows per step (default: the config's stage2.micro_batch_size)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="rows per step (default: the config's stage2.micro_batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: the config's data.seq_len)")
     p.add_argument("--data", choices=("config", "random"), default="config",
                    help="config: the first packed rows of the config's training text (labels masked at document "
@@ -422,9 +423,10 @@ def main(argv=None) -> int:
                 rec["grad_norm"] = last_grad_norm.pop(c)
             if timed:
                 runs[c].append(rec)
+            others = rec["other_busy_cores"]
             log(f"{'round' if timed else 'warm-up'} {r + 1 - args.warmup if timed else r + 1}: {c:17s} "
                 f"{fmt_seconds(rec['wall_s']):>9s} wall, {fmt_seconds(rec['cpu_s']):>9s} cpu, "
-                f"others {rec['other_busy_cores'] if rec['other_busy_cores'] is None else round(rec['other_busy_cores'], 2)} cores"
+                f"others {others if others is None else round(others, 2)} cores"
                 + ("; cpu s by phase " + " ".join(f"{ph} {v:.2f}" for ph, v in rec["phases_s"]["cpu"].items())
                    if "phases_s" in rec else ""))
 
@@ -552,7 +554,8 @@ def print_table(result: Dict[str, Any]) -> None:
     mp = result.get("matmul_peak", {})
     for dt in ("float32", "bfloat16"):
         if dt in mp:
-            log(f"{dt} matmul peak {mp[dt]['gflop_s_wall']:.0f} GFLOP/s wall, {mp[dt]['gflop_s_cpu']:.0f} per CPU second; "
+            log(f"{dt} matmul peak {mp[dt]['gflop_s_wall']:.0f} GFLOP/s wall, "
+                f"{mp[dt]['gflop_s_cpu']:.0f} per CPU second; "
                 + ", ".join(f"{c} {f['wall'][dt]:.0%} (wall) {f['cpu'][dt]:.0%} (CPU)"
                             for c, f in mp["fraction_of_peak"].items()))
     t = s["target"]

@@ -340,7 +340,8 @@ def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConf
 
 
 def resolve_path(spec: Optional[str]) -> Optional[str]:
-    """Expand `${shared_data}` / `${repo}` and a leading `~`; leave `hf:` specs alone; relative paths stay relative to CWD."""
+    """Expand `${shared_data}` / `${repo}` and a leading `~`; leave `hf:` specs alone; relative
+    paths stay relative to CWD."""
     if spec is None or spec.startswith("hf:"):
         return spec
     from retconvert.paths import REPO_ROOT, shared_data_dir

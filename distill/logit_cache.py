@@ -66,8 +66,10 @@ class TopKLogitCache:
         if dist.is_main and not (folder / "meta.json").is_file():
             folder.mkdir(parents=True, exist_ok=True)
             k, T = s2.logit_cache_top_k, d.seq_len
-            for name, dtype, shape in (("values.f32", np.float32, (rows, T, k)), ("indices.i32", np.int32, (rows, T, k)),
-                                       ("lse.f32", np.float32, (rows, T)), ("filled.u8", np.uint8, (rows,))):
+            for name, dtype, shape in (("values.f32", np.float32, (rows, T, k)),
+                                       ("indices.i32", np.int32, (rows, T, k)),
+                                       ("lse.f32", np.float32, (rows, T)),
+                                       ("filled.u8", np.uint8, (rows,))):
                 np.memmap(folder / name, dtype, "w+", shape=shape).flush()
             (folder / "meta.json").write_text(json.dumps({"rows": rows, **key_src}, indent=2))
             log(f"logit cache: created {folder} ({rows} rows, top-{k})")

@@ -1,7 +1,8 @@
-"""Distil a converted RetNet student from its Transformer teacher (or train a model from scratch).
+r"""Distil a converted RetNet student from its Transformer teacher (or train a model from scratch).
 
     deepspeed --num_gpus 8 distill/train.py --config configs/distill/gpt2-large.yaml
-    torchrun --nproc_per_node 2 distill/train.py --config configs/distill/smollm2-135m.yaml run.deepspeed=configs/deepspeed/zero2.json
+    torchrun --nproc_per_node 2 distill/train.py --config configs/distill/smollm2-135m.yaml \
+        run.deepspeed=configs/deepspeed/zero2.json
     python distill/train.py --config configs/distill/smollm2-135m.yaml stage2.steps=200 run.out_dir=outputs/x
     python distill/train.py --config configs/distill/smollm2-135m.yaml --resume     # continue the latest checkpoint
     retconvert distill --config configs/distill/smollm2-135m.yaml stage2.steps=200   # the same, as a CLI verb

@@ -146,8 +146,8 @@ def write_report(results: dict, plots: List[str]) -> str:
         out += ["## Speed", ""] + table + [
             "", "Decode: teacher with its KV cache, RetNet students recurrent (transformers' call, and the packed "
                 "decoder of models/decoding_retnet.py); median per step, models taking turns in blocks of steps. "
-                "generate(): greedy, batch 1, as users call it; per new token: the median gap between generated tokens. "
-                "Prefill modes: attention (teacher), parallel and chunkwise retention (students).", ""]
+                "generate(): greedy, batch 1, as users call it; per new token: the median gap between generated "
+                "tokens. Prefill modes: attention (teacher), parallel and chunkwise retention (students).", ""]
 
     # Memory
     rows = []

@@ -268,7 +268,8 @@ def _speed(models, entry, resolved, settings, guarded):
                                "skipped_points": [x for x in gen["skipped_points"] if x["model"] == m.name],
                                "statistic": "median over 3 rounds after a warm-up round, models taking turns",
                                "unit": {"total_ms": "milliseconds per generate() call (prompt pass included)",
-                                        "per_token_ms": "milliseconds per decoding step, median gap between generated tokens"}}
+                                        "per_token_ms": "milliseconds per decoding step, "
+                                                        "median gap between generated tokens"}}
             if m.name in gen["packed"]:
                 res["generate_packed"] = {**res["generate"], "points": gen["packed"][m.name],
                                           "method": "the packed decoder's generate(), greedy, batch 1"}

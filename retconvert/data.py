@@ -19,7 +19,8 @@ def iter_texts(spec: str, text_field: str = "text") -> Iterator[str]:
         return
     path = Path(spec)
     if not path.is_file():
-        raise RetconvertError(f"text source {spec} is not a file; give a .jsonl/.json/.txt path or hf:NAME:CONFIG:SPLIT")
+        raise RetconvertError(
+            f"text source {spec} is not a file; give a .jsonl/.json/.txt path or hf:NAME:CONFIG:SPLIT")
     if path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
@@ -28,9 +29,11 @@ def iter_texts(spec: str, text_field: str = "text") -> Iterator[str]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise RetconvertError(f"{path}:{line_no} is not valid JSON ({e.msg}); expected one JSON object a line") from None
+                    raise RetconvertError(
+                        f"{path}:{line_no} is not valid JSON ({e.msg}); expected one JSON object a line") from None
                 if text_field not in row:
-                    raise RetconvertError(f"{path}:{line_no} has no {text_field!r} field; pass the right text field name")
+                    raise RetconvertError(
+                        f"{path}:{line_no} has no {text_field!r} field; pass the right text field name")
                 yield row[text_field]
     else:
         with path.open(encoding="utf-8") as f:

@@ -751,7 +751,8 @@ def plan_push(folder, repo_id: str, *, private: bool = False, revision: Optional
     if commit_message is None:
         what = "distilled" if read_distillation(config) else "converted"
         teacher = (read_conversion(config) or {}).get("teacher")
-        commit_message = f"Upload RetNet {what}{' from ' + str(teacher) if teacher else ''} with retconvert {_version()}"
+        source = f" from {teacher}" if teacher else ""
+        commit_message = f"Upload RetNet {what}{source} with retconvert {_version()}"
     return PushPlan(folder, repo_id, revision or "main", bool(private), commit_message, card, files)
 
 

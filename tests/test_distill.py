@@ -274,7 +274,8 @@ def test_every_yaml_in_configs_validates():
     small = load_config(REPO / "configs" / "distill" / "smollm2-135m.yaml")
     assert small.model.teacher == "smollm2-135m" and small.run.deepspeed is None
     assert all(p.startswith("${shared_data}/") for p in small.data.train + small.data.eval)
-    stages = {json.loads(p.read_text())["zero_optimization"]["stage"] for p in (REPO / "configs" / "deepspeed").glob("*.json")}
+    stages = {json.loads(p.read_text())["zero_optimization"]["stage"]
+              for p in (REPO / "configs" / "deepspeed").glob("*.json")}
     assert stages == {1, 2, 3}
 
 
@@ -517,7 +518,8 @@ def test_teacher_targets_are_layer_inputs_and_attention_outputs(fx):
     hooks = []
     for i, layer in enumerate(teacher.model.layers):
         hooks.append(layer.register_forward_pre_hook(
-            lambda _m, args, kwargs, i=i: seen_in.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
+            lambda _m, args, kwargs, i=i: seen_in.__setitem__(
+                i, (args[0] if args else kwargs["hidden_states"]).clone()),
             with_kwargs=True))
         hooks.append(layer.self_attn.register_forward_hook(
             lambda _m, _a, out, i=i: seen_out.__setitem__(i, out[0].clone())))
@@ -769,8 +771,8 @@ def test_zero_stages_two_processes_match_single_process(fx, tmp_path):
     common = {"stage2.steps": 3, "stage2.micro_batch_size": 4, "run.checkpoint_every": 2}
     for stage in (1, 2, 3):
         out = tmp_path / f"zero{stage}"
-        cmd, env = _torchrun(tiny_overrides(fx, out, **common, **{"run.deepspeed": f"configs/deepspeed/zero{stage}.json"}),
-                             base_port + stage)
+        deepspeed = {"run.deepspeed": f"configs/deepspeed/zero{stage}.json"}
+        cmd, env = _torchrun(tiny_overrides(fx, out, **common, **deepspeed), base_port + stage)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert losses(out) == pytest.approx(ref_losses, abs=1e-5), f"ZeRO-{stage}"

@@ -168,8 +168,8 @@ def test_dry_run_lists_exact_files_offline(ckpt, tmp_path, monkeypatch, capsys):
         if len(parts) >= 3 and len(parts[0]) == 64:
             listed[parts[2]] = (parts[0], int(parts[1]))
     expected = {"config.json", "configuration_retnet.py", "modeling_retnet.py", "retention.py", "decoding_retnet.py",
-                "state_retnet.py", "positions_retnet.py", "kernels.py", "model.safetensors", "generation_config.json", "conversion_report.json", "README.md",
-                "tokenizer.json", "tokenizer_config.json"}
+                "state_retnet.py", "positions_retnet.py", "kernels.py", "model.safetensors", "generation_config.json",
+                "conversion_report.json", "README.md", "tokenizer.json", "tokenizer_config.json"}
     assert set(listed) == expected
     for rel, (digest, size) in listed.items():
         path = card_out if rel == "README.md" else ckpt / rel
