@@ -17,11 +17,26 @@ trap 'rm -rf "$TMP"' EXIT
 "$VENV/bin/python" -m pip --disable-pip-version-check -q lock --no-deps --no-build-isolation \
     -r "$TMP/freeze.txt" -o "$TMP/pylock.toml" 2> >(grep -v -e "is ignored" -e "experimental" >&2)
 "$VENV/bin/python" - "$TMP/pylock.toml" requirements.lock "$VENV" <<'PY'
+import re
 import sys
 import tomllib
 
 lock, out, venv = sys.argv[1:]
 packages = tomllib.load(open(lock, "rb"))["packages"]
+# Every dependency pyproject.toml declares, the dev extra included (pytest, ruff: what CI runs),
+# must be in the lock; a venv without them would write a lock that CI cannot run from.
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+
+
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+locked = {norm(p["name"]) for p in packages}
+missing = [r for r in declared if norm(re.match(r"[A-Za-z0-9_.\-]+", r).group()) not in locked]
+if missing:
+    sys.exit(f"lock.sh: {venv} lacks {', '.join(missing)}; install '.[dev]' there (scripts/deps.sh newest does)")
 lines = [
     f"# Every package scripts/setup.sh installs, exact versions and file hashes (written by scripts/lock.sh",
     f"# from {venv}; Linux x86_64, CPython 3.11, torch's CPU build). Installed with --no-deps --require-hashes.",

@@ -22,7 +22,18 @@ def locked_versions() -> dict:
 def test_lock_pins_every_package_with_a_hash():
     lines = [x for x in LOCK.read_text().splitlines() if x and not x.startswith("#")]
     assert lines and all(re.fullmatch(r"\S+==\S+( --hash=sha256:[0-9a-f]{64})+", x) for x in lines)
-    assert {"torch", "transformers", "deepspeed", "pytest"} <= set(locked_versions())
+    assert {"torch", "transformers", "deepspeed", "pytest", "ruff"} <= set(locked_versions())
+
+
+def test_lock_holds_every_declared_dependency():
+    """CI installs only the lock: a dependency or dev tool (pytest, ruff) that pyproject.toml
+    declares but a regenerated lock dropped would be missing there."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["dev"]
+    names = [re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.\-]+", r).group()).lower() for r in declared]
+    assert "ruff" in names
+    missing = sorted(set(names) - set(locked_versions()))
+    assert not missing, f"requirements.lock lacks {missing} (regenerate it with bash scripts/lock.sh)"
 
 
 def test_installed_versions_are_the_locked_ones():
