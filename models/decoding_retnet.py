@@ -357,21 +357,22 @@ class RetNetDecoder:
                 self.state[l] += p["sink"]
         self.positions = torch.zeros(self.B, dtype=torch.long, device=self.device)  # next position per row
         self.seen_tokens = 0
-        # per window group: (L_g, B, Hkv, W, Dk' + Dv') [k', v'] of the last W tokens, oldest first,
-        # and the (B, W) filled slots
+        # per window group: (L_g, B, Hkv, W, Dk' + Dv') [k', v'] of the last W tokens and the (B, W)
+        # filled slots, a ring: the token consumed when `seen_tokens` was t sits in slot t mod W
         self.caches = [torch.zeros(len(members), self.B, self.Hkv, w, self.Dkp + self.Dvp, device=self.device)
                        for w, members in self.window_groups]
         self.cache_masks = [torch.zeros(self.B, w, dtype=torch.bool, device=self.device) for w, _ in self.window_groups]
         self.logits = torch.empty(self.B, self.config.vocab_size, device=self.device)
         self._logits = self.ops.of(self.logits)
 
-    def pack_state(self, states, positions: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def pack_state(self, states, positions: torch.Tensor, seen: int = 0) -> Tuple[torch.Tensor, ...]:
         """Model-format layer states (`RetNetState.states`: (B, H, Dk(+1), Dv') each) -> this
         decoder's (L, B, Hkv, G, Dk', Dv') buffer (sink folded in, channels permuted), with
         `positions` (B,): the position of each row's next token. New tensors, nothing shared.
         Windowed layers (`WindowState`s): also, per window group, the (L_g, B, Hkv, W, Dk' + Dv')
-        cache and its (B, W) mask, flat: (buffer, positions, cache_0, mask_0, cache_1, mask_1, ...)."""
-        window = self._pack_window(states) if self.windowed else ()
+        cache and its (B, W) mask, flat: (buffer, positions, cache_0, mask_0, cache_1, mask_1, ...),
+        in ring order for a state that has consumed `seen` tokens (see `reset`)."""
+        window = self._pack_window(states, seen) if self.windowed else ()
         states = [s.state if isinstance(s, WindowState) else s for s in states]
         B = states[0].shape[0]
         packed = torch.zeros(len(self.layers), B, self.Hkv, self.G, self.Dkp, self.Dvp, device=self.device)
@@ -385,10 +386,12 @@ class RetNetDecoder:
                 dst += self.layers[l]["sink"]
         return (packed, positions.to(self.device, torch.long).clone(), *window)
 
-    def _pack_window(self, states) -> Tuple[torch.Tensor, ...]:
-        """The windowed layers' `WindowState`s -> per window group, the cache in this decoder's
-        layout (one key/value head per query group, channels permuted, [k, bias feature, 0, v, 1])
-        and the (B, W) mask, flat: (cache_0, mask_0, cache_1, mask_1, ...)."""
+    def _pack_window(self, states, seen: int) -> Tuple[torch.Tensor, ...]:
+        """The windowed layers' `WindowState`s (oldest slot first) -> per window group, the cache in
+        this decoder's layout (one key/value head per query group, channels permuted, [k, bias
+        feature, 0, v, 1]) and the (B, W) mask, flat: (cache_0, mask_0, cache_1, mask_1, ...),
+        rolled into ring order: the oldest of W slots holds token seen - W, so it goes to slot
+        seen mod W."""
         out = []
         for w, members in self.window_groups:
             B = states[members[0]].mask.shape[0]
@@ -402,20 +405,22 @@ class RetNetDecoder:
                     dst[..., self.Dk] = k[..., self.Dk]
                 dst[..., self.Dkp: self.Dkp + self.Dv] = v
                 dst[..., -1] = s.mask[:, None, :].float()  # the normaliser's 1, in filled slots
-            out += [cache, states[members[0]].mask.to(self.device).clone()]
+            mask = states[members[0]].mask.to(self.device)
+            out += [cache.roll(seen % w, dims=3), mask.roll(seen % w, dims=1)]
         return tuple(out)
 
-    def unpack_state(self, packed: torch.Tensor, dtype: Optional[torch.dtype] = None, window=()):
+    def unpack_state(self, packed: torch.Tensor, dtype: Optional[torch.dtype] = None, window=(), seen: int = 0):
         """The inverse of `pack_state`: a list of model-format layer states, in `dtype`
         (default: the model's); with `window` = (cache_0, mask_0, ...) as `pack_state` returns
-        them, `WindowState`s for the windowed layers."""
+        them, for a state that has consumed `seen` tokens, `WindowState`s for the windowed layers."""
         B, inverse, out = packed.shape[1], torch.argsort(self.perm), []
         for l, p in enumerate(self.layers):
             s = packed[l] - p["sink"] if p["sink"] is not None else packed[l].clone()
             s = s[..., : self.Dk + (1 if self.extra_k else 0), :]
             s = torch.cat([s[..., : self.Dk, :][..., inverse, :], s[..., self.Dk:, :]], -2)
             out.append(s.reshape(B, self.H, *s.shape[-2:]).to(dtype or self.model.dtype))
-        for (cache, mask), (_, members) in zip(zip(window[0::2], window[1::2]), self.window_groups):
+        for (cache, mask), (w, members) in zip(zip(window[0::2], window[1::2]), self.window_groups):
+            cache, mask = cache.roll(-(seen % w), dims=3), mask.roll(-(seen % w), dims=1)  # oldest slot first
             for c, l in zip(cache, members):  # c (B, Hkv, W, Dk' + Dv')
                 k = torch.cat([c[..., : self.Dk][..., inverse], c[..., self.Dk: self.Dk + (1 if self.extra_k else 0)]],
                               -1)
@@ -434,7 +439,7 @@ class RetNetDecoder:
             positions = torch.full((B,), state.seen_tokens, dtype=torch.long)
         if B != self.B:
             self.reset(B)
-        self.state, self.positions, *window = self.pack_state(state.states, positions)
+        self.state, self.positions, *window = self.pack_state(state.states, positions, state.seen_tokens)
         self.caches, self.cache_masks = list(window[0::2]), list(window[1::2])
         self.seen_tokens = state.seen_tokens
 
@@ -442,7 +447,7 @@ class RetNetDecoder:
         """The current state in the model's `RetNetState` format (to continue with model())."""
         out = RetNetState(len(self.layers))
         window = tuple(x for pair in zip(self.caches, self.cache_masks) for x in pair)
-        out.states = self.unpack_state(self.state, dtype, window)
+        out.states = self.unpack_state(self.state, dtype, window, self.seen_tokens)
         out.seen_tokens = self.seen_tokens
         return out
 
@@ -457,12 +462,13 @@ class RetNetDecoder:
             B = token_ids.shape[0]
             seen = torch.full((B,), state.seen_tokens, dtype=torch.long)
             positions = seen if attention_mask is None else attention_mask[:, :-1].long().sum(-1)
-            state.packed = self.pack_state(state.states, positions)
+            state.packed = self.pack_state(state.states, positions, state.seen_tokens)
         buffer, positions, *window = state.packed  # windowed: + caches and masks, updated in place
         if buffer.shape[1] != self.B:
             self.reset(buffer.shape[1])
         self.state, self.positions = buffer, positions
         self.caches, self.cache_masks = list(window[0::2]), list(window[1::2])
+        self.seen_tokens = state.seen_tokens  # the window caches' ring position
         logits = self.step(token_ids, restore_threads=False).clone()  # generate() restores them
         state.packed = (buffer, self.positions, *window)
         state.seen_tokens += 1
@@ -518,7 +524,7 @@ class RetNetDecoder:
 
         for l, p in enumerate(self.layers):
             c = w = None
-            if p["window"] is not None:  # (this layer's cache, leaving rows, score mask)
+            if p["window"] is not None:  # (this layer's cache, leaving rows, score mask, ring slot)
                 g, j = p["window"]
                 w = (windows[g][0][j], *windows[g][1:])
             elif norm_c is not None:
@@ -553,28 +559,28 @@ class RetNetDecoder:
     def _advance_window(self, group: int):
         """Once per step and window group, before the layers: (the group's cache as arrays, which
         rows' oldest slot holds a key that now leaves the window (B, 1, 1, 1, 1), the additive
-        score mask (B, 1, 1, W) with the new token's slot filled). The mask moves on in place;
-        each layer moves its cache."""
+        score mask (B, 1, 1, W) with the new token's slot filled, that slot). The caches are rings
+        (see `reset`): the new token takes the oldest slot, seen_tokens mod W, and nothing moves."""
         mask, W = self.cache_masks[group], self.window_groups[group][0]  # (B, W)
-        leaving = self.ops.of(mask[:, 0].float().view(self.B, 1, 1, 1, 1))
-        mask[:, :-1] = mask[:, 1:].clone()
-        mask[:, -1] = True
+        slot = self.seen_tokens % W
+        leaving = self.ops.of(mask[:, slot].float().view(self.B, 1, 1, 1, 1))
+        mask[:, slot] = True
         bias = torch.zeros(self.B, 1, 1, W, device=self.device).masked_fill_(~mask[:, None, None], float("-inf"))
-        return self.ops.of(self.caches[group]), leaving, self.ops.of(bias)
+        return self.ops.of(self.caches[group]), leaving, self.ops.of(bias), slot
 
-    def _window_retention(self, q, k, v, p, S, cache, leaving, bias):
+    def _window_retention(self, q, k, v, p, S, cache, leaving, bias, slot):
         """Windowed retention of one token (see `windowed_retention` in retention.py): the oldest
-        cached key leaves the window into the state with weight gamma^W, the new key and value
-        take the newest slot, and the window's softmax terms and the state's linear terms share
-        one normaliser. q (B, H, Dk'), k (B, Hkv, Dk'), v (B, Hkv, 1, 1, Dv'), S (B, Hkv, G, Dk',
-        Dv') with the sink folded in, cache (B, Hkv, W, Dk' + Dv') -> (B, H, Dv)."""
+        cached key (in `slot`) leaves the window into the state with weight gamma^W, the new key
+        and value take its slot, and the window's softmax terms (over the slots in any order)
+        and the state's linear terms share one normaliser. q (B, H, Dk'), k (B, Hkv, Dk'),
+        v (B, Hkv, 1, 1, Dv'), S (B, Hkv, G, Dk', Dv') with the sink folded in, cache (B, Hkv, W,
+        Dk' + Dv') -> (B, H, Dv)."""
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         xp = self.ops.xp
-        old = cache[:, :, 0]  # (B, Hkv, Dk' + Dv')
+        old = cache[:, :, slot]  # (B, Hkv, Dk' + Dv')
         S += (p["gamma_w"] * leaving) * old[..., :Dkp].reshape(B, Hkv, 1, Dkp, 1) * old[..., Dkp:].reshape(B, Hkv, 1, 1, Dvp)
-        self.ops.shift(cache)
-        cache[:, :, -1, :Dkp] = k
-        cache[:, :, -1, Dkp:] = v.reshape(B, Hkv, Dvp)
+        cache[:, :, slot, :Dkp] = k
+        cache[:, :, slot, Dkp:] = v.reshape(B, Hkv, Dvp)
         q = q.reshape(B, Hkv, G, Dkp)
         lin = xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, Hkv, G, Dvp)
         scores = xp.matmul(q, cache[..., :Dkp].swapaxes(-1, -2)) + bias  # (B, Hkv, G, W)
@@ -587,7 +593,7 @@ class RetNetDecoder:
 
     def _retention(self, h, p, S, rot, norm_c, window=None):
         """h (B, C) normalised input, S (B, Hkv, G, Dk', Dv') this layer's state -> (B, H * Dv);
-        `window`: (this layer's cache, leaving rows, score mask) from `_advance_window`."""
+        `window`: (this layer's cache, leaving rows, score mask, ring slot) from `_advance_window`."""
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         qkv = p["qkv"](h)  # (B, H*Dk' + Hkv*Dk' + Hkv*Dv' [+ H*Dv])
         n_qk = (H + Hkv) * Dkp

@@ -59,7 +59,7 @@ class RetNetState:
     @property
     def states(self) -> List[Optional[torch.Tensor]]:
         if self.packed is not None:
-            self._states = self.decoder.unpack_state(self.packed[0], window=self.packed[2:])
+            self._states = self.decoder.unpack_state(self.packed[0], window=self.packed[2:], seen=self.seen_tokens)
             self.packed = None
         return self._states
 
