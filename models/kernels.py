@@ -50,11 +50,6 @@ class NumpyOps:
         """Maximum over the last axis, kept."""
         return x.max(-1, keepdims=True)
 
-    @staticmethod
-    def shift(x: np.ndarray):
-        """Move the entries of axis -2 one slot down, in place (the last slot keeps its value)."""
-        x[..., :-1, :] = x[..., 1:, :]  # numpy buffers overlapping copies
-
 
 class TorchOps:
     """The same small ops with torch, on any device."""
@@ -76,10 +71,6 @@ class TorchOps:
     @staticmethod
     def amax(x: torch.Tensor) -> torch.Tensor:
         return x.amax(-1, keepdim=True)
-
-    @staticmethod
-    def shift(x: torch.Tensor):
-        x[..., :-1, :] = x[..., 1:, :].clone()  # torch refuses overlapping in-place copies
 
 
 def default_ops(device: torch.device):
