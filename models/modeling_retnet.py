@@ -160,13 +160,22 @@ class MultiScaleRetention(nn.Module):
 
         `gamma`, `score_bias` and `sink_weight` (H,) default to the layer's own; conversion
         passes candidates here to fit them (H may then be a multiple of the layer's head count).
-        float16 inputs are retained in float32 (the state stays float32; the output is cast back).
+        float16 and bfloat16 inputs, and autocast, are retained in float32 (the state stays
+        float32; the output is cast back): row sums and states outgrow fp16's 65,504 within a few
+        thousand tokens, and bf16's 8-bit mantissa rounds decays such as 0.9999 to 1 (measured on
+        the SmolLM2 student: its gradient norm 32x the fp32 one under bf16 autocast, 1.7x with
+        retention in fp32; docs/RESULTS.md, "bf16 and the student's gradients").
         """
+        with torch.autocast(v.device.type, enabled=False):
+            o, state = self._retain(q.float(), k.float(), v.float(), position_ids, token_mask, state, gamma,
+                                    score_bias, sink_weight, output_final_state)
+        return o.to(v.dtype), state
+
+    def _retain(self, q, k, v, position_ids, token_mask, state, gamma, score_bias, sink_weight,
+                output_final_state):
         cfg = self.config
         B, T, H, Dv = v.shape
         dtype = v.dtype
-        if dtype == torch.float16:  # row sums and states outgrow fp16's 65,504 within a few
-            q, k, v = q.float(), k.float(), v.float()  # thousand tokens: accumulate in fp32
         gamma = self.gamma if gamma is None else gamma
         sink = self.sink(q, score_bias, sink_weight) if cfg.attention_sink else None  # (B, T, H)
         if cfg.score_bias:  # scores become b_h + q.k: a constant feature on each side
