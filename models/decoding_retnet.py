@@ -202,14 +202,14 @@ class RetNetDecoder:
         """Windowed layers (W > 0: the layer also keeps its last W keys and values) grouped by W:
         `window_groups` [(W, [layer, ...]), ...], one cache per group; each windowed layer's
         p["window"] = (group, index in the group's cache), None for a pure-retention layer."""
-        self.window_groups = [(w, [l for l, lw in enumerate(windows) if lw == w]) for w in sorted(set(windows) - {0})]
+        self.window_groups = [(w, [i for i, wi in enumerate(windows) if wi == w]) for w in sorted(set(windows) - {0})]
         self.windowed = bool(self.window_groups)
         self.pure_layers = not all(windows)  # some layer is pure retention (the paper normaliser c_n)
         for p in self.layers:
             p["window"] = None
         for g, (w, members) in enumerate(self.window_groups):
-            for j, l in enumerate(members):
-                p = self.layers[l]  # a key leaving the window enters the state with weight gamma^W
+            for j, i in enumerate(members):
+                p = self.layers[i]  # a key leaving the window enters the state with weight gamma^W
                 p["window"] = (g, j)
                 p["gamma_w"] = self.ops.of((p["gamma_t"] ** w).view(1, self.Hkv, self.G, 1, 1).contiguous())
 
@@ -396,8 +396,8 @@ class RetNetDecoder:
         for w, members in self.window_groups:
             B = states[members[0]].mask.shape[0]
             cache = torch.zeros(len(members), B, self.Hkv, w, self.Dkp + self.Dvp, device=self.device)
-            for dst, l in zip(cache, members):
-                s = states[l]
+            for dst, i in zip(cache, members):
+                s = states[i]
                 k, v = (x.float().view(B, w, self.Hkv, self.G, -1)[:, :, :, 0].transpose(1, 2)  # (B, Hkv, W, D)
                         for x in (s.keys, s.values))
                 dst[..., : self.Dk] = k[..., self.perm]
@@ -421,12 +421,12 @@ class RetNetDecoder:
             out.append(s.reshape(B, self.H, *s.shape[-2:]).to(dtype or self.model.dtype))
         for (cache, mask), (w, members) in zip(zip(window[0::2], window[1::2]), self.window_groups):
             cache, mask = cache.roll(-(seen % w), dims=3), mask.roll(-(seen % w), dims=1)  # oldest slot first
-            for c, l in zip(cache, members):  # c (B, Hkv, W, Dk' + Dv')
+            for c, i in zip(cache, members):  # c (B, Hkv, W, Dk' + Dv')
                 k = torch.cat([c[..., : self.Dk][..., inverse], c[..., self.Dk: self.Dk + (1 if self.extra_k else 0)]],
                               -1)
-                k, v = (x.transpose(1, 2).repeat_interleave(self.G, dim=2).to(out[l].dtype)  # (B, W, H, D)
+                k, v = (x.transpose(1, 2).repeat_interleave(self.G, dim=2).to(out[i].dtype)  # (B, W, H, D)
                         for x in (k, c[..., self.Dkp: self.Dkp + self.Dv]))
-                out[l] = WindowState(out[l], k, v, mask.clone())
+                out[i] = WindowState(out[i], k, v, mask.clone())
         return out
 
     def load_state(self, state: RetNetState, positions: Optional[torch.Tensor] = None):

@@ -6,7 +6,6 @@ import torch
 from tiny import assert_close, random_ids, tiny_model
 
 from retconvert.models import RetNetConfig
-from retconvert.models.modeling_retnet import RetNetState
 from retconvert.models.retention import (
     WindowState,
     windowed_retention,
