@@ -183,8 +183,9 @@ CHOICES = {
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_type_name(args[0])} or null"
+        args = typing.get_args(tp)
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return f"{names} or null" if type(None) in args else names
     if origin in (list, List):
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
@@ -195,11 +196,16 @@ def _type_name(tp) -> str:
 def _convert(value, tp, key: str):
     """Check `value` against the annotation `tp`; return it (ints accepted for floats)."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+    if origin is typing.Union:  # the first alternative that accepts the value
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
             return None
-        return _convert(value, args[0], key)
+        for alternative in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, alternative, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a {_type_name(tp)}, got {type(value).__name__} {value!r}")

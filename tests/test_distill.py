@@ -307,6 +307,7 @@ def test_smollm2_config_resolves_shared_data(shared_data):
     ("stage1.patience=3", "stage1.patience needs held-out evals; set stage1.eval_every"),
     ("run.eval_at_tokens=[-5]", "run.eval_at_tokens: -5 must be >= 0"),
     ("data.eval_window=1", "data.eval_window: 1 must be at least 2"),
+    ("model.convert.window=1.5", "model.convert.window: expected int or str or list of int, got float 1.5"),
 ])
 def test_config_errors_are_clear(override, message):
     with pytest.raises(ConfigError) as e:
@@ -326,6 +327,12 @@ def test_yaml_errors(tmp_path):
     good.write_text("data:\n  train:\n    - ${shared_data}/c4/c4_train_sample.jsonl\nstage2:\n  lr: 1\n")
     cfg = load_config(good, ["stage2.lr=2e-4", "model.convert.decay=retnet"])
     assert cfg.stage2.lr == 2e-4 and isinstance(cfg.stage2.lr, float) and cfg.model.convert.decay == "retnet"
+
+
+@pytest.mark.parametrize("value, want", [("64", 64), ("teacher", "teacher"), ("[64, 0, 64]", [64, 0, 64])])
+def test_window_option_takes_each_of_its_types(value, want):
+    """model.convert.window is an int, "teacher" or one int per layer, as `--window` is."""
+    assert load_config(None, ["data.train=[a.jsonl]", f"model.convert.window={value}"]).model.convert.window == want
 
 
 def test_train_py_reports_config_errors():
