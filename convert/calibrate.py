@@ -127,9 +127,11 @@ def fit_layer(layer, x: torch.Tensor, y: torch.Tensor, fit_decay: bool, fit_bias
     best_err = torch.full((H,), float("inf"), device=x.device)
     best = {"gamma": gammas[0], "bias": biases[0], "sink": sinks[0].expand(H)}
     window = cfg.layer_window(layer.layer_idx)
-    if window:  # the softmax window's terms depend on neither gamma nor b (its scores exp(b + q.k) = e^b exp(q.k))
+    if window:  # the softmax window's terms depend on neither gamma nor b (its scores exp(b + q.k) = e^b exp(q.k);
+        # soft-capped, e^b exp(c tanh(q.k / c)): the cap never reaches b)
         soft, shift = (x[:, keep] for x in windowed_retention_terms(q, k, v, gammas[0], window, 64,
-                                                                    output_final_state=False)[:2])
+                                                                    output_final_state=False,
+                                                                    softcap=cfg.window_logit_softcapping)[:2])
     for gamma in gammas:
         if window:  # the linear part covers the tokens beyond the window only
             A, Z = (windowed_retention_terms(a, c, v, gamma, window, 64, output_final_state=False,

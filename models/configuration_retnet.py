@@ -44,6 +44,10 @@ class RetNetConfig(PretrainedConfig):
             A list gives one window per layer, 0 for a pure-retention layer (a teacher with
             sliding-window attention on some layers only, e.g. Gemma 2/3); `layer_window(i)`
             reads either form.
+        window_logit_softcapping: c > 0 soft-caps the window's softmax scores, exp(c tanh(q.k / c)),
+            as Gemma 2's `attn_logit_softcapping` caps the scores before its softmax (a score bias
+            b adds after the cap: e^b exp(c tanh(q.k / c))); the decayed linear part has no softmax
+            and keeps q.k, and a pure-retention layer (window 0) is unaffected. None: no cap.
         decay_gammas: initial per-head decay, one list per model (shared by all layers) or one
             list per layer; default: the paper's `1 - 2^(-5-h)`.
         learnable_decay: train the decays (stored as logits, so they stay in (0, 1)).
@@ -103,6 +107,7 @@ class RetNetConfig(PretrainedConfig):
         retention_mode: str = "parallel",
         chunk_size: int = 64,
         retention_window: Union[int, Sequence[int]] = 0,
+        window_logit_softcapping: Optional[float] = None,
         decay_gammas: Optional[Sequence] = None,
         learnable_decay: bool = False,
         position_embedding_type: str = "xpos",
@@ -152,6 +157,7 @@ class RetNetConfig(PretrainedConfig):
         self.chunk_size = chunk_size
         self.retention_window = list(retention_window) if isinstance(retention_window, (list, tuple)) \
             else retention_window
+        self.window_logit_softcapping = window_logit_softcapping
         self.decay_gammas = [list(map(float, g)) if isinstance(g, (list, tuple)) else float(g)
                              for g in decay_gammas] if decay_gammas is not None else None
         self.learnable_decay = learnable_decay
@@ -269,6 +275,11 @@ class RetNetConfig(PretrainedConfig):
               f"retention_window={window} needs retention_normalization='paper' (the window and "
               f"the decayed state share one normaliser), not {self.retention_normalization!r}",
               "set retention_normalization='paper' or retention_window=0")
+        cap = self.window_logit_softcapping
+        check(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap)
+                              and cap > 0),
+              f"window_logit_softcapping={cap!r} must be a positive number",
+              "set it > 0 (the teacher's attn_logit_softcapping, e.g. 50.0) or None for uncapped window scores")
         choice("position_embedding_type", self.position_embedding_type, POSITION_TYPES)
         choice("head_norm", self.head_norm, HEAD_NORMS)
         choice("norm_type", self.norm_type, NORM_TYPES)

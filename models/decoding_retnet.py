@@ -178,6 +178,7 @@ class RetNetDecoder:
         self.gate, self.parallel_residual, self.embed_scale, self.qk_norm = (
             cfg.use_output_gate, cfg.parallel_residual, cfg.embed_scale, cfg.qk_norm)
         self.extra_k = 2 if cfg.score_bias else 0  # [bias feature, zero pad]: keeps Dk' even for rotary
+        self.window_softcap = cfg.window_logit_softcapping  # the window's scores c tanh(q.k / c) + b
         self.extra_v = 1 if cfg.retention_normalization == "paper" else 0
         self.Dkp, self.Dvp = Dk + self.extra_k, Dv + self.extra_v
         # Channel order inside a head so that rotary pairs are adjacent: (0, D/2, 1, D/2 + 1, ...).
@@ -583,13 +584,26 @@ class RetNetDecoder:
         cache[:, :, slot, Dkp:] = v.reshape(B, Hkv, Dvp)
         q = q.reshape(B, Hkv, G, Dkp)
         lin = xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, Hkv, G, Dvp)
-        scores = xp.matmul(q, cache[..., :Dkp].swapaxes(-1, -2)) + bias  # (B, Hkv, G, W)
+        scores = self._window_scores(q, cache) + bias  # (B, Hkv, G, W)
         m = self.ops.amax(scores)
         m = (m + abs(m)) * 0.5  # max(0, .), as the module path
         soft = xp.matmul(xp.exp(scores - m), cache[..., Dkp:])  # (B, Hkv, G, Dv')
         scale = xp.exp(-m)
         o = (soft[..., :Dv] + scale * lin[..., :Dv]) / (soft[..., Dv:] + scale * abs(lin[..., Dv:]))
         return o.reshape(B, H, Dv)
+
+    def _window_scores(self, q, cache):
+        """Scores of q (B, Hkv, G, Dk') against the cached keys (B, Hkv, W, Dk' + Dv'), (B, Hkv, G, W):
+        q'.k' with `window_logit_softcapping` c capping the q.k channels, c tanh(q.k / c), before the
+        score-bias feature adds b (as `_scores` in retention.py)."""
+        xp, Dk, Dkp = self.ops.xp, self.Dk, self.Dkp
+        if self.window_softcap is None:
+            return xp.matmul(q, cache[..., :Dkp].swapaxes(-1, -2))
+        cap = self.window_softcap
+        scores = xp.tanh(xp.matmul(q[..., :Dk], cache[..., :Dk].swapaxes(-1, -2)) * (1 / cap)) * cap
+        if self.extra_k:
+            scores += xp.matmul(q[..., Dk:], cache[..., Dk:Dkp].swapaxes(-1, -2))
+        return scores
 
     def _retention(self, h, p, S, rot, norm_c, window=None):
         """h (B, C) normalised input, S (B, Hkv, G, Dk', Dv') this layer's state -> (B, H * Dv);

@@ -178,6 +178,7 @@ class MultiScaleRetention(nn.Module):
         dtype = v.dtype
         gamma = self.gamma if gamma is None else gamma
         sink = self.sink(q, score_bias, sink_weight) if cfg.attention_sink else None  # (B, T, H)
+        Dk = q.shape[-1]  # the teacher's q.k channels, before any score-bias feature
         if cfg.score_bias:  # scores become b_h + q.k: a constant feature on each side
             b = self.score_bias if score_bias is None else score_bias
             q = torch.cat([q, b.to(q.dtype).view(1, 1, H, 1).expand(B, T, H, 1)], -1)
@@ -188,7 +189,8 @@ class MultiScaleRetention(nn.Module):
             mode = cfg.retention_mode if T > 1 else "recurrent"
             o, state = windowed_retention(q, k, v, gamma, window, mode, chunk_size=cfg.chunk_size,
                                           initial_state=state, output_final_state=output_final_state,
-                                          token_mask=token_mask, sink=sink_terms)
+                                          token_mask=token_mask, sink=sink_terms,
+                                          softcap=cfg.window_logit_softcapping, softcap_channels=Dk)
             return o.to(dtype), state
         if cfg.retention_normalization == "paper":  # carry the row sums of the scores along
             v = torch.cat([v, v.new_ones(B, T, H, 1)], -1)

@@ -288,14 +288,21 @@ def retention(q, k, v, gamma, mode: str, chunk_size: int = 64, initial_state: Op
 # distance, as in `retention()`. The linear part's row sum enters through |.| (as in the
 # paper's normalisation of plain retention): linear scores can be negative, and a negative
 # denominator would flip the output's sign. A real position's window holds the position
-# itself, so its denominator stays positive (a pad's may be 0: its output is then 0). The decay counts from the token's own position, so the
-# window replaces the nearest W terms of plain retention, and W = 0 would leave plain retention.
+# itself, so its denominator stays positive (a pad's may be 0: its output is then 0). The decay
+# counts from the token's own position, so the window replaces the nearest W terms of plain
+# retention, and W = 0 would leave plain retention.
 #
 # The recurrent state is a `WindowState`: the decayed matrix state of the tokens that have
 # left the window, plus the last W keys and values: decoding cost and memory are constant in
 # the context. All forms run the same block kernel (`_window_block`) over blocks of T
 # (parallel), `chunk_size` (chunkwise) or 1 (recurrent) positions; `windowed_retention_naive`
 # is the definition above written out, one token at a time, in fp64.
+#
+# Soft-capping (`softcap` = c, Gemma 2's `attn_logit_softcapping`): the window's softmax scores
+# become exp(c tanh(s_j / c)), as the teacher caps q.k * scale before its softmax; the linear
+# part has no softmax and keeps s_j. The cap acts on the first `softcap_channels` channels of
+# q and k (the teacher's q.k); later channels, the score-bias feature b, add uncapped, so the
+# window's terms are e^b exp(c tanh(q.k / c)) and the softmax over the window stays the teacher's.
 
 
 class WindowState(NamedTuple):
@@ -323,19 +330,29 @@ def empty_window_state(q: Tensor, v: Tensor, window: int) -> WindowState:
                        v.new_zeros(B, window, H, Dv), torch.zeros(B, window, dtype=torch.bool, device=q.device))
 
 
-def _check_window(window: int, initial_state: Optional[WindowState]):
+def _check_window(window: int, initial_state: Optional[WindowState], softcap: Optional[float] = None):
     if not isinstance(window, int) or window < 1:
         raise ValueError(f"windowed retention needs a window of at least 1 token, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"the window's score soft-cap must be positive, got {softcap!r}; pass None for no cap")
     if initial_state is not None and initial_state.keys.shape[1] != window:
         raise ValueError(f"the window state holds {initial_state.keys.shape[1]} tokens but the window is "
                          f"{window}; pass a state made with the same window")
 
 
+def _softcap(s: Tensor, softcap: float) -> Tensor:
+    """c tanh(s / c): scores bent smoothly into (-c, c) (Gemma 2's attention-logit soft-capping)."""
+    return torch.tanh(s / softcap) * softcap
+
+
 def windowed_retention_naive(q, k, v, gamma, window: int, initial_state: Optional[WindowState] = None,
-                             token_mask=None, sink=None) -> Tuple[Tensor, WindowState]:
+                             token_mask=None, sink=None, softcap: Optional[float] = None,
+                             softcap_channels: Optional[int] = None) -> Tuple[Tensor, WindowState]:
     """Reference: the definition above, one row and one token at a time, in fp64.
-    `sink` = (score [B, T, H], value [H, Dv]): a never-decaying extra term of the linear part."""
-    _check_window(window, initial_state)
+    `sink` = (score [B, T, H], value [H, Dv]): a never-decaying extra term of the linear part.
+    `softcap`, `softcap_channels`: the window's score soft-cap (see the section comment)."""
+    _check_window(window, initial_state, softcap)
+    n_cap = q.shape[-1] if softcap_channels is None else softcap_channels
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     s0 = initial_state if initial_state is not None else empty_window_state(q, v, window)
@@ -355,10 +372,13 @@ def windowed_retention_naive(q, k, v, gamma, window: int, initial_state: Optiona
             num = torch.zeros(H, Dv + 1, dtype=torch.float64)
             lin = torch.exp((n + 1) * log_g) * torch.einsum("hk,hkv->hv", q[b, t].double(), s0.state[b].double())
             for j, (k_j, v_j) in enumerate(tokens):
-                s = (q[b, t].double() * k_j).sum(-1, keepdim=True)  # (H, 1)
+                qk = q[b, t].double() * k_j  # (H, Dk)
+                s = qk.sum(-1, keepdim=True)  # (H, 1)
                 v1 = torch.cat([v_j, ones], -1)
                 dist = n - (j + base)
                 if dist < window:
+                    if softcap is not None:  # the teacher's channels capped, the bias feature after them not
+                        s = _softcap(qk[:, :n_cap].sum(-1, keepdim=True), softcap) + qk[:, n_cap:].sum(-1, keepdim=True)
                     num = num + torch.exp(s) * v1
                 else:
                     lin = lin + torch.exp(dist * log_g) * s * v1
@@ -382,12 +402,29 @@ def windowed_retention_naive(q, k, v, gamma, window: int, initial_state: Optiona
     return out.to(v.dtype), WindowState(S.to(v.dtype), keys.to(v.dtype), values.to(v.dtype), mask)
 
 
+def _scores(qh: Tensor, kh: Tensor, softcap: Optional[float], channels: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """Scores of queries qh [B, H, C, Dk] against keys kh [B, H, J, Dk], both [B, H, C, J]: those of
+    the linear part, s = q.k, and those of the window's softmax, the same with the first `channels`
+    channels' product soft-capped (None: all of them; no `softcap`: the same tensor)."""
+    if softcap is None:
+        s = qh @ kh.transpose(-1, -2)
+        return s, s
+    n = qh.shape[-1] if channels is None else channels
+    s = qh[..., :n] @ kh[..., :n].transpose(-1, -2)
+    capped = _softcap(s, softcap)
+    if n < qh.shape[-1]:  # the score-bias feature: added to both, never capped
+        extra = qh[..., n:] @ kh[..., n:].transpose(-1, -2)
+        s, capped = s + extra, capped + extra
+    return s, capped
+
+
 def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final_state: bool,
-                  window_terms: bool = True):
+                  window_terms: bool = True, softcap: Optional[float] = None, softcap_channels: Optional[int] = None):
     """New positions q, k [B, C, H, Dk], v1 = [v, 1] [B, C, H, Dv + 1], valid [B, C] bool, after
-    `state`. Returns the window's softmax terms sum exp(s - m) [v, 1] [B, C, H, Dv + 1], their
-    shift m [B, C, H, 1] (>= 0, no gradient), the linear terms [B, C, H, Dv + 1] and the state
-    after the block (None unless `final_state`); the first two are None without `window_terms`."""
+    `state`. Returns the window's softmax terms sum exp(s - m) [v, 1] [B, C, H, Dv + 1] (s
+    soft-capped with `softcap`, see `_scores`), their shift m [B, C, H, 1] (>= 0, no gradient), the
+    linear terms [B, C, H, Dv + 1] and the state after the block (None unless `final_state`); the
+    first two are None without `window_terms`."""
     B, C, H, _ = q.shape
     W = window
     dtype = q.dtype
@@ -404,10 +441,12 @@ def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final
     older = (seen & (dist >= W))[:, None]
 
     qh, kh, vh = q.transpose(1, 2), k_x.transpose(1, 2), v_x.transpose(1, 2)  # (B, H, ., D)
-    scores = qh @ (kh if window_terms else kh[:, :, :C]).transpose(-1, -2)  # (B, H, C, J or C): see below
+    # (B, H, C, J or C): the linear part reads the first C keys only (see below)
+    scores, s_win = _scores(qh, kh if window_terms else kh[:, :, :C], softcap if window_terms else None,
+                            softcap_channels)
     soft = m = None
     if window_terms:
-        s_win = scores.masked_fill(~in_window, float("-inf"))  # -inf first: exp gives exact zeros and zero gradients
+        s_win = s_win.masked_fill(~in_window, float("-inf"))  # -inf first: exp gives exact zeros and zero gradients
         m = s_win.amax(-1, keepdim=True).clamp(min=0).detach()  # (B, H, C, 1)
         soft = (torch.exp(s_win - m) @ vh).transpose(1, 2)  # (B, C, H, Dv + 1)
         m = m.transpose(1, 2)
@@ -442,7 +481,8 @@ def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final
 
 def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[int] = None,
                              initial_state: Optional[WindowState] = None, output_final_state: bool = True,
-                             token_mask=None, window_terms: bool = True):
+                             token_mask=None, window_terms: bool = True, softcap: Optional[float] = None,
+                             softcap_channels: Optional[int] = None):
     """The two parts of windowed retention, unnormalised, block by block.
 
     q, k [B, T, H, Dk], v [B, T, H, Dv], gamma [H]; `block_size` positions per block (None: one
@@ -451,8 +491,10 @@ def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[i
     shift m [B, T, H, 1], and the final `WindowState` (None with output_final_state=False).
     `combine_window` turns them into the output; conversion fits the parts separately (and
     skips the window's terms, None with `window_terms=False`, where it needs only the linear part).
+    `softcap` c: the window's scores become c tanh(s / c) on the first `softcap_channels` q/k
+    channels (None: all), the later ones (a score-bias feature) added uncapped.
     """
-    _check_window(window, initial_state)
+    _check_window(window, initial_state, softcap)
     B, T, H, _ = q.shape
     state = initial_state if initial_state is not None else empty_window_state(q, v, window)
     state = WindowState(*(x.to(q.dtype) for x in state[:3]), state.mask.to(q.device, torch.bool))
@@ -464,7 +506,8 @@ def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[i
     blocks = list(zip(*(x.split(max(C, 1), 1) for x in (q, k, v1, valid))))
     for i, (q_c, k_c, v_c, valid_c) in enumerate(blocks):
         carry = output_final_state or i < len(blocks) - 1
-        *out, state = _window_block(q_c, k_c, v_c, valid_c, log_g, window, state, carry, window_terms)
+        *out, state = _window_block(q_c, k_c, v_c, valid_c, log_g, window, state, carry, window_terms, softcap,
+                                    softcap_channels)
         parts.append(out)
     if not parts:  # T = 0
         empty = v1.new_zeros(B, 0, H, v1.shape[-1])
@@ -491,14 +534,17 @@ WINDOW_BLOCKS = {"parallel": None, "recurrent": 1}  # chunkwise: chunk_size
 
 def windowed_retention(q, k, v, gamma, window: int, mode: str, chunk_size: int = 64,
                        initial_state: Optional[WindowState] = None, output_final_state: bool = True,
-                       token_mask: Optional[Tensor] = None, sink=None) -> Tuple[Tensor, Optional[WindowState]]:
+                       token_mask: Optional[Tensor] = None, sink=None, softcap: Optional[float] = None,
+                       softcap_channels: Optional[int] = None) -> Tuple[Tensor, Optional[WindowState]]:
     """Windowed retention in one of the three forms: parallel (one block, O(T (T + W))),
     chunkwise (blocks of `chunk_size`, O(T (C + W))) or recurrent (one token at a time, O(W)
     per token and a constant-size state). Shapes as `retention()`; normalised output
-    [B, T, H, Dv] and a `WindowState`. See the section comment for the definition."""
+    [B, T, H, Dv] and a `WindowState`. See the section comment for the definition, and for
+    `softcap` (the window's scores c tanh(s / c), over the first `softcap_channels` channels)."""
     if mode not in RETENTION_FORMS:
         raise ValueError(f"unknown retention mode {mode!r}; choose one of {sorted(RETENTION_FORMS)}")
     block = chunk_size if mode == "chunkwise" else WINDOW_BLOCKS[mode]
     soft, m, lin, state = windowed_retention_terms(q, k, v, gamma, window, block, initial_state,
-                                                   output_final_state, token_mask)
+                                                   output_final_state, token_mask, softcap=softcap,
+                                                   softcap_channels=softcap_channels)
     return combine_window(soft, m, lin, sink), state

@@ -63,11 +63,12 @@ def call(form, leaves, W, token_mask=None, **kwargs):
     return o, s, dict(zip(names, grads))
 
 
-def check(mode, chunk_size, T, W, dtype=torch.float64, initial_state=True, sink=True, token_mask=None):
+def check(mode, chunk_size, T, W, dtype=torch.float64, initial_state=True, sink=True, token_mask=None, **kwargs):
+    """The form against the naive definition; `kwargs` (the soft-cap) go to both."""
     leaves = make_leaves(T, W, dtype, initial_state, sink)
-    o, s, grads = call(windowed_retention, leaves, W, token_mask, mode=mode, chunk_size=chunk_size)
+    o, s, grads = call(windowed_retention, leaves, W, token_mask, mode=mode, chunk_size=chunk_size, **kwargs)
     ref = {n: (x if n == "_mask" else x.detach().double().requires_grad_()) for n, x in leaves.items()}
-    o_ref, s_ref, grads_ref = call(windowed_retention_naive, ref, W, token_mask)
+    o_ref, s_ref, grads_ref = call(windowed_retention_naive, ref, W, token_mask, **kwargs)
     tol = TOL[dtype]
     assert o.dtype == dtype
     assert_near(o, o_ref, tol, "output")
@@ -184,6 +185,49 @@ def test_softmax_inside_the_window_and_decay_beyond():
     assert_near(o[0, 1, 0], (e * v[0, 1, 0] + lin * v[0, 0, 0]) / (e + lin.abs()), 1e-12, "window 1")
 
 
+# the scores q.k here are ~N(0, 1.2): a cap of 1 bends most of them
+CAPS = [dict(softcap=1.0), dict(softcap=1.0, softcap_channels=DK - 1)]  # the second: the last channel a bias feature
+
+
+@pytest.mark.parametrize("cap", CAPS, ids=["all-channels", "bias-channel"])
+@pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 5), ("recurrent", 1)])
+def test_softcapped_forms_match_naive(mode, chunk_size, cap):
+    """With the window's scores soft-capped: outputs, states and gradients of every form equal the
+    naive definition, with a cache, a sink and padding."""
+    check(mode, chunk_size, 26, W=4, token_mask=padded_mask(26), **cap)
+    check(mode, chunk_size, 13, W=4, **cap)
+
+
+def test_softcap_bends_the_window_scores_only():
+    """Every token inside the window: exact softmax of c tanh(q.k / c), not of q.k; the uncapped
+    output differs (the test can fail). Window 1: the token beyond enters with its raw score
+    gamma (q . k), uncapped. A score-bias channel adds after the cap."""
+    T, W, H, c = 6, 8, 1, 1.0
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, T, H, DK, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, T, H, DV, generator=g, dtype=torch.float64)
+    gamma = torch.tensor([0.8], dtype=torch.float64)
+    causal = torch.ones(T, T).triu(1).bool()
+    scores = torch.einsum("bthd,bshd->bhts", q, k)
+    assert scores.abs().max() > 2 * c  # the cap is active
+
+    def softmax_out(s):
+        return torch.einsum("bhts,bshd->bthd", s.masked_fill(causal, float("-inf")).softmax(-1), v)
+
+    o, _ = windowed_retention(q, k, v, gamma, W, "parallel", softcap=c)
+    assert_near(o, softmax_out(c * torch.tanh(scores / c)), 1e-12, "capped softmax")
+    assert not torch.allclose(o, softmax_out(scores), atol=1e-3)
+    # a bias feature b (q gets b, k gets 1): the softmax over the window ignores b, capped or not
+    b = 3.0
+    qb, kb = torch.cat([q, torch.full_like(q[..., :1], b)], -1), torch.cat([k, torch.ones_like(k[..., :1])], -1)
+    o_b, _ = windowed_retention(qb, kb, v, gamma, W, "parallel", softcap=c, softcap_channels=DK)
+    assert_near(o_b, o, 1e-12, "capped softmax with a bias feature")
+    o, _ = windowed_retention(q[:, :2], k[:, :2], v[:, :2], gamma, 1, "parallel", softcap=c)
+    e = torch.exp(c * torch.tanh(scores[0, 0, 1, 1] / c))
+    lin = 0.8 * scores[0, 0, 1, 0]
+    assert_near(o[0, 1, 0], (e * v[0, 1, 0] + lin * v[0, 0, 0]) / (e + lin.abs()), 1e-12, "window 1, capped")
+
+
 def test_bad_window_and_state_are_one_line_errors():
     L = {n: x.detach() for n, x in make_leaves(5, 4, torch.float64, True, False).items()}
     state = WindowState(L["state"], L["keys"], L["values"], L["_mask"])
@@ -193,6 +237,8 @@ def test_bad_window_and_state_are_one_line_errors():
         windowed_retention(L["q"], L["k"], L["v"], L["gamma"], 3, "parallel", initial_state=state)
     with pytest.raises(ValueError, match="unknown retention mode 'fused'"):
         windowed_retention(L["q"], L["k"], L["v"], L["gamma"], 4, "fused")
+    with pytest.raises(ValueError, match="the window's score soft-cap must be positive, got -1.0"):
+        windowed_retention(L["q"], L["k"], L["v"], L["gamma"], 4, "parallel", softcap=-1.0)
 
 
 @pytest.mark.parametrize("value, message", [
@@ -225,6 +271,17 @@ def test_config_validates_per_layer_windows(value, message):
     assert RetNetConfig.from_dict(config.to_dict()).layer_windows == [4, 0, 4]  # survives config.json
 
 
+@pytest.mark.parametrize("value", [0, -5.0, float("inf"), float("nan"), "50", True])
+def test_config_validates_the_window_softcap(value):
+    with pytest.raises(ValueError) as err:
+        RetNetConfig(retention_window=4, window_logit_softcapping=value)
+    assert str(err.value) == (f"RetNetConfig: window_logit_softcapping={value!r} must be a positive number; set it > 0 "
+                               "(the teacher's attn_logit_softcapping, e.g. 50.0) or None for uncapped window scores")
+    config = RetNetConfig(retention_window=4, window_logit_softcapping=50.0)
+    assert RetNetConfig.from_dict(config.to_dict()).window_logit_softcapping == 50.0  # survives config.json
+    assert RetNetConfig().window_logit_softcapping is None  # no cap by default
+
+
 # ------------------------------------------------------------------------------------------
 # The model
 # ------------------------------------------------------------------------------------------
@@ -241,6 +298,8 @@ WINDOWED = {  # window 5 < the test sequences; chunk_size 8 (tiny_config) spans 
                   use_output_gate=False, num_key_value_heads=2, mlp_type="glu", hidden_act="silu",
                   norm_type="rmsnorm", learnable_decay=True),
 }
+# the window's scores soft-capped at 1 (this model's scores reach ~9): bias feature, sink, a pure layer
+WINDOWED["capped"] = dict(WINDOWED["mixed"], window_logit_softcapping=1.0)
 
 
 @torch.no_grad()
@@ -269,9 +328,12 @@ def test_model_forms_agree_and_state_decodes(variant):
             state = out.past_key_values
             steps.append(out.logits)
     assert_close(torch.cat(steps, 1), want, what="prefill + steps")
-    # the window changes the model (it is not pure retention under another name)
+    # the window changes the model (it is not pure retention under another name), and so does the cap
     pure = tiny_model(**dict(WINDOWED[variant], retention_window=0))
     assert not torch.allclose(logits(pure, ids, "parallel", use_cache=False), want, atol=1e-3)
+    if model.config.window_logit_softcapping is not None:
+        uncapped = tiny_model(**dict(WINDOWED[variant], window_logit_softcapping=None))
+        assert not torch.allclose(logits(uncapped, ids, "parallel", use_cache=False), want, atol=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
@@ -424,7 +486,7 @@ def test_torchscale_export_refuses_a_windowed_model():
         to_torchscale(tiny_model(**WINDOWED["mixed"]))
 
 
-@pytest.mark.parametrize("variant", ["converted-gqa", "mixed"])
+@pytest.mark.parametrize("variant", ["converted-gqa", "mixed", "capped"])
 def test_a_windowed_checkpoint_loads_with_remote_code(variant, tmp_path):
     from tiny import assert_loads_with_remote_code
 
@@ -441,7 +503,7 @@ def test_a_windowed_checkpoint_loads_with_remote_code(variant, tmp_path):
 def test_calibration_decomposition_is_the_layer_output():
     """What calibration computes once per (gamma) and combines per (b, w): the window's terms
     with scores q.k and the linear part A + b Z + sink, shifted by b, equal the windowed output
-    with scores b + q.k."""
+    with scores b + q.k, also with the window's scores soft-capped."""
     from retconvert.models.retention import combine_window, windowed_retention_terms
 
     L = {n: x.detach() for n, x in make_leaves(19, 4, torch.float64, False, True).items()}
@@ -456,6 +518,12 @@ def test_calibration_decomposition_is_the_layer_output():
     kb = torch.cat([k, ones], -1)
     want, _ = windowed_retention(qb, kb, v, gamma, 4, "chunkwise", chunk_size=5, sink=sink)
     assert_near(got, want, 1e-12, "decomposition")
+    # soft-capped: the cap acts on q.k and b adds after it, so e^b still factors out of the window
+    soft, shift = windowed_retention_terms(q, k, v, gamma, 4, 5, softcap=1.0)[:2]
+    got = combine_window(soft, shift + b[:, None], A + b[:, None] * Z, sink)
+    want, _ = windowed_retention(qb, kb, v, gamma, 4, "chunkwise", chunk_size=5, sink=sink, softcap=1.0,
+                                 softcap_channels=q.shape[-1])
+    assert_near(got, want, 1e-12, "decomposition, soft-capped")
     # what conversion runs per candidate decay: the linear part alone, the same numbers
     none_soft, none_shift, A_only, _ = windowed_retention_terms(q, k, v, gamma, 4, 5, window_terms=False)
     assert none_soft is None and none_shift is None
