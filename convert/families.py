@@ -275,9 +275,13 @@ def gpt_neox_config(cfg) -> dict:
 
 
 def gemma2_config(cfg) -> dict:
+    """Gemma 2's scores are soft-capped before the softmax (attn_logit_softcapping): a kept window's
+    softmax caps them alike (`window_logit_softcapping`); pure-retention layers have no softmax and
+    ignore it."""
     return {**llama_config(cfg), "hidden_act": cfg.hidden_activation, "block_norms": "sandwich", "mlp_bias": False,
             "embed_scale": cfg.hidden_size**0.5, "qk_scale": cfg.query_pre_attn_scalar**-0.5,
-            "final_logit_softcapping": cfg.final_logit_softcapping}
+            "final_logit_softcapping": cfg.final_logit_softcapping,
+            "window_logit_softcapping": cfg.attn_logit_softcapping}
 
 
 def gemma3_config(cfg) -> dict:
@@ -444,8 +448,9 @@ GEMMA2_FIELDS: Dict[str, Rule] = {
     **_NO_MLP_BIAS,
     "hidden_act": INERT,  # Gemma 2/3 read hidden_activation; old configs carry both
     **dict.fromkeys(("hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping"), MAPPED),
-    # tanh soft-capping of the softmax scores: a softmax attention detail (a kept window's softmax has none)
-    "attn_logit_softcapping": REPLACED, "sliding_window": WINDOW, "layer_types": WINDOW,
+    # tanh soft-capping of the softmax scores: kept on a kept window's softmax (window_logit_softcapping),
+    # dropped on pure-retention layers, which have no softmax
+    "attn_logit_softcapping": MAPPED, "sliding_window": WINDOW, "layer_types": WINDOW,
     "use_bidirectional_attention": Only((None, False), "bidirectional attention has no causal RetNet counterpart"),
 }
 GEMMA3_FIELDS: Dict[str, Rule] = {
@@ -595,8 +600,9 @@ FAMILIES: Dict[str, Family] = {
     "gemma2": Family("gemma2", GEMMA2_KEYS, gemma2_config, attention_output="model.layers.{i}.self_attn.o_proj",
                      fields=GEMMA2_FIELDS,
                      notes="embeddings scaled by sqrt(hidden), (1 + w) norms stored as weights, sandwich norms, GeGLU, "
-                           "query_pre_attn_scalar, final logit soft-capping; the soft-capping of attention scores "
-                           f"becomes retention; the sliding window (every other layer) {_KEEP}"),
+                           "query_pre_attn_scalar, final logit soft-capping; the soft-capping of attention scores is "
+                           "kept on a kept window's softmax scores (window_logit_softcapping) and dropped on "
+                           f"pure-retention layers (no softmax); the sliding window (every other layer) {_KEEP}"),
     "gemma3_text": Family("gemma3_text", GEMMA3_KEYS, gemma3_config, attention_output="model.layers.{i}.self_attn.o_proj",
                           fields=GEMMA3_FIELDS,
                           notes=f"as gemma2, with per-head q/k norms and the local/global RoPE per layer; the sliding "

@@ -4,7 +4,7 @@ global layer becomes pure retention. Tiny random teachers built from their confi
 
 The window is the teacher's exactly: with the decayed part switched off (gamma ~ 0, no sink),
 a kept layer computes the teacher's sliding-window attention at every position, also past the
-window, so a window one token too long or too short fails.
+window, so a window one token too long or too short fails; Gemma 2's soft-capped scores too.
 """
 
 import json
@@ -87,14 +87,30 @@ def test_a_kept_window_computes_the_teachers_sliding_attention(name):
             assert not torch.allclose(off(ids).logits, teacher(ids).logits, rtol=1e-4, atol=1e-4), other
 
 
+def assert_decodes_as_parallel(student, ids, what: str):
+    """Decoding from the state after a 3-token prefill, through the modules and the packed decoder
+    (where it covers the family), gives the parallel form's logits at every step."""
+    from retconvert.models.decoding_retnet import RetNetDecoder
+
+    want = student(ids, use_cache=False).logits
+    state = student(ids[:, :3], use_cache=True)[CACHE_NAME]
+    for t in range(3, ids.shape[1]):
+        out = student(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: state})
+        assert_close(out.logits[:, 0], want[:, t], what=f"{what} step {t}")
+        state = out[CACHE_NAME]
+    if RetNetDecoder.supports(student.config):
+        decoder = student.packed_decoder(batch_size=ids.shape[0])
+        decoder.prefill(ids[:, :3])
+        for t in range(3, ids.shape[1]):
+            assert_close(decoder.step(ids[:, t]), want[:, t], what=f"{what} packed step {t}")
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("name", ["mistral", "gemma3_text"])
 def test_first_position_logits_and_decoding(name):
     """Over one token the student returns the teacher's logits (the window's softmax over the
     token itself, the global layers' normalised retention with b large), and decoding from the
     state (modules, and the packed decoder where it covers the family) equals the parallel form."""
-    from retconvert.models.decoding_retnet import RetNetDecoder
-
     teacher = make_teacher(name)
     student = build_student(teacher, ConvertOptions(window="teacher")).eval()
     for block in student.model.layers:
@@ -103,29 +119,78 @@ def test_first_position_logits_and_decoding(name):
     assert_close(student(first).logits, teacher(first).logits, what=f"{name} first position")
     for block in student.model.layers:
         block.retention.score_bias.fill_(1.0)
+    assert_decodes_as_parallel(student, torch.randint(3, 128, (2, 3 * W)), name)
+
+
+CAP = 5.0  # the teacher's attn_logit_softcapping (Gemma 2's is 50)
+
+
+def gemma2_with_large_scores():
+    """A Gemma 2 teacher (window W on layer 0, global layer 1) whose attention scores reach several
+    times its soft-cap: q and k weights scaled by 30 (a random tiny model's scores are ~0.02, where
+    tanh is the identity and a missing cap goes unnoticed)."""
+    torch.manual_seed(0)
+    config = Gemma2Config(**TINY, **GQA, query_pre_attn_scalar=24, sliding_window=W, attn_logit_softcapping=CAP)
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+    return teacher
+
+
+@torch.no_grad()
+def test_a_kept_gemma2_window_soft_caps_its_scores_as_the_teacher():
+    """The teacher's attn_logit_softcapping becomes the window's: with the decayed part switched off,
+    the kept layer equals the teacher's soft-capped sliding attention at every position in every
+    form; without the cap it does not."""
+    teacher = gemma2_with_large_scores()
+    student = build_student(teacher, ConvertOptions(window="teacher")).eval()
+    assert student.config.window_logit_softcapping == CAP and student.config.layer_windows == [W, 0]
+    switch_off_decayed_part(student)
     ids = torch.randint(3, 128, (2, 3 * W))
+    hidden = teacher(ids, output_hidden_states=True).hidden_states  # hidden[i]: the input of layer i
+    pos = torch.arange(3 * W).expand(2, 3 * W)
+    layer = student.model.layers[0]
+    q, k, _ = layer.retention.project(layer.input_layernorm(hidden[0]), pos)
+    assert torch.einsum("bthd,bshd->bhts", q, k).abs().max() > 3 * CAP  # the cap bends the teacher's scores
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        student.config.retention_mode = mode
+        got, _ = layer(hidden[0], pos, output_final_state=False)
+        for t in range(3 * W):
+            assert_close(got[:, t], hidden[1][:, t], what=f"gemma2 layer 0, {mode}, position {t}")
+    student.config.window_logit_softcapping = None  # the same window with raw scores: another function
+    got, _ = layer(hidden[0], pos, output_final_state=False)
+    assert not torch.allclose(got, hidden[1], rtol=1e-2, atol=1e-2)
+
+
+@torch.no_grad()
+def test_soft_capped_gemma2_student_forms_and_decoding_agree():
+    """With the cap active and the decayed part on (windows across 5-token chunks): parallel,
+    chunkwise and recurrent logits agree, and so do decoding steps, modules and packed decoder."""
+    student = build_student(gemma2_with_large_scores(), ConvertOptions(window="teacher", chunk_size=5)).eval()
+    ids = torch.randint(3, 128, (2, 3 * W))
+    student.config.retention_mode = "parallel"
     want = student(ids, use_cache=False).logits
-    state = student(ids[:, :3], use_cache=True)[CACHE_NAME]
-    for t in range(3, 3 * W):
-        out = student(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: state})
-        assert_close(out.logits[:, 0], want[:, t], what=f"{name} step {t}")
-        state = out[CACHE_NAME]
-    if RetNetDecoder.supports(student.config):
-        decoder = student.packed_decoder(batch_size=2)
-        decoder.prefill(ids[:, :3])
-        for t in range(3, 3 * W):
-            assert_close(decoder.step(ids[:, t]), want[:, t], what=f"{name} packed step {t}")
+    for mode in ("chunkwise", "recurrent"):
+        student.config.retention_mode = mode
+        assert_close(student(ids, use_cache=False).logits, want, what=f"gemma2 capped, {mode}")
+    student.config.retention_mode = "chunkwise"
+    assert_decodes_as_parallel(student, ids, "gemma2 capped")
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma3_text"])
+@pytest.mark.parametrize("name", ["mistral", "gemma3_text", "gemma2-capped"])
 def test_cli_keeps_the_window_and_the_checkpoint_loads_without_retconvert(name, tmp_path):
-    folder = save_teacher(make_teacher(name), tmp_path / name)
+    """gemma2-capped: the soft-capped window is calibrated, saved and loads through remote code."""
+    capped = name == "gemma2-capped"
+    folder = save_teacher(gemma2_with_large_scores() if capped else make_teacher(name), tmp_path / name)
     calib = write_jsonl(tmp_path / "calib.jsonl", tiny_text())
     out = tmp_path / "student"
     assert cli(["from-hf", str(folder), "--out", str(out), "--window", "teacher", "--calib-data", str(calib),
                 "--calib-tokens", "256", "--calib-seq-len", "64"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["retention_window"] == TEACHERS[name][1]
+    assert config["retention_window"] == TEACHERS["gemma2" if capped else name][1]
+    assert config["window_logit_softcapping"] == (CAP if capped else None)
     assert config["conversion"]["options"]["window"] == "teacher"
     report = json.loads((out / "conversion_report.json").read_text())
     assert "kept as each such layer's retention window with --window teacher" in report["family_notes"]
