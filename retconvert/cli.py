@@ -1,4 +1,4 @@
-"""The `retconvert` command.
+"""The `retconvert` command: convert a pretrained Transformer LM into a RetNet, distil, evaluate and publish it.
 
     retconvert from-hf SOURCE [--out DIR] [options]    convert a Transformer into a RetNet
     retconvert distill --config YAML [--resume] [section.key=value ...]   distil it (distill/train.py)
@@ -47,15 +47,20 @@ def _add_from_hf(sub):
                    help="per-head score offset b (scores b + q.k), fitted with calibration")
     p.add_argument("--sink", action=argparse.BooleanOptionalAction, default=d.sink,
                    help="a never-decaying attention-sink key/value per head, fitted with calibration")
-    p.add_argument("--head-norm", choices=("none", "rmsnorm", "groupnorm"), default=d.head_norm)
+    p.add_argument("--head-norm", choices=("none", "rmsnorm", "groupnorm"), default=d.head_norm,
+                   help="per-head normalisation of the retention output, each followed by a per-head scale "
+                        "(the paper: groupnorm; default: %(default)s)")
     p.add_argument("--kv-heads", choices=("keep", "expand"), default=d.kv_heads,
                    help="grouped-query K/V: keep the teacher's heads (default) or expand them per query head")
     p.add_argument("--output-scale", choices=("fit", "one"), default=d.output_scale,
                    help="per-head output scale: least squares to the teacher's attention output, or 1")
     p.add_argument("--gate", action=argparse.BooleanOptionalAction, default=d.gate,
                    help="add the paper's swish output gate (randomly initialised: needs distillation)")
-    p.add_argument("--retention-mode", choices=("parallel", "chunkwise", "recurrent"), default=d.retention_mode)
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    p.add_argument("--retention-mode", choices=("parallel", "chunkwise", "recurrent"), default=d.retention_mode,
+                   help="form used for prompts and training (default: %(default)s); generation steps are "
+                        "recurrent either way; config.retention_mode changes it later")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="tokens per chunk of the chunkwise form "
+                                                                        "(default: %(default)s)")
     p.add_argument("--window", type=window_arg, default=d.window, metavar="W|teacher",
                    help="every retention layer also attends to its last W tokens with exact softmax, under one "
                         "normaliser with the decayed state (64 as in LoLCATs/Liger; 0: pure RetNet, the default "
@@ -65,8 +70,10 @@ def _add_from_hf(sub):
                         "a window of the teacher's sliding_window tokens, each global layer pure retention")
     p.add_argument("--calib-data", help="calibration text: .jsonl/.txt file or hf:NAME:CONFIG:SPLIT "
                                         "(default: the offline C4 sample, else C4 streamed)")
-    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens)
-    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len)
+    p.add_argument("--calib-tokens", type=int, default=d.calib_tokens,
+                   help="calibration text in tokens (default: %(default)s)")
+    p.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len,
+                   help="calibration row length in tokens (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the saved weights (conversion itself runs in float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -90,8 +97,8 @@ def cmd_from_hf(args):
 
     options = ConvertOptions(
         decay=args.decay, score_bias=args.score_bias, sink=args.sink, head_norm=args.head_norm,
-        kv_heads=args.kv_heads, output_scale=args.output_scale, gate=args.gate, retention_mode=args.retention_mode, chunk_size=args.chunk_size,
-        window=args.window,
+        kv_heads=args.kv_heads, output_scale=args.output_scale, gate=args.gate, retention_mode=args.retention_mode,
+        chunk_size=args.chunk_size, window=args.window,
         calib_data=args.calib_data, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
     )
     options.validate()
@@ -115,8 +122,8 @@ def cmd_from_hf(args):
 
 def _add_compare(sub):
     p = sub.add_parser("compare", help="teacher vs student: held-out perplexity and a greedy sample")
-    p.add_argument("teacher")
-    p.add_argument("student")
+    p.add_argument("teacher", help="Hub ID, local folder, .gguf file or built-in name (e.g. smollm2-135m)")
+    p.add_argument("student", help="RetNet checkpoint folder (from `from-hf` or distillation)")
     p.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
     p.set_defaults(func=cmd_compare)
 
@@ -131,10 +138,10 @@ def cmd_compare(args):
 
 def _add_export(sub):
     p = sub.add_parser("export", help="export a RetNet checkpoint to another framework's format")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--format", choices=("torchscale",), required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--force", action="store_true")
+    p.add_argument("checkpoint", type=Path, help="RetNet checkpoint folder (from `from-hf` or distillation)")
+    p.add_argument("--format", choices=("torchscale",), required=True, help="torchscale: its RetNetDecoder")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_export)
 
 
@@ -179,14 +186,17 @@ def _add_push(sub):
 
     p = sub.add_parser("push", help="publish a RetNet checkpoint on the Hugging Face Hub with a model card")
     p.add_argument("checkpoint", type=Path, help="checkpoint folder (from `from-hf` or distillation)")
-    p.add_argument("--repo-id", required=True, type=repo_id_arg, metavar="USER/NAME")
-    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--repo-id", required=True, type=repo_id_arg, metavar="USER/NAME",
+                   help="Hub model repo to publish to (created if missing)")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility)")
     p.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
     p.add_argument("--commit-message", help="default: what the checkpoint is and its teacher")
     p.add_argument("--eval-report", type=Path, metavar="REPORT_DIR",
                    help="folder written by `retconvert eval` (results.json): numbers for the card and model-index")
     p.add_argument("--license", help="license id for the card (default: the teacher's, when recorded; else 'other')")
-    p.add_argument("--base-model", metavar="HUB_ID", help="the teacher's Hub ID, when it was converted from a local copy")
+    p.add_argument("--base-model", metavar="HUB_ID",
+                   help="the teacher's Hub ID, when it was converted from a local copy")
     p.add_argument("--dry-run", action="store_true",
                    help="offline: print the exact upload (sizes, sha256) and write the card; needs no token")
     p.add_argument("--card-out", type=Path, help="where --dry-run writes the card (default: <checkpoint>.card.md)")
@@ -223,25 +233,35 @@ def _add_eval(sub):
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.add_argument("--limit", type=int, help="examples per zero-shot task and documents per perplexity set")
     p.add_argument("--max-context", type=int, help="cap on context lengths (default: the teacher's limit)")
-    p.add_argument("--contexts", type=_ints, help="context lengths for speed/memory/passkey (default: 128,256,...,8192)")
+    p.add_argument("--contexts", type=_ints,
+                   help="context lengths for speed/memory/passkey (default: 128,256,...,8192)")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="decode batch sizes (default: 1,16)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="zero-shot lm-eval tasks ('' for none)")
-    p.add_argument("--zero-shot-batch-size", type=int, default=d.zero_shot_batch_size)
-    p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens, help="tokens per perplexity set")
-    p.add_argument("--ppl-window", type=int, default=d.ppl_window)
-    p.add_argument("--ppl-stride", type=int, default=d.ppl_stride)
-    p.add_argument("--passkey-trials", type=int, default=d.passkey_trials)
+    p.add_argument("--zero-shot-batch-size", type=int, default=d.zero_shot_batch_size,
+                   help="lm-eval batch size (default: %(default)s)")
+    p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens,
+                   help="tokens per perplexity set (default: %(default)s)")
+    p.add_argument("--ppl-window", type=int, default=d.ppl_window,
+                   help="perplexity window in tokens (default: %(default)s)")
+    p.add_argument("--ppl-stride", type=int, default=d.ppl_stride,
+                   help="perplexity window stride (default: %(default)s)")
+    p.add_argument("--passkey-trials", type=int, default=d.passkey_trials,
+                   help="passkey prompts per length (default: %(default)s)")
     p.add_argument("--passkey-lengths", type=_ints, help="prompt lengths for passkey (default: the contexts)")
     p.add_argument("--position-docs", type=int, default=d.position_docs, help="rows of C4 for per-position loss")
     p.add_argument("--position-length", type=int, help="row length for per-position loss (default: longest context)")
     p.add_argument("--decode-steps", type=int, default=d.decode_steps, help="timed decode steps per point")
-    p.add_argument("--prefill-repeats", type=int, default=d.prefill_repeats)
-    p.add_argument("--energy-context", type=int, default=d.energy_context)
-    p.add_argument("--energy-steps", type=int, default=d.energy_steps)
+    p.add_argument("--prefill-repeats", type=int, default=d.prefill_repeats,
+                   help="timed prefill passes per length (default: %(default)s)")
+    p.add_argument("--energy-context", type=int, default=d.energy_context,
+                   help="context of the energy run in tokens (default: %(default)s)")
+    p.add_argument("--energy-steps", type=int, default=d.energy_steps,
+                   help="decode steps per energy measurement (default: %(default)s)")
     p.add_argument("--assumed-watts", type=float,
                    help="without an energy counter, report a labelled estimate: time x this power (default: none)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the models are evaluated in (default: %(default)s)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin checkpoints (only trusted sources)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
     p.set_defaults(func=cmd_eval)
