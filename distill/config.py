@@ -99,6 +99,10 @@ class Stage1Section:
     eval_rows: int = 4
     patience: int = 0  # stop after this many evals without a min_improvement gain; 0: run all steps
     min_improvement: float = 0.01  # relative gain of the held-out mean error that counts as progress
+    # compute dtype of this stage (bfloat16: teacher pass and retention under autocast); null: run.dtype.
+    # Stage 1 is layer-local (every layer gets the teacher's input), so bf16 rounding does not
+    # compound through depth as it does in stage 2 (docs/RESULTS.md, "bf16 and the student's gradients").
+    dtype: Optional[str] = None
 
 
 @dataclass
@@ -165,6 +169,7 @@ CHOICES = {
     "model.teacher_dtype": ("float32", "bfloat16"),
     "model.scratch.arch": ("retnet", "llama"),
     "run.dtype": ("float32", "bfloat16"),
+    "stage1.dtype": ("float32", "bfloat16"),
     "stage2.finetune": ("full", "lora"),
     "stage1.train": ("full", "lora"),
     "model.convert.decay": ("retnet", "calibrated"),

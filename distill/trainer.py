@@ -184,7 +184,7 @@ class Trainer:
         bar = progress_bar(s1.steps, state["step"], self.dist.is_main and cfg.run.progress,
                            "stage 1 (attention transfer)")
         self._last_checkpoint = time.time()
-        autocast = cfg.run.dtype == "bfloat16"
+        autocast = (s1.dtype or cfg.run.dtype) == "bfloat16"
         with TeacherTargets(self.teacher.model, family_for(self.teacher.model.config)) as targets:
             if held_out is not None and state["step"] == 0:
                 state["history"].append(self._stage1_eval(targets, held_out, 0, 0))

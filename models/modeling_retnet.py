@@ -162,9 +162,8 @@ class MultiScaleRetention(nn.Module):
         passes candidates here to fit them (H may then be a multiple of the layer's head count).
         float16 and bfloat16 inputs, and autocast, are retained in float32 (the state stays
         float32; the output is cast back): row sums and states outgrow fp16's 65,504 within a few
-        thousand tokens, and bf16's 8-bit mantissa rounds decays such as 0.9999 to 1 (measured on
-        the SmolLM2 student: its gradient norm 32x the fp32 one under bf16 autocast, 1.7x with
-        retention in fp32; docs/RESULTS.md, "bf16 and the student's gradients").
+        thousand tokens, and bf16's 8-bit mantissa rounds decays such as 0.9999 to 1
+        (tests/test_correctness.py; docs/RESULTS.md, "bf16 and the student's gradients").
         """
         with torch.autocast(v.device.type, enabled=False):
             o, state = self._retain(q.float(), k.float(), v.float(), position_ids, token_mask, state, gamma,

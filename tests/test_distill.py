@@ -479,15 +479,19 @@ def test_stage1_trains_a_windowed_student(fx, tmp_path):
 
 
 def test_stage1_under_bf16_learns_as_float32(fx, tmp_path):
-    """run.dtype=bfloat16 puts stage 1's teacher pass and retention under autocast; the held-out
-    errors (always measured in float32) follow the float32 run's."""
+    """run.dtype=bfloat16 (or stage1.dtype=bfloat16 alone) puts stage 1's teacher pass and
+    retention under autocast; the held-out errors (always measured in float32) follow the
+    float32 run's."""
     opts = {"stage1.steps": 6, "stage2.steps": 0, "stage1.proj_lr": 1e-3, "stage1.eval_every": 3}
     run_tiny(fx, tmp_path / "fp32", **opts)
     run_tiny(fx, tmp_path / "bf16", **opts, **{"run.dtype": "bfloat16"})
-    fp32, bf16 = (_stage1_records(tmp_path / n) for n in ("fp32", "bf16"))
+    run_tiny(fx, tmp_path / "s1bf16", **opts, **{"stage1.dtype": "bfloat16"})
+    fp32, bf16, s1bf16 = (_stage1_records(tmp_path / n) for n in ("fp32", "bf16", "s1bf16"))
     assert fp32[0]["mean"] == bf16[0]["mean"]  # the same student before training
     assert bf16[-1]["mean"] < bf16[0]["mean"]
     assert bf16[-1]["mean"] == pytest.approx(fp32[-1]["mean"], rel=0.05)
+    assert bf16[-1]["mean"] != fp32[-1]["mean"]  # autocast did run
+    assert [r["mean"] for r in s1bf16] == [r["mean"] for r in bf16]
 
 
 def test_attention_transfer_step_refuses_a_non_finite_error(fx, tmp_path):
