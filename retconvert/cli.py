@@ -32,13 +32,15 @@ def window_arg(text: str):
 
 
 def _add_from_hf(sub):
-    from retconvert.convert.student import ConvertOptions
+    from retconvert.convert.families import FAMILIES
     from retconvert.convert.sources import DEFAULT_TEACHER
+    from retconvert.convert.student import ConvertOptions
 
     d = ConvertOptions()
     p = sub.add_parser("from-hf", help="convert a Hugging Face Transformer (Hub ID, folder, GGUF, built-in name)")
     p.add_argument("source", nargs="?", default=DEFAULT_TEACHER,
-                   help=f"Hub ID (gpt2-large), local folder, .gguf file, or built-in name (default: {DEFAULT_TEACHER})")
+                   help=f"Hub ID (gpt2-large), local folder, .gguf file, or built-in name (default: {DEFAULT_TEACHER}) "
+                        f"of a supported family (config.model_type: {', '.join(sorted(FAMILIES))})")
     p.add_argument("--out", type=Path, help="output folder (default: outputs/<name>-retnet)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--decay", choices=("retnet", "calibrated"), default=d.decay,
