@@ -36,7 +36,7 @@ from torch import nn
 from retconvert.errors import RetconvertError
 from retconvert.models import RetNetForCausalLM
 from retconvert.models.configuration_retnet import paper_decay
-from retconvert.paths import atomic_output_dir
+from retconvert.paths import atomic_output_dir, check_output_dir
 
 ACTIVATIONS = {"gelu": "gelu", "silu": "swish", "swish": "swish", "relu": "relu"}  # ours -> torchscale
 TORCHSCALE_THETA = 10000.0  # RetNetRelPos hard-codes its angles and decays
@@ -182,17 +182,28 @@ def _stderr(message: str):
     print(message, file=sys.stderr)
 
 
+def is_torchscale_export(folder: Path) -> bool:
+    """Whether `folder` holds an earlier export: checkpoint.pt and torchscale's config.json."""
+    try:
+        args = json.loads((Path(folder) / "config.json").read_text())
+        return (Path(folder) / "checkpoint.pt").is_file() and "decoder_retention_heads" in args
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+EXPORT_KIND = "a torchscale export (checkpoint.pt and config.json)"
+
+
 def export_torchscale(src_dir, out_dir, force: bool = False, log: Callable[[str], None] = _stderr) -> Path:
     """Load our checkpoint from `src_dir`, write `out_dir/checkpoint.pt` and `config.json`,
     then (where torchscale is installed) measure both torchscale forms against the model on a
     probe and `log` the figures, with a warning when the recurrent form is off (see the
     module docstring's limit)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:  # before the (possibly long) load
-        raise RetconvertError(f"output {out_dir} already exists; pass force=True to replace it")
+    check_output_dir(out_dir, force=force, ours=is_torchscale_export, kind=EXPORT_KIND)  # before the long load
     model = RetNetForCausalLM.from_pretrained(src_dir)
     args, state = to_torchscale(model)
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, ours=is_torchscale_export, kind=EXPORT_KIND) as tmp:
         torch.save({"args": args, "model": state}, tmp / "checkpoint.pt")
         (tmp / "config.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
     try:

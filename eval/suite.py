@@ -21,7 +21,7 @@ from retconvert.errors import RetconvertError
 from retconvert.eval.common import free_memory, log
 from retconvert.eval.measure import machine_info
 from retconvert.eval.lm_tasks import DEFAULT_TASKS
-from retconvert.paths import atomic_output_dir, shared_data_dir
+from retconvert.paths import atomic_output_dir, check_output_dir, shared_data_dir
 
 PASSKEY_NEW_TOKENS = 10
 SUITES = ("quality", "longrange", "speed", "memory", "energy")
@@ -94,14 +94,21 @@ def context_lengths(teacher, settings: EvalSettings) -> List[int]:
     return kept
 
 
+REPORT_KIND = "an eval report (results.json and report.md)"
+
+
+def is_eval_report(folder: Path) -> bool:
+    """Whether `folder` holds an earlier `run_eval` report: its results.json and report.md."""
+    return (Path(folder) / "results.json").is_file() and (Path(folder) / "report.md").is_file()
+
+
 def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool = False) -> dict:
     from retconvert.eval.models import EvalModel, load_model
 
     settings.validate()
     if len(sources) < 1:
         raise RetconvertError("pass at least one --model (the first is the teacher)")
-    if Path(out).exists() and not force:  # fail before the slow part
-        raise RetconvertError(f"output {out} already exists; pass --force to replace it")
+    check_output_dir(out, force=force, ours=is_eval_report, kind=REPORT_KIND)  # fail before the slow part
     models = []
     for i, source in enumerate(sources):
         role = "teacher" if i == 0 else "student"
@@ -176,7 +183,7 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
         skip("values", None, f"{where} was not finite; written as null")
     from retconvert.eval.report import write_plots, write_report
 
-    with atomic_output_dir(Path(out), force=force) as tmp:
+    with atomic_output_dir(Path(out), force=force, ours=is_eval_report, kind=REPORT_KIND) as tmp:
         plots = guarded("plots", None, lambda: write_plots(results, tmp)) or []
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
         (tmp / "report.md").write_text(write_report(results, plots))

@@ -96,6 +96,7 @@ def cmd_from_hf(args):
 
     from retconvert.convert.student import ConvertOptions, convert, save_checkpoint
     from retconvert.convert.sources import load_teacher
+    from retconvert.paths import check_output_dir
 
     options = ConvertOptions(
         decay=args.decay, score_bias=args.score_bias, sink=args.sink, head_norm=args.head_norm,
@@ -105,8 +106,7 @@ def cmd_from_hf(args):
     )
     options.validate()
     out = args.out or Path("outputs") / f"{Path(args.source).stem.replace('/', '--')}-retnet"
-    if out.exists() and not args.force:  # fail before the slow part
-        raise RetconvertError(f"output {out} already exists; pass --force to replace it")
+    check_output_dir(out, force=args.force)  # fail before the slow part
     teacher = load_teacher(args.source, device=args.device, allow_pickle=args.allow_pickle,
                            trust_remote_code=args.trust_remote_code, dtype=torch.float32)
     student, report = convert(teacher, options)

@@ -1,10 +1,12 @@
 """Where things are, resolved at run time (never absolute paths in code)."""
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from retconvert.errors import RetconvertError
 
@@ -27,21 +29,50 @@ def shared_data_file(relative: str) -> Path:
     return path
 
 
+def is_retnet_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds a RetNet checkpoint: a config.json whose model_type is "retnet"."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "retnet"
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object
+        return False
+
+
+def check_output_dir(out: Path, force: bool = False, ours: Callable[[Path], bool] = is_retnet_checkpoint,
+                     kind: str = "a RetNet checkpoint (config.json with model_type retnet)"):
+    """Raise RetconvertError unless `out` may be written: it is absent, or `force` is set and it
+    is a folder `ours` recognises as this tool's output of that `kind`. --force never replaces a
+    plain file or a folder of something else (a home folder, a teacher, a half-finished run)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not force:
+        raise RetconvertError(f"output {out} already exists; pass --force to replace it")
+    if not out.is_dir():
+        raise RetconvertError(f"--force replaces only earlier output folders, and {out} is a file; "
+                              f"choose another --out or remove {out} yourself")
+    if not ours(out):
+        raise RetconvertError(f"--force replaces only earlier output folders, and {out} is not {kind}; "
+                              f"choose another --out or remove {out} yourself")
+
+
 @contextmanager
-def atomic_output_dir(out: Path, force: bool = False):
+def atomic_output_dir(out: Path, force: bool = False, ours: Callable[[Path], bool] = is_retnet_checkpoint,
+                      kind: str = "a RetNet checkpoint (config.json with model_type retnet)"):
     """Yield a temporary sibling folder; on success it is renamed to `out`.
 
-    A failure or Ctrl-C removes the temporary folder, so `out` is either absent, the old
-    content (kept until the new one is complete), or the complete new content.
+    An existing `out` is replaced only with `force`, and only when `ours(out)` recognises it as
+    this tool's output (`check_output_dir`; `kind` names it in the error). A failure or Ctrl-C
+    removes the temporary folder, so `out` is either absent, the old content (kept until the new
+    one is complete), or the complete new content.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise RetconvertError(f"output {out} already exists; pass --force to replace it")
+    check_output_dir(out, force=force, ours=ours, kind=kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
+            check_output_dir(out, force=force, ours=ours, kind=kind)  # it may have changed meanwhile
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)

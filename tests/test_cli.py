@@ -10,6 +10,7 @@ import yaml
 from tiny import save_teacher, tiny_distill_overrides, tiny_llama, tiny_text, write_jsonl
 
 from retconvert.cli import main
+from retconvert.errors import RetconvertError
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +62,52 @@ def test_sweep_verb_runs_every_grid_point(root, tmp_path, capsys):
     path.write_text(yaml.safe_dump({**spec, "grid": {}}))
     assert main(["sweep", str(path)]) == 2
     assert "grid must map dotted keys to lists" in capsys.readouterr().err
+
+
+def _error_line(capsys) -> str:
+    """The one stderr line a refused command printed."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_force_replaces_only_this_tools_output(root, tmp_path, capsys):
+    """--force never deletes a plain file or a folder that is not an earlier output of the same kind."""
+    from tiny import tiny_model
+
+    plain = tmp_path / "notes.txt"
+    plain.write_text("mine")
+    unrelated = tmp_path / "home"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("mine")
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt)
+    capsys.readouterr()
+    for out in (plain, unrelated):
+        assert main(["from-hf", str(root / "teacher"), "--out", str(out), "--force"]) == 2
+        line = _error_line(capsys)
+        assert f"{out} is" in line and "choose another --out" in line
+        assert main(["export", str(ckpt), "--format", "torchscale", "--out", str(out), "--force"]) == 2
+        assert f"{out} is" in _error_line(capsys)
+        assert main(["eval", "--model", str(root / "teacher"), "--out", str(out), "--force"]) == 2
+        assert f"{out} is" in _error_line(capsys)
+    assert plain.read_text() == "mine" and (unrelated / "thesis.tex").read_text() == "mine"
+    # A checkpoint is not an export (an earlier export is replaced: tests/test_torchscale.py).
+    assert main(["export", str(ckpt), "--format", "torchscale", "--out", str(root / "teacher"), "--force"]) == 2
+    assert "is not a torchscale export" in _error_line(capsys)
+    assert (root / "teacher" / "config.json").is_file()
+
+
+def test_atomic_output_dir_refuses_foreign_folders(tmp_path):
+    from retconvert.paths import atomic_output_dir
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(RetconvertError, match="is not a RetNet checkpoint"):
+        with atomic_output_dir(folder, force=True):
+            pass
+    (folder / "config.json").write_text('{"model_type": "retnet"}')
+    with atomic_output_dir(folder, force=True) as tmp:
+        (tmp / "config.json").write_text('{"model_type": "retnet", "new": 1}')
+    assert json.loads((folder / "config.json").read_text())["new"] == 1

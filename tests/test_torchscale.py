@@ -175,9 +175,13 @@ def test_existing_output_needs_force(tmp_path):
     (tmp_path / "ts" / "keep.txt").write_text("old")
     with pytest.raises(RetconvertError, match="already exists"):
         export_torchscale(tmp_path / "ours", tmp_path / "ts")
+    with pytest.raises(RetconvertError, match=r"is not a torchscale export .*; choose another --out"):
+        export_torchscale(tmp_path / "ours", tmp_path / "ts", force=True)  # not an earlier export: kept
     assert (tmp_path / "ts" / "keep.txt").exists()
-    export_torchscale(tmp_path / "ours", tmp_path / "ts", force=True)
-    assert sorted(p.name for p in (tmp_path / "ts").iterdir()) == ["checkpoint.pt", "config.json"]
+    export_torchscale(tmp_path / "ours", tmp_path / "ts2")
+    (tmp_path / "ts2" / "keep.txt").write_text("old")
+    export_torchscale(tmp_path / "ours", tmp_path / "ts2", force=True)
+    assert sorted(p.name for p in (tmp_path / "ts2").iterdir()) == ["checkpoint.pt", "config.json"]
 
 
 def test_export_refuses_unmappable(tmp_path):
