@@ -10,7 +10,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -26,6 +26,11 @@ from retconvert.paths import atomic_output_dir, shared_data_dir
 from retconvert.provenance import conversion_record, strip_local_paths, teacher_license
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def flag(name: str) -> str:
+    """A ConvertOptions field as its `retconvert from-hf` flag: chunk_size -> --chunk-size."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -50,22 +55,26 @@ class ConvertOptions:
     calib_tokens: int = 8192
     calib_seq_len: int = 512
 
-    def validate(self):
+    def validate(self, spell: Callable[[str], str] = flag):
+        """Raise RetconvertError on an unsupported value, naming the option as `spell(field)` writes
+        it: `--chunk-size` for the CLI (the default), `model.convert.chunk_size` for a distill config."""
         choices = {"decay": ("retnet", "calibrated"), "head_norm": ("none", "rmsnorm", "groupnorm"),
                    "output_scale": ("fit", "one"), "kv_heads": ("keep", "expand")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise RetconvertError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not supported; "
+                raise RetconvertError(f"{spell(name)} {getattr(self, name)!r} is not supported; "
                                       f"use one of {', '.join(allowed)}")
         if self.chunk_size <= 0:
-            raise RetconvertError(f"--chunk-size {self.chunk_size} must be positive; use e.g. 64")
+            raise RetconvertError(f"{spell('chunk_size')} {self.chunk_size} must be positive; use e.g. 64")
         windows = self.window if isinstance(self.window, list) else [self.window]
         if self.window != "teacher" and not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
                                                 for w in windows):
-            raise RetconvertError(f"--window {self.window} must be 0 (pure RetNet), a token count such as 64, one "
-                                  "per layer, or 'teacher' (the teacher's sliding window on its sliding layers)")
+            raise RetconvertError(f"{spell('window')} {self.window} must be 0 (pure RetNet), a token count such as "
+                                  "64, one per layer, or 'teacher' (the teacher's sliding window on its sliding "
+                                  "layers)")
         if self.calib_tokens < self.calib_seq_len or self.calib_seq_len < 2:
-            raise RetconvertError("calibration needs calib_tokens >= calib_seq_len >= 2; raise --calib-tokens")
+            raise RetconvertError(f"calibration needs calib_tokens >= calib_seq_len >= 2; raise "
+                                  f"{spell('calib_tokens')}")
 
     @property
     def needs_calibration(self) -> bool:

@@ -347,6 +347,7 @@ def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConf
     data = apply_overrides(data, overrides or [])
     cfg = _build(DistillConfig, data)
     _check_ranges(cfg)
+    cfg.model.convert.validate(spell=lambda name: f"model.convert.{name}")  # before any model loads
     return cfg
 
 

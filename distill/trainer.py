@@ -118,6 +118,26 @@ class Trainer:
         check_train_sources(cfg.data.train, self.tokenizer, cfg.data.text_field)
         self.eval_ids = eval_token_ids(cfg.data.eval, self.tokenizer, cfg.data.eval_tokens, cfg.data.text_field)
 
+        self.stage1_file, self.resume_from = self.out_dir / "stage1-student.pt", None
+        if cfg.run.resume:  # its checkpoints decide what the student is built from
+            self._open_out_dir(replace=False, earlier=earlier)
+        if self.teacher is None and cfg.model.student is None:
+            self.student, self.origin = scratch_model(cfg, self.tokenizer), {"scratch": asdict(cfg.model.scratch)}
+        else:
+            stage1_saved = self.stage1_file.is_file() or (self.out_dir / "checkpoints-stage1" / "latest").is_file()
+            weights_follow = self.resume_from is not None or (cfg.run.resume and cfg.stage1.steps > 0 and stage1_saved)
+            self.student, self.origin = build_student(cfg, self.teacher, log=self.log, calibrate=not weights_follow)
+        self.student.float().to(cfg.run.device)
+        if not cfg.run.resume:  # a new run writes out_dir only now: a bad option leaves nothing behind
+            self._open_out_dir(replace=replace, earlier=earlier)
+        self.params_total = count_parameters(self.student)
+        self.log(f"student: {type(self.student).__name__}, {self.params_total / 1e6:.2f}M parameters")
+        return self
+
+    def _open_out_dir(self, replace: bool, earlier: list):
+        """Remove an earlier run's files (`replace`), write config.json, open the metrics log and
+        the stage-2 checkpoints; `resume_from`: the latest checkpoint with run.resume, else None."""
+        cfg = self.cfg
         if replace:
             self.dist.barrier()
             if self.dist.is_main:
@@ -132,18 +152,6 @@ class Trainer:
         self.resume_from = self.checkpoints.latest() if cfg.run.resume else None
         if cfg.run.resume and self.resume_from is None:
             self.log(f"resume: no checkpoint in {self.checkpoints.root}; starting from the beginning")
-        self.stage1_file = self.out_dir / "stage1-student.pt"
-
-        if self.teacher is None and cfg.model.student is None:
-            self.student, self.origin = scratch_model(cfg, self.tokenizer), {"scratch": asdict(cfg.model.scratch)}
-        else:
-            stage1_saved = self.stage1_file.is_file() or (self.out_dir / "checkpoints-stage1" / "latest").is_file()
-            weights_follow = self.resume_from is not None or (cfg.run.resume and cfg.stage1.steps > 0 and stage1_saved)
-            self.student, self.origin = build_student(cfg, self.teacher, log=self.log, calibrate=not weights_follow)
-        self.student.float().to(cfg.run.device)
-        self.params_total = count_parameters(self.student)
-        self.log(f"student: {type(self.student).__name__}, {self.params_total / 1e6:.2f}M parameters")
-        return self
 
     # ----------------------------------------------------------------------------------------
     # Stage 1: attention transfer

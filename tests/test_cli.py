@@ -50,6 +50,18 @@ def test_distill_verb_reads_a_config_file(root, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "nonsense" in err[0]
 
 
+def test_bad_convert_option_writes_nothing(root, tmp_path, capsys):
+    """model.convert is checked when the config loads (named as written there); an option only a
+    built model can check fails before the out folder is created; then a correct run starts clean."""
+    out = tmp_path / "run"
+    assert main(["distill", *overrides(root, out, **{"model.convert.window": "abc"})]) == 2
+    assert _error_line(capsys).startswith("error: model.convert.window abc must be 0")
+    assert main(["distill", *overrides(root, out, **{"model.convert.window": "[4, 0, 4]"})]) == 2  # 2 layers
+    assert "3 windows for a teacher of 2 layers" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["distill", *overrides(root, out, **{"stage1.steps": 0, "stage2.steps": 1})]) == 0
+
+
 def test_sweep_verb_runs_every_grid_point(root, tmp_path, capsys):
     spec = {"out_dir": str(tmp_path / "sweep"), "grid": {"stage2.lr": [0.001, 0.003]},
             "overrides": overrides(root, tmp_path / "unused", **{"stage1.steps": 0, "stage2.steps": 1})}
