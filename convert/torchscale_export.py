@@ -36,7 +36,7 @@ from torch import nn
 from retconvert.errors import RetconvertError
 from retconvert.models import RetNetForCausalLM
 from retconvert.models.configuration_retnet import paper_decay
-from retconvert.paths import atomic_output_dir, check_output_dir
+from retconvert.paths import atomic_output_dir, check_output_dir, is_retnet_checkpoint
 
 ACTIVATIONS = {"gelu": "gelu", "silu": "swish", "swish": "swish", "relu": "relu"}  # ours -> torchscale
 TORCHSCALE_THETA = 10000.0  # RetNetRelPos hard-codes its angles and decays
@@ -199,7 +199,13 @@ def export_torchscale(src_dir, out_dir, force: bool = False, log: Callable[[str]
     then (where torchscale is installed) measure both torchscale forms against the model on a
     probe and `log` the figures, with a warning when the recurrent form is off (see the
     module docstring's limit)."""
-    out_dir = Path(out_dir)
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    made_by = "a folder written by `retconvert from-hf` or `retconvert distill`"
+    if not src_dir.is_dir():
+        raise RetconvertError(f"checkpoint folder {src_dir} does not exist; pass {made_by}")
+    if not is_retnet_checkpoint(src_dir):
+        raise RetconvertError(f"{src_dir} is not a RetNet checkpoint (its config.json has no model_type retnet); "
+                              f"export {made_by}")
     check_output_dir(out_dir, force=force, ours=is_torchscale_export, kind=EXPORT_KIND)  # before the long load
     model = RetNetForCausalLM.from_pretrained(src_dir)
     args, state = to_torchscale(model)

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from retconvert.convert.student import ConvertOptions  # noqa: F401  (the model.convert schema)
+from retconvert.device import check_device
 from retconvert.errors import RetconvertError
 
 
@@ -348,6 +349,7 @@ def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConf
     cfg = _build(DistillConfig, data)
     _check_ranges(cfg)
     cfg.model.convert.validate(spell=lambda name: f"model.convert.{name}")  # before any model loads
+    check_device(cfg.run.device, "run.device", need_available=False)  # this machine's devices: Trainer.setup
     return cfg
 
 

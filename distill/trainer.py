@@ -34,6 +34,7 @@ from retconvert.distill.models import (
     unwrap,
     wrap_lora,
 )
+from retconvert.device import check_device
 from retconvert.errors import RetconvertError
 
 
@@ -94,6 +95,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     @classmethod
     def setup(cls, cfg: DistillConfig, log=print, on_checkpoint: Optional[Callable[[int], None]] = None) -> "Trainer":
+        check_device(cfg.run.device, "run.device")
         self = cls(cfg, log, on_checkpoint)
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)

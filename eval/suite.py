@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
+from retconvert.device import check_device
 from retconvert.errors import RetconvertError
 from retconvert.eval.common import free_memory, log
 from retconvert.eval.measure import machine_info
@@ -76,8 +75,7 @@ class EvalSettings:
             raise RetconvertError(f"--ppl-window {self.ppl_window} must be at least 2 (one context token, one scored)")
         if self.assumed_watts is not None and self.assumed_watts <= 0:
             raise RetconvertError("--assumed-watts must be positive")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RetconvertError(f"--device {self.device}: no CUDA device is available; use --device cpu")
+        check_device(self.device)
 
 
 def context_limit(teacher, settings: EvalSettings) -> int:

@@ -96,6 +96,7 @@ def cmd_from_hf(args):
 
     from retconvert.convert.student import ConvertOptions, convert, save_checkpoint
     from retconvert.convert.sources import load_teacher
+    from retconvert.device import check_device
     from retconvert.paths import check_output_dir
 
     options = ConvertOptions(
@@ -105,6 +106,7 @@ def cmd_from_hf(args):
         calib_data=args.calib_data, calib_tokens=args.calib_tokens, calib_seq_len=args.calib_seq_len,
     )
     options.validate()
+    check_device(args.device)
     out = args.out or Path("outputs") / f"{Path(args.source).stem.replace('/', '--')}-retnet"
     check_output_dir(out, force=args.force)  # fail before the slow part
     teacher = load_teacher(args.source, device=args.device, allow_pickle=args.allow_pickle,

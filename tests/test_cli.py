@@ -123,3 +123,24 @@ def test_atomic_output_dir_refuses_foreign_folders(tmp_path):
     with atomic_output_dir(folder, force=True) as tmp:
         (tmp / "config.json").write_text('{"model_type": "retnet", "new": 1}')
     assert json.loads((folder / "config.json").read_text())["new"] == 1
+
+
+def test_bad_devices_and_export_sources_are_one_line(root, tmp_path, capsys, monkeypatch):
+    """--device / run.device are checked (retconvert.device.check_device) before anything loads;
+    export names a missing folder and a folder that is not a RetNet checkpoint."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only torch
+    teacher = str(root / "teacher")
+    for device, problem in (("gpu", "--device 'gpu' is not a device; use cpu, cuda"),
+                            ("cuda", "--device cuda: no CUDA device is available")):
+        assert main(["from-hf", teacher, "--out", str(tmp_path / "s"), "--device", device]) == 2
+        assert problem in _error_line(capsys)
+        assert main(["eval", "--model", teacher, "--out", str(tmp_path / "r"), "--device", device]) == 2
+        assert problem in _error_line(capsys)
+        assert main(["distill", *overrides(root, tmp_path / "run", **{"run.device": device})]) == 2
+        assert problem.replace("--device", "run.device") in _error_line(capsys)
+    assert not [p.name for p in tmp_path.iterdir()]
+    missing = tmp_path / "missing"
+    assert main(["export", str(missing), "--format", "torchscale", "--out", str(tmp_path / "ts")]) == 2
+    assert f"checkpoint folder {missing} does not exist" in _error_line(capsys)
+    assert main(["export", teacher, "--format", "torchscale", "--out", str(tmp_path / "ts")]) == 2
+    assert f"{teacher} is not a RetNet checkpoint" in _error_line(capsys)
