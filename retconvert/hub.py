@@ -567,14 +567,15 @@ def _usage_section(config: dict, repo_id: Optional[str], revision: Optional[str]
     has_tokenizer = any(f.startswith("tokenizer") or f.endswith(("tokenizer.json", ".model", "vocab.json"))
                         for f in files)
     rev = f', revision="{revision}"' if revision and revision != "main" else ""
+    remote = ", trust_remote_code=True" if retnet else ""  # config.json's auto_map: else transformers asks y/N
     if has_tokenizer:
-        tok_line = f"tok = AutoTokenizer.from_pretrained(repo{rev})"
+        tok_line = f"tok = AutoTokenizer.from_pretrained(repo{rev}{remote})"
     else:
         tok_src = f'"{hub_teacher}"' if hub_teacher else "TEACHER_TOKENIZER"
         tok_line = f"tok = AutoTokenizer.from_pretrained({tok_src})  # this {where} ships no tokenizer: the teacher's"
     out = ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
            f'repo = "{repo_id}"' if repo_id else 'repo = "path/to/this/folder"  # or its Hub repo id once pushed',
-           f"model = AutoModelForCausalLM.from_pretrained(repo{rev}{', trust_remote_code=True' if retnet else ''})",
+           f"model = AutoModelForCausalLM.from_pretrained(repo{rev}{remote})",
            tok_line,
            'inputs = tok("The capital of France is", return_tensors="pt")',
            "out = model.generate(**inputs, max_new_tokens=20)",

@@ -220,6 +220,8 @@ def test_card_metadata_without_report(ckpt):
     assert "model-index" not in meta
     assert "Not distilled" in card and "not measured" in card.lower()
     assert "trust_remote_code=True" in card and "recurrent" in card
+    # The tokenizer too: config.json's auto_map would otherwise stop AutoTokenizer at a y/N prompt.
+    assert "tok = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)" in card
     calibration = json.loads((ckpt / "config.json").read_text())["conversion"]["calibration"]
     assert f"| {calibration['mean_rel_error']:.4g} |" in card  # retention vs attention on the calibration text
     assert "| calibration text | `calib.jsonl` |" in card and "| family (key table) | `llama` |" in card
