@@ -91,6 +91,13 @@ def _add_from_hf(sub):
     p.set_defaults(func=cmd_from_hf)
 
 
+def default_out(source: str) -> Path:
+    """outputs/<name>-retnet: the Hub ID's, folder's or file's last name, less only a .gguf suffix
+    (meta-llama/Llama-3.2-1B -> outputs/Llama-3.2-1B-retnet, model.Q4_0.gguf -> outputs/model.Q4_0-retnet)."""
+    name = Path(source).expanduser().name
+    return Path("outputs") / f"{name.removesuffix('.gguf')}-retnet"
+
+
 def cmd_from_hf(args):
     import torch
 
@@ -107,7 +114,7 @@ def cmd_from_hf(args):
     )
     options.validate()
     check_device(args.device)
-    out = args.out or Path("outputs") / f"{Path(args.source).stem.replace('/', '--')}-retnet"
+    out = args.out or default_out(args.source)
     check_output_dir(out, force=args.force)  # fail before the slow part
     teacher = load_teacher(args.source, device=args.device, allow_pickle=args.allow_pickle,
                            trust_remote_code=args.trust_remote_code, dtype=torch.float32)

@@ -144,3 +144,12 @@ def test_bad_devices_and_export_sources_are_one_line(root, tmp_path, capsys, mon
     assert f"checkpoint folder {missing} does not exist" in _error_line(capsys)
     assert main(["export", teacher, "--format", "torchscale", "--out", str(tmp_path / "ts")]) == 2
     assert f"{teacher} is not a RetNet checkpoint" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("source, name", [
+    ("meta-llama/Llama-3.2-1B", "Llama-3.2-1B"), ("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"),
+    ("smollm2-135m", "smollm2-135m"), ("models/SmolLM2.Q4_1.gguf", "SmolLM2.Q4_1"), ("teachers/gpt2/", "gpt2")])
+def test_default_output_keeps_the_whole_name(source, name):
+    from retconvert.cli import default_out
+
+    assert default_out(source) == Path("outputs") / f"{name}-retnet"
