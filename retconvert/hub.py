@@ -559,16 +559,21 @@ def _evaluation_section(eval_report: Optional[EvalReport], distillation: Optiona
     return out + ([""] + recorded if recorded else [])
 
 
+def has_tokenizer(files: Sequence[str]) -> bool:
+    """Whether the folder's `files` (relative paths) hold a loadable tokenizer: tokenizer.json, a
+    SentencePiece *.model, or a vocabulary (vocab.json / vocab.txt)."""
+    names = [Path(f).name for f in files]
+    return any(n in ("tokenizer.json", "vocab.json", "vocab.txt") or n.endswith(".model") for n in names)
+
+
 def _usage_section(config: dict, repo_id: Optional[str], revision: Optional[str], files: Sequence[str],
                    hub_teacher: Optional[str]) -> List[str]:
     """How to load and run it: from the Hub repo (`repo_id`), else from this folder."""
     retnet = config.get("model_type") == "retnet"
     where = "repo" if repo_id else "folder"
-    has_tokenizer = any(f.startswith("tokenizer") or f.endswith(("tokenizer.json", ".model", "vocab.json"))
-                        for f in files)
     rev = f', revision="{revision}"' if revision and revision != "main" else ""
     remote = ", trust_remote_code=True" if retnet else ""  # config.json's auto_map: else transformers asks y/N
-    if has_tokenizer:
+    if has_tokenizer(files):
         tok_line = f"tok = AutoTokenizer.from_pretrained(repo{rev}{remote})"
     else:
         tok_src = f'"{hub_teacher}"' if hub_teacher else "TEACHER_TOKENIZER"
@@ -734,6 +739,10 @@ def plan_push(folder, repo_id: str, *, private: bool = False, revision: Optional
     check_repo_id(repo_id)
     folder = Path(folder)
     config = validate_checkpoint(folder)
+    if not has_tokenizer(_visible_files(folder)):
+        raise RetconvertError(f"{folder} has no tokenizer (tokenizer.json, *.model or vocab.json), so users of the "
+                              "repo could not run it; save the teacher's tokenizer there with "
+                              "AutoTokenizer.from_pretrained(TEACHER).save_pretrained(folder), then push again")
     if revision is not None and (not revision.strip() or revision != revision.strip()):
         raise RetconvertError(f"--revision {revision!r} is not a branch name; e.g. --revision main")
     if base_model is not None and not (REPO_ID_RE.match(base_model) or re.match(r"^[A-Za-z0-9][\w.-]*$", base_model)):

@@ -500,6 +500,7 @@ BROKEN = {
     "no auto_map": (_config(auto_map=None), "no auto_map"),
     "bad json": (lambda d: (d / "config.json").write_text("{"), "not valid JSON"),
     "no config": (lambda d: (d / "config.json").unlink(), "config.json is missing"),
+    "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer"),
 }
 
 
