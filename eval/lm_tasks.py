@@ -7,6 +7,7 @@ repository): `@LM_EVAL_TASKS@` (the installed lm_eval/tasks folder) and `@DATA_D
 offline data folder). Online (local file absent) the stock task itself is used.
 """
 
+import difflib
 import math
 import re
 import tempfile
@@ -30,6 +31,24 @@ def template_info(task: str) -> Optional[Tuple[str, str]]:
     if m is None:
         raise RetconvertError(f"{path} has no data_files entry with @DATA_DIR@; the template is broken")
     return m.group(2), m.group(1)
+
+
+def check_tasks(tasks: List[str]):
+    """Raise RetconvertError (`--tasks`) naming each task lm-eval does not know, with the nearest
+    known names, before any model loads. A task with an offline template (eval/tasks) is known;
+    the others are looked up in lm-eval's index of stock tasks (about 10 s to build)."""
+    others = [t for t in tasks if not (TEMPLATES / f"{t}.yaml").is_file()]
+    if not others:
+        return
+    from lm_eval.tasks import TaskManager
+
+    known = TaskManager().all_tasks
+    unknown = [t for t in others if t not in known]
+    if unknown:
+        near = sorted({n for t in unknown for n in difflib.get_close_matches(t, known, n=3)})
+        hint = f"did you mean {', '.join(near)}?" if near else f"e.g. {', '.join(DEFAULT_TASKS)}"
+        raise RetconvertError(f"--tasks: lm-eval has no task {', '.join(unknown)}; check the names ({hint}) "
+                              "or pass --tasks '' for none")
 
 
 def lm_eval_tasks_dir() -> Path:

@@ -19,7 +19,7 @@ from retconvert.device import check_device
 from retconvert.errors import RetconvertError
 from retconvert.eval.common import free_memory, log
 from retconvert.eval.measure import machine_info
-from retconvert.eval.lm_tasks import DEFAULT_TASKS
+from retconvert.eval.lm_tasks import DEFAULT_TASKS, check_tasks
 from retconvert.paths import atomic_output_dir, check_output_dir, shared_data_dir
 
 PASSKEY_NEW_TOKENS = 10
@@ -107,6 +107,8 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
     if len(sources) < 1:
         raise RetconvertError("pass at least one --model (the first is the teacher)")
     check_output_dir(out, force=force, ours=is_eval_report, kind=REPORT_KIND)  # fail before the slow part
+    if "quality" in settings.suites and settings.tasks:
+        check_tasks(settings.tasks)  # a typo fails here, not as a skipped task after the models ran
     models = []
     for i, source in enumerate(sources):
         role = "teacher" if i == 0 else "student"

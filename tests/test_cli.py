@@ -153,3 +153,12 @@ def test_default_output_keeps_the_whole_name(source, name):
     from retconvert.cli import default_out
 
     assert default_out(source) == Path("outputs") / f"{name}-retnet"
+
+
+def test_unknown_eval_task_fails_before_anything_runs(root, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(root / "teacher"), "--out", str(out), "--suite", "quality",
+                 "--tasks", "piqa,arc_eazy"]) == 2
+    line = _error_line(capsys)
+    assert "lm-eval has no task arc_eazy" in line and "did you mean" in line and "arc_easy" in line
+    assert not out.exists()
