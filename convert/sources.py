@@ -67,6 +67,8 @@ def load_teacher(
         _check_folder(path, allow_pickle)
     elif source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise RetconvertError(f"{source} is neither an existing folder, a GGUF file, nor a Hub ID; check the path")
+    else:
+        _check_hub_reachable(source)
 
     if kind in ("builtin", "gguf"):
         where = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
@@ -95,6 +97,36 @@ def load_teacher(
     return Teacher(model, tokenizer, source, kind, base_model)
 
 
+def _not_found_fix() -> str:
+    return (f"check the spelling, or pass a built-in name ({', '.join(BUILTIN_TEACHERS)}), a local folder or a "
+            "GGUF file")
+
+
+def _check_hub_reachable(source: str, timeout: float = 5.0):
+    """A Hub ID that is not cached needs the Hub: fail at once (one line naming the built-in names)
+    when Hugging Face is offline or its endpoint does not answer one request within `timeout`
+    seconds, instead of after transformers' retries (about 30 s). Online, the Hub ID loads as ever."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import get_session
+
+    try:
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return  # cached: transformers reads it offline
+    except ValueError:  # HFValidationError: not even a repo id
+        raise RetconvertError(f"{source!r} is not a folder, a GGUF file, a built-in name or a Hub ID (USER/NAME); "
+                              f"{_not_found_fix()}") from None
+    if constants.is_offline_mode():
+        reason = "Hugging Face is offline here (HF_HUB_OFFLINE)"
+    else:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout)
+            return
+        except Exception:  # any failure of the one request: no DNS, refused, timed out, offline mode
+            reason = f"{constants.ENDPOINT} cannot be reached"
+    raise RetconvertError(f"cannot download {source!r}: {reason} and it is not in the local Hugging Face cache; "
+                          f"{_not_found_fix()}")
+
+
 def _check_folder(path: Path, allow_pickle: bool):
     if not (path / "config.json").is_file():
         raise RetconvertError(f"{path} has no config.json; point at a Hugging Face model folder")
@@ -113,6 +145,9 @@ def _load_error(source: str, kind: str, e: Exception) -> RetconvertError:
         return e
     if kind == "hub":
         lowered = str(e).lower()
+        if "not a valid model identifier" in lowered:  # the Hub answered: no such (public) model
+            return RetconvertError(f"{source!r} is not a model on the Hugging Face Hub; {_not_found_fix()} "
+                                   "(a private or gated model needs `hf auth login` first)")
         if any(s in lowered for s in ("offline", "connect", "resolve", "couldn't", "cannot find", "not found",
                                       "max retries", "network", "is not a local folder")):
             return RetconvertError(

@@ -162,3 +162,33 @@ def test_unknown_eval_task_fails_before_anything_runs(root, tmp_path, capsys):
     line = _error_line(capsys)
     assert "lm-eval has no task arc_eazy" in line and "did you mean" in line and "arc_easy" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_mistyped_name_without_the_hub_fails_at_once(offline, tmp_path, capsys, monkeypatch):
+    """Not a path, not a built-in, not cached: offline (HF_HUB_OFFLINE) or with the Hub
+    unreachable (one request), one line listing the built-in names, without transformers' retries."""
+    import time
+
+    import huggingface_hub.utils
+    import transformers
+    from huggingface_hub import constants
+
+    def unreachable():
+        class Session:
+            def head(self, url, timeout):
+                raise OSError("Name or service not known")
+        return Session()
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: offline)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", unreachable)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("went to the Hub"))
+    start = time.time()
+    assert main(["from-hf", "smollm2-360m", "--out", str(tmp_path / "s")]) == 2
+    line = _error_line(capsys)
+    assert time.time() - start < 5
+    reason = "Hugging Face is offline here (HF_HUB_OFFLINE)" if offline else "cannot be reached"
+    assert line.startswith("error: cannot download 'smollm2-360m'") and reason in line
+    assert "built-in name (smollm2-135m)" in line
+    assert main(["from-hf", "not a name!", "--out", str(tmp_path / "s")]) == 2
+    assert "'not a name!' is not a folder, a GGUF file, a built-in name or a Hub ID" in _error_line(capsys)
