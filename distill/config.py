@@ -331,13 +331,21 @@ def apply_overrides(data: dict, overrides: List[str]) -> dict:
     return data
 
 
+def _shipped_recipes() -> str:
+    """`; the shipped recipes: configs/distill/a.yaml, ...` when run from a checkout, else ''."""
+    from retconvert.paths import REPO_ROOT
+
+    names = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "configs" / "distill").glob("*.yaml"))
+    return f" (the shipped recipes: {', '.join(names)})" if names else ""
+
+
 def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConfig:
     """Read a YAML file (or start from the defaults), apply overrides, validate."""
     data: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+            raise ConfigError(f"config file {path} not found; check the path{_shipped_recipes()}")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -179,6 +179,10 @@ def cmd_distill(args):
     from retconvert.distill.train import config_from_args
     from retconvert.distill.trainer import run
 
+    if args.config is None and not args.overrides:
+        raise RetconvertError("distill needs a recipe; pass --config configs/distill/smollm2-135m.yaml (or another "
+                              "YAML file under configs/distill/), optionally followed by section.key=value overrides")
+
     result = run(config_from_args(args))
     if result.get("final"):
         print(f"wrote {result['final']}")
@@ -295,8 +299,16 @@ def cmd_eval(args):
     print(f"wrote {args.out}/report.md")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (`retconvert <verb>: error: ...; see retconvert <verb> --help`)
+    instead of the usage block; subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retconvert", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="retconvert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_from_hf, _add_distill, _add_sweep, _add_compare, _add_export, _add_push, _add_eval):
         add(sub)

@@ -192,3 +192,18 @@ def test_mistyped_name_without_the_hub_fails_at_once(offline, tmp_path, capsys, 
     assert "built-in name (smollm2-135m)" in line
     assert main(["from-hf", "not a name!", "--out", str(tmp_path / "s")]) == 2
     assert "'not a name!' is not a folder, a GGUF file, a built-in name or a Hub ID" in _error_line(capsys)
+
+
+def test_usage_errors_are_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["from-hf", "x", "--decay", "fitted"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["retconvert from-hf: error: argument --decay: invalid choice: 'fitted' (choose from 'retnet', "
+                   "'calibrated'); see retconvert from-hf --help"]
+    assert main(["distill"]) == 2
+    assert "pass --config configs/distill/smollm2-135m.yaml" in _error_line(capsys)
+    assert main(["distill", "--config", str(tmp_path / "nope.yaml")]) == 2
+    line = _error_line(capsys)
+    assert "nope.yaml not found; check the path (the shipped recipes: " in line
+    assert "configs/distill/smollm2-135m.yaml" in line

@@ -225,7 +225,7 @@ def test_window_per_layer_option():
 
 
 def test_bad_window_values_are_refused(capsys):
-    with pytest.raises(SystemExit) as exit_:  # argparse: usage, then the error, status 2
+    with pytest.raises(SystemExit) as exit_:  # argparse: one error line, status 2
         cli(["from-hf", "smollm2-135m", "--window", "wide"])
     assert exit_.value.code == 2
     assert "'wide' is not a window; give a token count such as 64, 0 for a pure RetNet, one per layer" in \
