@@ -169,7 +169,7 @@ def _version() -> str:
 
 def conversion_record(teacher, options, report: Optional[dict], *, license: Optional[str]) -> dict:
     """`config.conversion` for a student converted from `teacher` (convert.sources.Teacher) with
-    `options` (ConvertOptions); `report` is what `convert.convert()` returned (its
+    `options` (ConvertOptions); `report` is what `convert.student.convert()` returned (its
     `mean_rel_error` and `calibration_tokens`; None or without them: not calibrated here);
     `license` as `teacher_license(teacher)` finds it."""
     from retconvert.convert.families import family_for
