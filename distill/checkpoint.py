@@ -122,7 +122,8 @@ def save_student(model, tokenizer, out: Path, info: dict, generation_config=None
     import retconvert  # noqa: F401  (registers RetNet for auto_map, so save_pretrained writes it and the code)
     from retconvert.hub import write_card
 
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out, force=True, ours=lambda p: (p / "distillation.json").is_file(),
+                           kind="an earlier final model (distillation.json)") as tmp:  # a Llama baseline too
         model.config.distillation = info
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -834,3 +834,16 @@ def _kill_strays(marker: str):
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_final_llama_baseline_is_replaced_on_a_rerun(tmp_path):
+    """save_student replaces its own earlier final folder (distillation.json), a Transformer
+    baseline's too, though --force elsewhere replaces only RetNet checkpoints."""
+    from tiny import tiny_llama, tiny_tokenizer
+
+    from retconvert.distill.checkpoint import save_student
+
+    out = tmp_path / "final"
+    for seed in (1, 2):
+        save_student(tiny_llama(), tiny_tokenizer(), out, {"run": {"seed": seed}})
+    assert json.loads((out / "distillation.json").read_text())["run"]["seed"] == 2
