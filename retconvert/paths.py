@@ -45,13 +45,13 @@ def check_output_dir(out: Path, force: bool = False, ours: Callable[[Path], bool
     out = Path(out)
     if not out.exists():
         return
-    if not force:
+    if not force and out.is_dir() and ours(out):
         raise RetconvertError(f"output {out} already exists; pass --force to replace it")
     if not out.is_dir():
-        raise RetconvertError(f"--force replaces only earlier output folders, and {out} is a file; "
+        raise RetconvertError(f"output {out} already exists and is a file, which --force never replaces; "
                               f"choose another --out or remove {out} yourself")
     if not ours(out):
-        raise RetconvertError(f"--force replaces only earlier output folders, and {out} is not {kind}; "
+        raise RetconvertError(f"output {out} already exists and is not {kind}, which --force never replaces; "
                               f"choose another --out or remove {out} yourself")
 
 

@@ -96,13 +96,15 @@ def test_force_replaces_only_this_tools_output(root, tmp_path, capsys):
     tiny_model().save_pretrained(ckpt)
     capsys.readouterr()
     for out in (plain, unrelated):
-        assert main(["from-hf", str(root / "teacher"), "--out", str(out), "--force"]) == 2
-        line = _error_line(capsys)
-        assert f"{out} is" in line and "choose another --out" in line
+        for force in (["--force"], []):  # without --force, the error does not suggest it
+            assert main(["from-hf", str(root / "teacher"), "--out", str(out), *force]) == 2
+            line = _error_line(capsys)
+            assert f"{out} already exists and is" in line and "choose another --out" in line
+            assert "pass --force" not in line
         assert main(["export", str(ckpt), "--format", "torchscale", "--out", str(out), "--force"]) == 2
-        assert f"{out} is" in _error_line(capsys)
+        assert f"{out} already exists and is" in _error_line(capsys)
         assert main(["eval", "--model", str(root / "teacher"), "--out", str(out), "--force"]) == 2
-        assert f"{out} is" in _error_line(capsys)
+        assert f"{out} already exists and is" in _error_line(capsys)
     assert plain.read_text() == "mine" and (unrelated / "thesis.tex").read_text() == "mine"
     # A checkpoint is not an export (an earlier export is replaced: tests/test_torchscale.py).
     assert main(["export", str(ckpt), "--format", "torchscale", "--out", str(root / "teacher"), "--force"]) == 2
