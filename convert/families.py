@@ -290,7 +290,8 @@ def gemma3_config(cfg) -> dict:
     if "full_attention" in params:  # transformers 5: one set of parameters per layer type
         by_type = {kind: _rope_from(p) for kind, p in params.items()}
     else:  # 4.x: the global rope_theta / rope_scaling, and rope_local_base_freq for the local layers
-        by_type = {"full_attention": _rope(cfg), "sliding_attention": _rope_from({"rope_theta": cfg.rope_local_base_freq})}
+        by_type = {"full_attention": _rope(cfg),
+                   "sliding_attention": _rope_from({"rope_theta": cfg.rope_local_base_freq})}
     layer_rope = [by_type[kind] for kind in _layer_types(cfg)]
     return {**gemma2_config(cfg), "qk_norm": "head", "layer_rope": layer_rope, **layer_rope[0]}
 
@@ -538,7 +539,8 @@ for _p in ("weight", "bias"):
     GPT2_KEYS.update({
         f"transformer.h.{{i}}.ln_1.{_p}": f"model.layers.{{i}}.input_layernorm.{_p}",
         f"transformer.h.{{i}}.ln_2.{_p}": f"model.layers.{{i}}.post_retention_layernorm.{_p}",
-        f"transformer.h.{{i}}.attn.c_attn.{_p}": Transform(f"model.layers.{{i}}.retention.{{}}_proj.{_p}", split_c_attn),
+        f"transformer.h.{{i}}.attn.c_attn.{_p}": Transform(f"model.layers.{{i}}.retention.{{}}_proj.{_p}",
+                                                          split_c_attn),
         f"transformer.h.{{i}}.attn.c_proj.{_p}": Transform(f"model.layers.{{i}}.retention.o_proj.{_p}{{}}", conv1d),
         f"transformer.h.{{i}}.mlp.c_fc.{_p}": Transform(f"model.layers.{{i}}.mlp.fc_in.{_p}{{}}", conv1d),
         f"transformer.h.{{i}}.mlp.c_proj.{_p}": Transform(f"model.layers.{{i}}.mlp.fc_out.{_p}{{}}", conv1d),
@@ -575,7 +577,8 @@ FAMILIES: Dict[str, Family] = {
                          "score scale per layer as the teacher's"),
     "llama": Family("llama", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
                     fields=LLAMA_FIELDS,
-                    notes="grouped-query K/V kept (or expanded per head), RoPE carried over with its theta and scaling"),
+                    notes="grouped-query K/V kept (or expanded per head), RoPE carried over with its theta "
+                          "and scaling"),
     "mistral": Family("mistral", LLAMA_KEYS, llama_config, attention_output="model.layers.{i}.self_attn.o_proj",
                       fields=MISTRAL_FIELDS,
                       notes=f"as llama; the sliding window (every layer) {_KEEP}"),
@@ -587,8 +590,8 @@ FAMILIES: Dict[str, Family] = {
                     fields=QWEN3_FIELDS,
                     notes=f"as llama, with per-head q/k RMSNorm; a sliding window (use_sliding_window: the layers "
                           f"from max_window_layers on) {_KEEP}"),
-    "gpt_neox": Family("gpt_neox", GPT_NEOX_KEYS, gpt_neox_config, attention_output="gpt_neox.layers.{i}.attention.dense",
-                       fields=GPT_NEOX_FIELDS,
+    "gpt_neox": Family("gpt_neox", GPT_NEOX_KEYS, gpt_neox_config,
+                       attention_output="gpt_neox.layers.{i}.attention.dense", fields=GPT_NEOX_FIELDS,
                        notes="fused per-head query_key_value split, partial rotary kept (q/k channels permuted), "
                              "parallel residual, untied head"),
     "phi3": Family("phi3", PHI3_KEYS, phi3_config, attention_output="model.layers.{i}.self_attn.o_proj",
@@ -596,15 +599,16 @@ FAMILIES: Dict[str, Family] = {
                    notes=f"fused qkv and gate/up projections split, partial rotary kept; longrope scaling refused; "
                          f"the sliding window (every layer) {_KEEP}"),
     "olmo2": Family("olmo2", OLMO2_KEYS, olmo2_config, attention_output="model.layers.{i}.self_attn.o_proj",
-                    fields=OLMO2_FIELDS, notes="norms on the attention and MLP outputs, q/k RMSNorm over the projection"),
+                    fields=OLMO2_FIELDS,
+                    notes="norms on the attention and MLP outputs, q/k RMSNorm over the projection"),
     "gemma2": Family("gemma2", GEMMA2_KEYS, gemma2_config, attention_output="model.layers.{i}.self_attn.o_proj",
                      fields=GEMMA2_FIELDS,
                      notes="embeddings scaled by sqrt(hidden), (1 + w) norms stored as weights, sandwich norms, GeGLU, "
                            "query_pre_attn_scalar, final logit soft-capping; the soft-capping of attention scores is "
                            "kept on a kept window's softmax scores (window_logit_softcapping) and dropped on "
                            f"pure-retention layers (no softmax); the sliding window (every other layer) {_KEEP}"),
-    "gemma3_text": Family("gemma3_text", GEMMA3_KEYS, gemma3_config, attention_output="model.layers.{i}.self_attn.o_proj",
-                          fields=GEMMA3_FIELDS,
+    "gemma3_text": Family("gemma3_text", GEMMA3_KEYS, gemma3_config,
+                          attention_output="model.layers.{i}.self_attn.o_proj", fields=GEMMA3_FIELDS,
                           notes=f"as gemma2, with per-head q/k norms and the local/global RoPE per layer; the sliding "
                                 f"window (the local layers) {_KEEP}"),
 }

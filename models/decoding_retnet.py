@@ -190,11 +190,12 @@ class RetNetDecoder:
             self.layers = [self._pack_layer(block) for block in model.model.layers]
             self._pack_embeddings(model)
         self.uses_numpy = any(m.w_numpy is not None for m in self._matrices())
-        self.gamma = torch.stack([p["gamma_t"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)  # (L,1,Hkv,G)
+        # (L, 1, Hkv, G)
+        self.gamma = torch.stack([p["gamma_t"] for p in self.layers]).view(len(self.layers), 1, Hkv, self.G)
         self._group_windows(cfg.layer_windows)
         self.inv_freqs = []  # the distinct rotary tables (Gemma 3: local and global layers); p["rope"] picks one
-        for l, p in enumerate(self.layers if self.rotary else ()):
-            f = rotary_inv_freq(cfg, self.device, l)
+        for layer_idx, p in enumerate(self.layers if self.rotary else ()):
+            f = rotary_inv_freq(cfg, self.device, layer_idx)
             p["rope"] = next((i for i, g in enumerate(self.inv_freqs) if torch.equal(g, f)), len(self.inv_freqs))
             self.inv_freqs += [f] if p["rope"] == len(self.inv_freqs) else []
         self.reset()
@@ -353,9 +354,9 @@ class RetNetDecoder:
         self.B = batch_size or self.B
         L = len(self.layers)
         self.state = torch.zeros(L, self.B, self.Hkv, self.G, self.Dkp, self.Dvp, device=self.device)
-        for l, p in enumerate(self.layers):
+        for i, p in enumerate(self.layers):
             if p["sink"] is not None:
-                self.state[l] += p["sink"]
+                self.state[i] += p["sink"]
         self.positions = torch.zeros(self.B, dtype=torch.long, device=self.device)  # next position per row
         self.seen_tokens = 0
         # per window group: (L_g, B, Hkv, W, Dk' + Dv') [k', v'] of the last W tokens and the (B, W)
@@ -377,14 +378,14 @@ class RetNetDecoder:
         states = [s.state if isinstance(s, WindowState) else s for s in states]
         B = states[0].shape[0]
         packed = torch.zeros(len(self.layers), B, self.Hkv, self.G, self.Dkp, self.Dvp, device=self.device)
-        for l, s in enumerate(states):
+        for i, s in enumerate(states):
             s = s.float().view(B, self.Hkv, self.G, *s.shape[-2:])  # (B, Hkv, G, Dk(+1), Dv')
-            dst = packed[l]
+            dst = packed[i]
             dst[..., : self.Dk, :] = s[..., self.perm, :]
             if self.extra_k:
                 dst[..., self.Dk, :] = s[..., self.Dk, :]
-            if self.layers[l]["sink"] is not None:
-                dst += self.layers[l]["sink"]
+            if self.layers[i]["sink"] is not None:
+                dst += self.layers[i]["sink"]
         return (packed, positions.to(self.device, torch.long).clone(), *window)
 
     def _pack_window(self, states, seen: int) -> Tuple[torch.Tensor, ...]:
@@ -415,8 +416,8 @@ class RetNetDecoder:
         (default: the model's); with `window` = (cache_0, mask_0, ...) as `pack_state` returns
         them, for a state that has consumed `seen` tokens, `WindowState`s for the windowed layers."""
         B, inverse, out = packed.shape[1], torch.argsort(self.perm), []
-        for l, p in enumerate(self.layers):
-            s = packed[l] - p["sink"] if p["sink"] is not None else packed[l].clone()
+        for i, p in enumerate(self.layers):
+            s = packed[i] - p["sink"] if p["sink"] is not None else packed[i].clone()
             s = s[..., : self.Dk + (1 if self.extra_k else 0), :]
             s = torch.cat([s[..., : self.Dk, :][..., inverse, :], s[..., self.Dk:, :]], -2)
             out.append(s.reshape(B, self.H, *s.shape[-2:]).to(dtype or self.model.dtype))
@@ -523,15 +524,15 @@ class RetNetDecoder:
         states = of(self.state)  # (L, B, Hkv, G, Dk', Dv'), updated in place
         windows = [self._advance_window(g) for g in range(len(self.window_groups))]
 
-        for l, p in enumerate(self.layers):
+        for i, p in enumerate(self.layers):
             c = w = None
             if p["window"] is not None:  # (this layer's cache, leaving rows, score mask, ring slot)
                 g, j = p["window"]
                 w = (windows[g][0][j], *windows[g][1:])
             elif norm_c is not None:
-                c = norm_c[l]
+                c = norm_c[i]
             rot = rots[p["rope"]] if rots else None
-            r = self._retention(_apply_norm(x, p["norm1"]), p, states[l], rot, c, w)  # (B, H * Dv)
+            r = self._retention(_apply_norm(x, p["norm1"]), p, states[i], rot, c, w)  # (B, H * Dv)
             if self.parallel_residual:
                 x = p["o"](r, residual=self._mlp(_apply_norm(x, p["norm2"]), p, residual=x))
             elif p["out_norms"] is None:  # pre-norm: the residual adds are fused into the products
@@ -579,7 +580,8 @@ class RetNetDecoder:
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         xp = self.ops.xp
         old = cache[:, :, slot]  # (B, Hkv, Dk' + Dv')
-        S += (p["gamma_w"] * leaving) * old[..., :Dkp].reshape(B, Hkv, 1, Dkp, 1) * old[..., Dkp:].reshape(B, Hkv, 1, 1, Dvp)
+        old_k, old_v = old[..., :Dkp].reshape(B, Hkv, 1, Dkp, 1), old[..., Dkp:].reshape(B, Hkv, 1, 1, Dvp)
+        S += (p["gamma_w"] * leaving) * old_k * old_v
         cache[:, :, slot, :Dkp] = k
         cache[:, :, slot, Dkp:] = v.reshape(B, Hkv, Dvp)
         q = q.reshape(B, Hkv, G, Dkp)

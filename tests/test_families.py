@@ -148,7 +148,8 @@ def test_embeddings_norms_and_mlps_equal_the_teachers(pair):
                                teacher(ids, output_hidden_states=True).hidden_states[0], rtol=0, atol=0)
     for t_name, s_name in PARTS[name]:
         for i in range(teacher.config.num_hidden_layers):
-            t_mod = teacher.get_output_embeddings() if t_name == "lm_head" else teacher.get_submodule(t_name.format(i=i))
+            t_mod = (teacher.get_output_embeddings() if t_name == "lm_head"
+                     else teacher.get_submodule(t_name.format(i=i)))
             s_mod = student.get_submodule(s_name.format(i=i))
             w = getattr(t_mod, "weight", None)
             dim = w.shape[0] if w is not None and w.dim() == 1 else 64  # a norm's width, else hidden
