@@ -48,15 +48,17 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(Path(args.student).expanduser())
     result = {**run_header("stage1_ppl", argv), "machine": machine_info(), "checkpoint": str(latest),
               "step": step, "tokens": step * cfg.stage1.micro_batch_size * cfg.stage1.seq_len, "ppl": {}}
+    teacher = None
+    if args.teacher:
+        from retconvert.convert.sources import load_teacher
+
+        teacher = load_teacher(args.teacher).model.eval()
     for name, ids in eval_token_ids(d.eval, tokenizer, d.eval_tokens, d.text_field).items():
         window = min(d.eval_window, len(ids))
         result["ppl"][name] = perplexity(model, ids, window=window, stride=min(d.eval_stride, window),
                                          batch_size=d.eval_batch_size).ppl
         log(f"step {step}: {name} {result['ppl'][name]:.2f}")
-        if args.teacher:
-            from retconvert.convert.sources import load_teacher
-
-            teacher = load_teacher(args.teacher).model.eval()
+        if teacher is not None:
             ppl = perplexity(teacher, ids, window=window, stride=min(d.eval_stride, window),
                              batch_size=d.eval_batch_size)
             result["ppl"][f"teacher_{name}"] = ppl.ppl
