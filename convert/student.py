@@ -87,15 +87,15 @@ def student_windows(teacher_config, window: Union[int, str, List[int]]) -> Union
     the others."""
     layers = teacher_config.num_hidden_layers
     if isinstance(window, list) and len(window) != layers:
-        raise RetconvertError(f"--window gives {len(window)} windows for a teacher of {layers} layers; "
-                              "give one per layer, or one for all")
+        raise RetconvertError(f"the window option (--window, model.convert.window) gives {len(window)} windows "
+                              f"for a teacher of {layers} layers; give {layers}, one per layer, or one for all")
     if window != "teacher":
         return window
     windows = teacher_windows(teacher_config)
     if not any(windows):
-        raise RetconvertError(f"--window teacher: this {teacher_config.model_type} teacher has no sliding-window "
-                              "layer (every layer attends to the whole context); use --window 0 (pure RetNet) "
-                              "or --window W")
+        raise RetconvertError(f"window 'teacher' (--window, model.convert.window): this {teacher_config.model_type} "
+                              "teacher has no sliding-window layer (every layer attends to the whole context); "
+                              "use window 0 (pure RetNet) or a token count such as 64")
     return windows
 
 

@@ -7,12 +7,13 @@ held-out perplexity (and its ratio to the teacher's) versus stage-2 tokens, and 
 After a resume a step may be logged twice; the later record wins (as in `metrics.jsonl`'s contract).
 """
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+from retconvert.cli import Parser
 
 
 def load(path) -> List[dict]:
@@ -89,7 +90,7 @@ def throughput(records: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m retconvert.distill.report", description=__doc__.split("\n")[0])
     p.add_argument("run", help="a run folder (run.out_dir) or its metrics.jsonl")
     p.add_argument("--columns", type=int, default=8, help="stage-1 evaluations shown (evenly spaced)")
     args = p.parse_args(argv)

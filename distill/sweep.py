@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, Optional
 
 import yaml
 
+from retconvert.cli import Parser
 from retconvert.distill.config import ConfigError, DistillConfig, load_config, resolve_path
 from retconvert.errors import RetconvertError
 
@@ -433,7 +434,7 @@ def run_args(args) -> List[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="grid sweep over distill/train.py settings")
+    p = Parser(prog="distill/sweep.py", description="grid sweep over distill/train.py settings")
     add_arguments(p)
     try:
         run_args(p.parse_args(argv))

@@ -24,6 +24,7 @@ The recipe:
 import argparse
 import sys
 
+from retconvert.cli import Parser
 from retconvert.distill.config import load_config
 from retconvert.distill.trainer import run
 from retconvert.errors import RetconvertError
@@ -38,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="distill/train.py", description=__doc__.split("\n")[0])
     add_arguments(p)
     return p.parse_args(argv)
 

@@ -209,3 +209,16 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
     line = _error_line(capsys)
     assert "nope.yaml not found; check the path (the shipped recipes: " in line
     assert "configs/distill/smollm2-135m.yaml" in line
+
+
+def test_script_usage_errors_are_one_line(capsys):
+    """distill/train.py, distill/sweep.py and the run report answer a bad flag as the CLI does."""
+    from retconvert.distill import report, sweep, train
+
+    for module, prog in ((train, "distill/train.py"), (sweep, "distill/sweep.py"),
+                         (report, "python -m retconvert.distill.report")):
+        with pytest.raises(SystemExit) as exit_:
+            module.main(["--no-such-flag"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and err[0].endswith(f"see {prog} --help")
