@@ -339,20 +339,41 @@ def _shipped_recipes() -> str:
     return f" (the shipped recipes: {', '.join(names)})" if names else ""
 
 
+def read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """The mapping of sections a YAML config holds. A file may start from another with a top-level
+    `base: other.yaml` (relative to itself): its own sections are merged into the base's key by key,
+    its values (lists included) replacing the base's."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; check the path{_shipped_recipes()}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: its base chain returns to itself; remove one of the base: keys")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    _check_relative(data, path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be the path of another YAML config, not {base!r}")
+    return _merge(read_yaml(path.parent / base, seen + (path.resolve(),)), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """`base` updated with `top`, section by section (nested mappings merged, other values replaced)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConfig:
-    """Read a YAML file (or start from the defaults), apply overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; check the path{_shipped_recipes()}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        _check_relative(data, path)
+    """Read a YAML file (following its `base:`, if any; or start from the defaults), apply
+    overrides, validate."""
+    data = read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     cfg = _build(DistillConfig, data)
     _check_ranges(cfg)

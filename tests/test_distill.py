@@ -329,6 +329,29 @@ def test_yaml_errors(tmp_path):
     assert cfg.stage2.lr == 2e-4 and isinstance(cfg.stage2.lr, float) and cfg.model.convert.decay == "retnet"
 
 
+def test_yaml_base(tmp_path):
+    """`base: other.yaml` (relative to the file): sections merge key by key, lists are replaced,
+    the file's own values and then the overrides win; a cycle or a missing base is one clear error."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("data:\n  train: [a.jsonl, b.jsonl]\n  seq_len: 64\n"
+                                        "stage2:\n  lr: 1.0e-4\n  steps: 9\n")
+    top = tmp_path / "sub" / "top.yaml"
+    top.write_text("base: ../base.yaml\ndata:\n  train: [c.jsonl]\nstage2:\n  steps: 3\n"
+                   "model:\n  convert:\n    window: 64\n")
+    cfg = load_config(top, ["stage2.lr=2e-4"])
+    assert cfg.data.train == ["c.jsonl"] and cfg.data.seq_len == 64
+    assert (cfg.stage2.steps, cfg.stage2.lr, cfg.model.convert.window) == (3, 2e-4, 64)
+    (tmp_path / "base.yaml").write_text("base: sub/top.yaml\n")
+    with pytest.raises(ConfigError, match="base chain returns to itself"):
+        load_config(top)
+    top.write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError, match="nope.yaml not found"):
+        load_config(top)
+    top.write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="base must be the path of another YAML config"):
+        load_config(top)
+
+
 @pytest.mark.parametrize("value, want", [("64", 64), ("teacher", "teacher"), ("[64, 0, 64]", [64, 0, 64])])
 def test_window_option_takes_each_of_its_types(value, want):
     """model.convert.window is an int, "teacher" or one int per layer, as `--window` is."""
