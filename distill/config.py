@@ -382,6 +382,15 @@ def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConf
     return cfg
 
 
+def config_from_dict(data: dict, source: str = "the config") -> DistillConfig:
+    """A DistillConfig from its `to_dict()` form (a run's config.json), validated like a YAML file's."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    cfg = _build(DistillConfig, data)
+    _check_ranges(cfg)
+    return cfg
+
+
 def resolve_path(spec: Optional[str]) -> Optional[str]:
     """Expand `${shared_data}` / `${repo}` and a leading `~`; leave `hf:` specs alone; relative
     paths stay relative to CWD."""

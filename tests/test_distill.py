@@ -659,14 +659,58 @@ def test_report_tables_from_metrics(fx, tmp_path, capsys):
 
 
 def test_lora_is_merged_on_export(fx, tmp_path):
+    from retconvert.distill.export import export_checkpoint
+
     run_tiny(fx, tmp_path / "base", **{"stage2.steps": 0})
     run_tiny(fx, tmp_path / "lora", **{"stage2.finetune": "lora", "stage2.lora_rank": 4, "stage2.lr": 1e-2,
-                                       "stage2.steps": 3})
+                                       "stage2.steps": 3, "run.checkpoint_every": 3})
     base, lora = final_weights(tmp_path / "base"), final_weights(tmp_path / "lora")
     assert base.keys() == lora.keys() and not any("lora" in k for k in lora)
     changed = {k for k in base if not torch.equal(base[k], lora[k])}
     assert any(k.endswith("v_proj.weight") for k in changed)  # a LoRA target, merged
     assert not any(k.endswith("mlp.up_proj.weight") for k in changed)  # not a target: frozen
+    # the last checkpoint (peft's keys) exported by the tool: the same merged weights as final/
+    out = export_checkpoint(tmp_path / "lora", tmp_path / "exported", log=quiet)
+    assert_weights_close(load_file(str(out / "model.safetensors")), lora, 0.0)
+
+
+def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
+    """python -m retconvert.distill.export: a run's checkpoint as a student folder that loads
+    with AutoModelForCausalLM; the last one equals the run's final/, an earlier one records its
+    step, stage 1's result is its own; bad inputs are one-line errors and write nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from retconvert.distill.export import export_checkpoint, main
+
+    run = tmp_path / "run"
+    run_tiny(fx, run, **{"stage2.steps": 3, "run.checkpoint_every": 2, "run.keep_checkpoints": 3})
+    latest = export_checkpoint(run, tmp_path / "latest", log=quiet)
+    assert_weights_close(load_file(str(latest / "model.safetensors")), final_weights(run), 0.0)
+    model = AutoModelForCausalLM.from_pretrained(str(latest))
+    assert model.config.model_type == "retnet"
+    record = json.loads((latest / "distillation.json").read_text())
+    assert record["checkpoint"] == {"name": "step-00000003", "step": 3, "stage": 2, "stage2_steps_planned": 3}
+    assert record["stages"][-1]["steps"] == 3
+    assert main([str(run), "--checkpoint", "step-00000002", "--out", str(tmp_path / "s2")]) == 0
+    step2 = load_file(str(tmp_path / "s2" / "model.safetensors"))
+    assert json.loads((tmp_path / "s2" / "distillation.json").read_text())["stages"][-1]["steps"] == 2
+    assert any(not torch.equal(step2[k], v) for k, v in final_weights(run).items())
+    s1 = export_checkpoint(run, tmp_path / "s1", checkpoint="stage1", log=quiet)
+    stage1 = torch.load(run / "stage1-student.pt", weights_only=True)
+    exported = load_file(str(s1 / "model.safetensors"))
+    assert all(torch.equal(exported[k], stage1[k]) for k in exported)
+    capsys.readouterr()
+    for args, message in [
+        ([str(tmp_path), "--out", str(tmp_path / "x")], "is not a distillation run folder (no config.json)"),
+        ([str(run), "--checkpoint", "step-00000009", "--out", str(tmp_path / "x")],
+         "is not a complete checkpoint; complete ones: step-00000002, step-00000003"),
+        ([str(run), "--out", str(tmp_path / "latest")], "already exists; pass --force"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
+    assert main([str(run), "--out", str(tmp_path / "latest"), "--force"]) == 0
 
 
 def test_logit_cache_matches_full_teacher_and_is_reused(fx, tmp_path):

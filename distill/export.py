@@ -1,0 +1,129 @@
+"""Export a distillation run's checkpoint as a student folder, while the run goes on or after it stopped.
+
+    python -m retconvert.distill.export ~/runs/smollm2-w64 --out ~/runs/smollm2-w64-latest
+    python -m retconvert.distill.export ~/runs/smollm2-w64 --checkpoint step-00000150 --out DIR
+    python -m retconvert.distill.export ~/runs/smollm2-w64 --checkpoint stage1 --out DIR   # stage 1's result
+
+The folder is what the run writes at its end (`<out_dir>/final`, `Trainer.export`): the
+converter's checkpoint format, loadable with AutoModelForCausalLM, with the run's distillation
+record cut at the checkpoint (`stages[-1].steps` is the checkpoint's step, and `checkpoint`
+names it). The run folder is only read (its config.json and one complete checkpoint), so a
+running job is not disturbed. Weights are read with `weights_only=True` (DeepSpeed checkpoints
+with DeepSpeed's own fp32 consolidation).
+"""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from retconvert.cli import Parser
+from retconvert.distill.checkpoint import save_student
+from retconvert.distill.config import DistillConfig, config_from_dict
+from retconvert.distill.models import (build_student, load_scratch_tokenizer, load_teacher_model, scratch_model,
+                                       unwrap, wrap_lora)
+from retconvert.errors import RetconvertError
+from retconvert.paths import check_output_dir
+
+
+def run_config(run_dir: Path) -> DistillConfig:
+    """The DistillConfig a run recorded in `<run_dir>/config.json` (the one its last start used)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise RetconvertError(f"{run_dir} is not a distillation run folder (no config.json); pass the run's "
+                              "run.out_dir")
+    return config_from_dict(json.loads(path.read_text()), source=str(path))
+
+
+def find_checkpoint(run_dir: Path, name: Optional[str]) -> Path:
+    """`<run_dir>/checkpoints/<name>` (default: the one `latest` names), complete; or, for
+    name "stage1", stage 1's saved result `<run_dir>/stage1-student.pt`."""
+    if name == "stage1":
+        path = run_dir / "stage1-student.pt"
+        if not path.is_file():
+            raise RetconvertError(f"{path} not found: stage 1 has not finished in this run")
+        return path
+    root = run_dir / "checkpoints"
+    if name is None:
+        pointer = root / "latest"
+        if not pointer.is_file():
+            hint = "; --checkpoint stage1 exports stage 1's result" if (run_dir / "stage1-student.pt").is_file() else ""
+            raise RetconvertError(f"{root} holds no stage-2 checkpoint yet{hint}")
+        name = pointer.read_text().strip()
+    path = root / name
+    if not (path / "COMPLETE").is_file():
+        found = ", ".join(sorted(p.name for p in root.glob("step-*") if (p / "COMPLETE").is_file())) or "none"
+        raise RetconvertError(f"{path} is not a complete checkpoint; complete ones: {found}")
+    return path
+
+
+def checkpoint_weights(path: Path) -> dict:
+    """The student's state dict in a stage-2 checkpoint (plain `model.pt`, or DeepSpeed's shards
+    consolidated to fp32), or in stage 1's `stage1-student.pt`."""
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if (path / "model.pt").is_file():
+        return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
+
+
+def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: bool = False, log=print) -> Path:
+    """Write the student of `run_dir`'s checkpoint (see `find_checkpoint`) to the folder `out`.
+    RetconvertError for a folder that is not a run, a missing or incomplete checkpoint, or an
+    `out` that exists (`force` replaces an earlier export of this tool)."""
+    run_dir = Path(run_dir).expanduser()
+    cfg = run_config(run_dir)
+    path = find_checkpoint(run_dir, checkpoint)
+    out = Path(out).expanduser()
+    check_output_dir(out, force, ours=lambda p: (p / "distillation.json").is_file(),
+                     kind="an earlier exported or final student (distillation.json)")
+    stage1 = path.is_file()
+    step = 0 if stage1 else json.loads((path / "COMPLETE").read_text())["step"]
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device="cpu", resume=True))
+    teacher = load_teacher_model(cfg, log=log) if cfg.model.teacher is not None else None
+    tokenizer = teacher.tokenizer if teacher is not None else load_scratch_tokenizer(cfg)
+    if teacher is None and cfg.model.student is None:
+        student, origin = scratch_model(cfg, tokenizer), {"scratch": dataclasses.asdict(cfg.model.scratch)}
+    else:
+        student, origin = build_student(cfg, teacher, log=log, calibrate=False)
+    if cfg.stage2.finetune == "lora" and not stage1:
+        student = wrap_lora(student, cfg, log=log)
+    student.load_state_dict(checkpoint_weights(path))
+    student = unwrap(student).float().eval()
+
+    from retconvert.provenance import distillation_record
+
+    world = 1 if stage1 else max(1, len(list(path.glob("trainer-rank*.pt"))))
+    cut = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, steps=step))
+    info = distillation_record(cut, {}, origin=origin, world_size=world)
+    info["checkpoint"] = {"name": path.name, "step": step, "stage": 1 if stage1 else 2,
+                          "stage2_steps_planned": cfg.stage2.steps}
+    gen = getattr(teacher.model, "generation_config", None) if teacher is not None else None
+    save_student(student, tokenizer, out, info, generation_config=gen, name=f"{run_dir.name}-{path.stem}")
+    log(f"wrote {out} (from {path}, stage {info['checkpoint']['stage']}, step {step})")
+    return out
+
+
+def main(argv=None) -> int:
+    p = Parser(prog="python -m retconvert.distill.export", description=__doc__.split("\n")[0])
+    p.add_argument("run", help="the run's folder (its run.out_dir)")
+    p.add_argument("--out", required=True, help="folder to write the student to")
+    p.add_argument("--checkpoint", default=None,
+                   help="a stage-2 checkpoint's name (step-00000150; default: the latest) or 'stage1'")
+    p.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+    args = p.parse_args(argv)
+    try:
+        export_checkpoint(args.run, args.out, args.checkpoint, args.force)
+    except RetconvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
