@@ -20,7 +20,7 @@ from retconvert.errors import RetconvertError
 from retconvert.eval.common import free_memory, log
 from retconvert.eval.measure import machine_info
 from retconvert.eval.lm_tasks import DEFAULT_TASKS, check_tasks
-from retconvert.paths import atomic_output_dir, check_output_dir, shared_data_dir
+from retconvert.paths import atomic_output_dir, check_output_dir, display_path, shared_data_dir
 
 PASSKEY_NEW_TOKENS = 10
 SUITES = ("quality", "longrange", "speed", "memory", "energy")
@@ -139,7 +139,8 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
     results = {
         "machine": machine_info(settings.device),
         "settings": resolved,
-        "models": [{"name": m.name, "label": _label(m, models), "source": sources[i], "role": m.role,
+        "models": [{"name": display_path(m.name), "label": _label(m, models), "source": display_path(sources[i]),
+                    "role": m.role,
                     "kind": m.kind, "params": m.params, "architecture": type(m.model).__name__,
                     "is_retnet": m.is_retnet,
                     "max_context_tokens": m.max_context, "retention_mode": m.retention_mode,

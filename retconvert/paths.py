@@ -29,6 +29,16 @@ def shared_data_file(relative: str) -> Path:
     return path
 
 
+def display_path(spec: str) -> str:
+    """`spec` as a report shows it: an absolute path under the home folder as `~/...` (so committed
+    reports do not carry the machine's home), anything else (a name, a Hub ID) unchanged."""
+    home = Path.home()
+    path = Path(spec)
+    if path.is_absolute() and path.is_relative_to(home) and path != home:
+        return f"~/{path.relative_to(home).as_posix()}"
+    return spec
+
+
 def is_retnet_checkpoint(folder: Path) -> bool:
     """Whether `folder` holds a RetNet checkpoint: a config.json whose model_type is "retnet"."""
     try:

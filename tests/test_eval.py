@@ -262,3 +262,14 @@ def test_bad_inputs_fail_cleanly(tmp_path, capsys):
     assert main(["eval", "--model", "x", "--ppl-window", "1", "--out", str(tmp_path / "r")]) == 2
     assert "--ppl-window 1 must be at least 2" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_reports_show_home_paths_as_tilde(tmp_path, monkeypatch):
+    """A model folder under the home folder appears as ~/... in results.json and report.md, so
+    a committed report does not carry the machine's home; names and other paths are unchanged."""
+    from retconvert.paths import display_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert display_path(str(tmp_path / "runs" / "w64-step140")) == "~/runs/w64-step140"
+    for spec in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M", "/opt/models/x", str(tmp_path), "relative/dir"):
+        assert display_path(spec) == spec
