@@ -42,6 +42,17 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The complete checkpoint `<root>/latest` names; None without one (reads only)."""
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not (path / "COMPLETE").is_file():
+        raise RetconvertError(f"{pointer} names {path.name}, which is incomplete; delete {pointer} to restart")
+    return path
+
+
 class CheckpointManager:
     """Atomic checkpoints under `<out_dir>/<name>/` (stage 2: "checkpoints", stage 1: "checkpoints-stage1")."""
 
@@ -56,13 +67,7 @@ class CheckpointManager:
         dist.barrier()
 
     def latest(self) -> Optional[Path]:
-        pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / "COMPLETE").is_file():
-            raise RetconvertError(f"{pointer} names {path.name}, which is incomplete; delete {pointer} to restart")
-        return path
+        return latest_checkpoint(self.root)
 
     def save(self, step: int, engine, trainer_state: dict) -> Path:
         name = f"step-{step:08d}"

@@ -374,9 +374,7 @@ def load_config(path=None, overrides: Optional[List[str]] = None) -> DistillConf
     """Read a YAML file (following its `base:`, if any; or start from the defaults), apply
     overrides, validate."""
     data = read_yaml(Path(path)) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
-    cfg = _build(DistillConfig, data)
-    _check_ranges(cfg)
+    cfg = config_from_dict(apply_overrides(data, overrides or []))
     cfg.model.convert.validate(spell=lambda name: f"model.convert.{name}")  # before any model loads
     check_device(cfg.run.device, "run.device", need_available=False)  # this machine's devices: Trainer.setup
     return cfg

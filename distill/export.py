@@ -20,11 +20,10 @@ from typing import Optional
 
 import torch
 
-from retconvert.cli import Parser
-from retconvert.distill.checkpoint import save_student
+from retconvert.cli import Parser, exit_code
+from retconvert.distill.checkpoint import latest_checkpoint, save_student
 from retconvert.distill.config import DistillConfig, config_from_dict
-from retconvert.distill.models import (build_student, load_scratch_tokenizer, load_teacher_model, scratch_model,
-                                       unwrap, wrap_lora)
+from retconvert.distill.models import build_student, load_scratch_tokenizer, load_teacher_model, trained_student
 from retconvert.errors import RetconvertError
 from retconvert.paths import check_output_dir
 
@@ -48,11 +47,11 @@ def find_checkpoint(run_dir: Path, name: Optional[str]) -> Path:
         return path
     root = run_dir / "checkpoints"
     if name is None:
-        pointer = root / "latest"
-        if not pointer.is_file():
+        latest = latest_checkpoint(root)
+        if latest is None:
             hint = "; --checkpoint stage1 exports stage 1's result" if (run_dir / "stage1-student.pt").is_file() else ""
             raise RetconvertError(f"{root} holds no stage-2 checkpoint yet{hint}")
-        name = pointer.read_text().strip()
+        return latest
     path = root / name
     if not (path / "COMPLETE").is_file():
         found = ", ".join(sorted(p.name for p in root.glob("step-*") if (p / "COMPLETE").is_file())) or "none"
@@ -84,17 +83,12 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
                      kind="an earlier exported or final student (distillation.json)")
     stage1 = path.is_file()
     step = 0 if stage1 else json.loads((path / "COMPLETE").read_text())["step"]
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device="cpu", resume=True))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device="cpu"))
     teacher = load_teacher_model(cfg, log=log) if cfg.model.teacher is not None else None
     tokenizer = teacher.tokenizer if teacher is not None else load_scratch_tokenizer(cfg)
-    if teacher is None and cfg.model.student is None:
-        student, origin = scratch_model(cfg, tokenizer), {"scratch": dataclasses.asdict(cfg.model.scratch)}
-    else:
-        student, origin = build_student(cfg, teacher, log=log, calibrate=False)
-    if cfg.stage2.finetune == "lora" and not stage1:
-        student = wrap_lora(student, cfg, log=log)
-    student.load_state_dict(checkpoint_weights(path))
-    student = unwrap(student).float().eval()
+    student, origin = build_student(cfg, teacher, log=log, calibrate=False, tokenizer=tokenizer)
+    student = trained_student(student, cfg, checkpoint_weights(path),
+                              lora=cfg.stage2.finetune == "lora" and not stage1, log=log)
 
     from retconvert.provenance import distillation_record
 
@@ -117,12 +111,7 @@ def main(argv=None) -> int:
                    help="a stage-2 checkpoint's name (step-00000150; default: the latest) or 'stage1'")
     p.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     args = p.parse_args(argv)
-    try:
-        export_checkpoint(args.run, args.out, args.checkpoint, args.force)
-    except RetconvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: export_checkpoint(args.run, args.out, args.checkpoint, args.force))
 
 
 if __name__ == "__main__":

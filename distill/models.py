@@ -39,11 +39,13 @@ def load_teacher_model(cfg: DistillConfig, log=print):
                         trust_remote_code=cfg.model.trust_remote_code)
 
 
-def build_student(cfg: DistillConfig, teacher, log=print, calibrate: bool = True) -> Tuple[nn.Module, dict]:
+def build_student(cfg: DistillConfig, teacher, log=print, calibrate: bool = True,
+                  tokenizer=None) -> Tuple[nn.Module, dict]:
     """The student in fp32 on `run.device`, and a report of where it came from.
 
     `calibrate=False` (resuming: the weights come from a checkpoint) only maps the teacher's
-    weights, skipping the calibration pass."""
+    weights, skipping the calibration pass. Without a teacher or `model.student`, a model from
+    scratch sized for `tokenizer`."""
     import retconvert  # noqa: F401  (registers the RetNet Auto classes)
 
     if cfg.model.student is not None:
@@ -57,7 +59,7 @@ def build_student(cfg: DistillConfig, teacher, log=print, calibrate: bool = True
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         return model.to(cfg.run.device), {"student": str(path)}
     if teacher is None:
-        return scratch_model(cfg, None), {"scratch": asdict(cfg.model.scratch)}
+        return scratch_model(cfg, tokenizer), {"scratch": asdict(cfg.model.scratch)}
     from retconvert.convert.student import ConvertOptions, convert
 
     options = ConvertOptions(**asdict(cfg.model.convert))
@@ -184,6 +186,15 @@ def untie_lora_targets(model: nn.Module, targets: List[str], log=print):
         model.config.tie_word_embeddings = False
         log(f"LoRA on {name}: untied it from {', '.join(sharing)} (its own copy, "
             f"{module.weight.numel() / 1e6:.2f}M more parameters), so that merging leaves the embeddings as they are")
+
+
+def trained_student(model: nn.Module, cfg: DistillConfig, state: dict, lora: bool, log=print) -> nn.Module:
+    """`model` with a trained `state` loaded (wrapped in LoRA first when `state` holds peft's keys,
+    merged after): the plain fp32 model in eval mode that exports write."""
+    if lora:
+        model = wrap_lora(model, cfg, log=log)
+    model.load_state_dict(state)
+    return unwrap(model).float().eval()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

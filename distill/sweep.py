@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional
 
 import yaml
 
-from retconvert.cli import Parser
+from retconvert.cli import Parser, exit_code
 from retconvert.distill.config import ConfigError, DistillConfig, load_config, resolve_path
 from retconvert.errors import RetconvertError
 
@@ -436,12 +436,8 @@ def run_args(args) -> List[dict]:
 def main(argv=None) -> int:
     p = Parser(prog="distill/sweep.py", description="grid sweep over distill/train.py settings")
     add_arguments(p)
-    try:
-        run_args(p.parse_args(argv))
-    except RetconvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args = p.parse_args(argv)
+    return exit_code(lambda: run_args(args))
 
 
 if __name__ == "__main__":

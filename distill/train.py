@@ -24,10 +24,9 @@ The recipe:
 import argparse
 import sys
 
-from retconvert.cli import Parser
+from retconvert.cli import Parser, exit_code
 from retconvert.distill.config import load_config
 from retconvert.distill.trainer import run
-from retconvert.errors import RetconvertError
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -51,13 +50,7 @@ def config_from_args(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        run(cfg)  # stage 1 (attention transfer), stage 2 (distillation), export
-    except RetconvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(config_from_args(args)))  # stage 1 (attention transfer), stage 2, export
 
 
 if __name__ == "__main__":

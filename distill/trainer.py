@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -30,8 +29,7 @@ from retconvert.distill.models import (
     count_parameters,
     load_scratch_tokenizer,
     load_teacher_model,
-    scratch_model,
-    unwrap,
+    trained_student,
     wrap_lora,
 )
 from retconvert.device import check_device
@@ -123,12 +121,10 @@ class Trainer:
         self.stage1_file, self.resume_from = self.out_dir / "stage1-student.pt", None
         if cfg.run.resume:  # its checkpoints decide what the student is built from
             self._open_out_dir(replace=False, earlier=earlier)
-        if self.teacher is None and cfg.model.student is None:
-            self.student, self.origin = scratch_model(cfg, self.tokenizer), {"scratch": asdict(cfg.model.scratch)}
-        else:
-            stage1_saved = self.stage1_file.is_file() or (self.out_dir / "checkpoints-stage1" / "latest").is_file()
-            weights_follow = self.resume_from is not None or (cfg.run.resume and cfg.stage1.steps > 0 and stage1_saved)
-            self.student, self.origin = build_student(cfg, self.teacher, log=self.log, calibrate=not weights_follow)
+        stage1_saved = self.stage1_file.is_file() or (self.out_dir / "checkpoints-stage1" / "latest").is_file()
+        weights_follow = self.resume_from is not None or (cfg.run.resume and cfg.stage1.steps > 0 and stage1_saved)
+        self.student, self.origin = build_student(cfg, self.teacher, log=self.log, calibrate=not weights_follow,
+                                                  tokenizer=self.tokenizer)
         self.student.float().to(cfg.run.device)
         if not cfg.run.resume:  # a new run writes out_dir only now: a bad option leaves nothing behind
             self._open_out_dir(replace=replace, earlier=earlier)
@@ -398,11 +394,8 @@ class Trainer:
         state = self.engine.full_state_dict() if hasattr(self, "engine") else self.student.state_dict()
         out = self.out_dir / "final"
         if self.dist.is_main:
-            model = type(self.student)(self.student.config)
-            if cfg.stage2.finetune == "lora" and hasattr(self, "engine"):
-                model = wrap_lora(model, cfg)
-            model.load_state_dict(state)
-            model = unwrap(model).float().eval()
+            model = trained_student(type(self.student)(self.student.config), cfg, state,
+                                    lora=cfg.stage2.finetune == "lora" and hasattr(self, "engine"))
             from retconvert.provenance import distillation_record
 
             info = distillation_record(cfg, self.result, origin=self.origin, world_size=self.dist.world)

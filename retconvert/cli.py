@@ -14,6 +14,7 @@ A bad input ends with `error: <problem>; <fix>` on stderr and exit status 2.
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 from retconvert.errors import RetconvertError
 
@@ -315,17 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def exit_code(action: Callable[[], object]) -> int:
+    """Run `action()`: 0 when it returns, 2 with its one-line `error: ...` on stderr when it raises
+    RetconvertError (the CLI's and the scripts' `main`)."""
     try:
-        args.func(args)
+        action()
     except RetconvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return exit_code(lambda: args.func(args))
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
