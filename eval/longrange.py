@@ -1,7 +1,8 @@
 """Long-range memory: passkey retrieval vs distance, and mean loss per position on long documents."""
 
 import random
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,41 +19,66 @@ def _ids(tokenizer, text: str, special: bool = False) -> List[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+@dataclass
+class PasskeyPrompt:
+    """One passkey prompt: `ids` (exactly the requested length, in tokens), the 5-digit `key`,
+    `key_span` ([start, end) token positions of the key sentence) and `distance` (tokens from the
+    end of the key sentence to the end of the prompt)."""
+
+    ids: List[int]
+    key: str
+    key_span: Tuple[int, int]
+    distance: int
+
+
+def passkey_prompt(tok, length: int, trial: int, trials: int, rng: random.Random) -> Optional[PasskeyPrompt]:
+    """Trial `trial` of `trials` at `length` tokens: intro, filler, the key sentence, filler,
+    question; the key a little deeper each trial. None when `length` cannot hold the prompt
+    without filler. Draws one key from `rng` either way, so a run's keys depend on the seed only."""
+    key = f"{rng.randint(10000, 99999)}"
+    intro, question = _ids(tok, INTRO, special=True), _ids(tok, QUESTION)
+    key_ids = _ids(tok, KEY.format(key=key))
+    unit = _ids(tok, FILLER)
+    filler_total = length - len(intro) - len(key_ids) - len(question)
+    if filler_total < 0:
+        return None
+    before = (filler_total // 8) * trial // max(1, trials - 1)
+    after = filler_total - before
+    filler = unit * (filler_total // max(1, len(unit)) + 1)
+    start = len(intro) + before
+    ids = intro + filler[:before] + key_ids + filler[:after] + question
+    return PasskeyPrompt(ids, key, (start, start + len(key_ids)), after + len(question))
+
+
 @torch.no_grad()
 def passkey(m, lengths: List[int], trials: int, new_tokens: int = 10, seed: int = 0, log=print) -> dict:
     """Accuracy of greedy retrieval of a 5-digit key, per prompt length.
 
-    Each prompt is exactly `length` tokens: intro, filler, the key sentence, filler, question.
-    The key sits at `distance_tokens` (from the end of the key sentence to the end of the
-    prompt); trials vary its depth a little (a few filler tokens before it) and the key.
+    Each prompt is exactly `length` tokens (`passkey_prompt`). The key sits at `distance_tokens`
+    (from the end of the key sentence to the end of the prompt); trials vary its depth a little
+    (a few filler tokens before it) and the key.
     """
     tok = m.tokenizer
     rng = random.Random(seed)
-    intro, question = _ids(tok, INTRO, special=True), _ids(tok, QUESTION)
-    unit = _ids(tok, FILLER)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     points, skipped = [], []
     for length in lengths:
         correct, distances = 0, []
         for t in range(trials):
-            key = f"{rng.randint(10000, 99999)}"
-            key_ids = _ids(tok, KEY.format(key=key))
-            filler_total = length - len(intro) - len(key_ids) - len(question)
-            if filler_total < 0:
+            p = passkey_prompt(tok, length, t, trials, rng)
+            if p is None:
                 break
-            before = (filler_total // 8) * t // max(1, trials - 1)  # the key a little deeper each trial
-            after = filler_total - before
-            filler = unit * (filler_total // max(1, len(unit)) + 1)
-            prompt = intro + filler[:before] + key_ids + filler[:after] + question
-            ids = torch.tensor([prompt], device=m.device)
+            ids = torch.tensor([p.ids], device=m.device)
             out = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                    do_sample=False, pad_token_id=pad_id)
             answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            correct += key in answer
-            distances.append(after + len(question))
+            correct += p.key in answer
+            distances.append(p.distance)
         if not distances:
+            need = len(_ids(tok, INTRO, special=True)) + len(_ids(tok, KEY.format(key="00000"))) + \
+                len(_ids(tok, QUESTION))
             skipped.append({"context_tokens": length, "reason": f"the prompt without filler needs "
-                            f"{len(intro) + len(key_ids) + len(question)} tokens, more than {length}"})
+                            f"about {need} tokens, more than {length}"})
             continue
         points.append({"context_tokens": length, "distance_tokens": round(sum(distances) / len(distances), 1),
                        "accuracy": correct / len(distances), "n": len(distances)})

@@ -553,15 +553,17 @@ class RetNetForCausalLM(RetNetPreTrainedModel, GenerationMixin):
     def _generation_decoder(self):
         """The packed decoder for generate()'s steps, or None where it does not apply (training
         mode, `packed_generation` off, a configuration it does not cover). Built once and kept
-        until a weight changes: a parameter's or buffer's data pointer, version counter or dtype,
-        read once per generate() call."""
+        until a weight or the configuration changes: a parameter's or buffer's data pointer,
+        version counter or dtype, or any config value (e.g. `retention_window`), read once per
+        generate() call."""
         from .decoding_retnet import RetNetDecoder
 
         if not self.packed_generation or self.training:
             return None
         if not RetNetDecoder.supports(self.config):
             return None
-        version = tuple((t.data_ptr(), t._version, t.dtype) for t in (*self.parameters(), *self.buffers()))
+        version = (tuple((t.data_ptr(), t._version, t.dtype) for t in (*self.parameters(), *self.buffers())),
+                   self.config.to_json_string(use_diff=False))
         cached = self.__dict__.get("_packed_decoder")
         if cached is None or cached[0] != version:
             cached = (version, RetNetDecoder(self))

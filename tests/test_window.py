@@ -477,6 +477,19 @@ def test_packed_decoder_left_padded_and_generate_paths_agree(variant):
     assert torch.equal(packed, modules), (packed, modules)
 
 
+def test_generate_follows_a_window_changed_between_calls():
+    """The packed decoder kept for generate() is rebuilt when the windows change (e.g. a layer
+    widened to full softmax), not only when a weight does: same tokens as a model built so."""
+    model = tiny_model(**WINDOWED["mixed"])
+    ids = random_ids(1, 12, seed=5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.generate(ids, **kwargs)  # builds and keeps the decoder for windows [3, 0, 5]
+    model.config.retention_window = [3, 64, 5]  # layer 1: every earlier token in its window
+    got = model.generate(ids, **kwargs)
+    want = tiny_model(**dict(WINDOWED["mixed"], retention_window=[3, 64, 5])).generate(ids, **kwargs)
+    assert torch.equal(got, want), (got, want)
+
+
 def test_torchscale_export_refuses_a_windowed_model():
     from retconvert.convert.torchscale_export import TorchscaleExportError, to_torchscale
 
