@@ -63,7 +63,7 @@ def passkey(m, lengths: List[int], trials: int, new_tokens: int = 10, seed: int 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     points, skipped = [], []
     for length in lengths:
-        correct, distances = 0, []
+        correct, distances, answers = 0, [], []
         for t in range(trials):
             p = passkey_prompt(tok, length, t, trials, rng)
             if p is None:
@@ -74,6 +74,7 @@ def passkey(m, lengths: List[int], trials: int, new_tokens: int = 10, seed: int 
             answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             correct += p.key in answer
             distances.append(p.distance)
+            answers.append({"key": p.key, "answer": answer})
         if not distances:
             need = len(_ids(tok, INTRO, special=True)) + len(_ids(tok, KEY.format(key="00000"))) + \
                 len(_ids(tok, QUESTION))
@@ -81,10 +82,11 @@ def passkey(m, lengths: List[int], trials: int, new_tokens: int = 10, seed: int 
                             f"about {need} tokens, more than {length}"})
             continue
         points.append({"context_tokens": length, "distance_tokens": round(sum(distances) / len(distances), 1),
-                       "accuracy": correct / len(distances), "n": len(distances)})
+                       "accuracy": correct / len(distances), "n": len(distances), "answers": answers})
         log(f"  {m.name}: passkey at {length} tokens: {correct}/{len(distances)}")
     return {"points": points, "skipped_points": skipped, "new_tokens": new_tokens,
-            "unit": "accuracy: fraction of trials whose greedy answer contains the key; "
+            "unit": "accuracy: fraction of trials whose greedy answer contains the key (answers: each trial's "
+                    "key and greedy continuation); "
                     "context_tokens, distance_tokens: tokens (distance: key sentence end to prompt end)"}
 
 
