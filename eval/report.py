@@ -30,11 +30,11 @@ def _get(d, *keys):
     return d
 
 
-def _table(models, rows, fmt=_fmt, ratio_note="student / teacher") -> List[str]:
-    """rows: [(label, fn(model entry) -> value)]; one column per model, then ratio per student."""
-    students = models[1:]
+def _table(models, rows, fmt=_fmt) -> List[str]:
+    """rows: [(label, fn(model entry) -> value)]; one column per model, then each other model's ratio
+    to the teacher (the first)."""
     head = ["metric"] + [f"{m['role']}: {m['label']}" for m in models] + \
-           [f"ratio {m['label']} ({ratio_note})" for m in students]
+           [f"ratio {m['label']} / teacher" for m in models[1:]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, fn in rows:
         values = [fn(m) for m in models]
@@ -67,7 +67,8 @@ def write_report(results: dict, plots: List[str]) -> str:
             + (f", GPU {machine['gpu']}" if machine.get("gpu") else "") + f"), device `{machine['device']}`, "
             f"torch {machine['torch']}, transformers {machine['transformers']}, lm-eval {machine.get('lm_eval')}; "
             f"{machine['date_utc']}.",
-            "Ratios are student / teacher (below 1 means the student uses less, or scores lower).", ""]
+            "Ratios are model / teacher (below 1 means the model uses less, or scores lower); a baseline row, "
+            "if any, is the teacher restricted to a window (`--window-baseline`).", ""]
 
     # Quality
     q_rows = []

@@ -7,6 +7,7 @@ The first model is the teacher; ratios in the report are student / teacher. A su
 cannot run is listed under "skipped" with its reason; no figure is ever made up.
 """
 
+import copy
 import json
 import math
 import traceback
@@ -56,6 +57,7 @@ class EvalSettings:
     dtype: str = "float32"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    window_baseline: Optional[int] = None  # also the teacher over its last W tokens + first token
 
     def validate(self):
         unknown = [s for s in self.suites if s not in SUITES]
@@ -63,7 +65,8 @@ class EvalSettings:
             raise RetconvertError(f"unknown suite {', '.join(unknown) or '(none)'}; use a comma list of "
                                   f"{', '.join(SUITES)}")
         for name in ("limit", "max_context", "ppl_tokens", "ppl_window", "ppl_stride", "passkey_trials",
-                     "position_docs", "decode_steps", "prefill_repeats", "energy_steps", "energy_repeats"):
+                     "position_docs", "decode_steps", "prefill_repeats", "energy_steps", "energy_repeats",
+                     "window_baseline"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise RetconvertError(f"--{name.replace('_', '-')} {value} must be positive")
@@ -121,6 +124,19 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
         models.append(load_model(source, role, dtype=settings.dtype, device=settings.device,
                                  trust_remote_code=settings.trust_remote_code, allow_pickle=settings.allow_pickle,
                                  fallback_tokenizer=models[0].tokenizer if models else None))
+    sources = list(sources)
+    if settings.window_baseline:  # beside the teacher: what the window alone buys, nothing trained
+        from retconvert.eval.window_baseline import apply_window_baseline
+
+        W, teacher = settings.window_baseline, models[0]
+        log(f"window baseline: {teacher.name} over its last {W} tokens and its first token")
+        baseline = copy.deepcopy(teacher.model)
+        apply_window_baseline(baseline, W)
+        models.insert(1, EvalModel(f"{teacher.name} (window {W} + first token)", "baseline", baseline,
+                                   teacher.tokenizer, teacher.kind,
+                                   [f"the teacher's weights, attention restricted to its last {W} tokens and its "
+                                    "row's first token (retconvert.eval.window_baseline)"]))
+        sources.insert(1, sources[0])
     names = [m.name for m in models]
     if len(set(names)) != len(names):  # the same model twice: keep the entries apart
         for i, m in enumerate(models):
@@ -167,6 +183,12 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
             free_memory(settings.device)
         return None
 
+    # The window baseline masks the teacher's full KV cache: its speed and memory are the teacher's.
+    costed = [m for m in models if m.role != "baseline"]
+    for m in models:
+        if m.role == "baseline" and set(settings.suites) & {"speed", "memory", "energy"}:
+            skip("speed, memory, energy", m.name, "a quality reference only: it runs the teacher's attention "
+                 "and full KV cache under a mask, so its cost is the teacher's")
     for suite in settings.suites:
         log(f"suite {suite}")
         if suite == "quality":
@@ -174,11 +196,11 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
         elif suite == "longrange":
             _longrange(models, entry, resolved, settings, guarded)
         elif suite == "speed":
-            _speed(models, entry, resolved, settings, guarded)
+            _speed(costed, entry, resolved, settings, guarded)
         elif suite == "memory":
-            _memory(models, entry, resolved, guarded, skip)
+            _memory(costed, entry, resolved, guarded, skip)
         elif suite == "energy":
-            _energy(models, entry, resolved, settings, guarded, skip)
+            _energy(costed, entry, resolved, settings, guarded, skip)
 
     for where in _non_finite(results["models"], "models"):
         skip("values", None, f"{where} was not finite; written as null")

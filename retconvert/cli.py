@@ -275,6 +275,9 @@ def _add_eval(sub):
                    help="decode steps per energy measurement (default: %(default)s)")
     p.add_argument("--assumed-watts", type=float,
                    help="without an energy counter, report a labelled estimate: time x this power (default: none)")
+    p.add_argument("--window-baseline", type=int, metavar="W",
+                   help="also evaluate the teacher attending only to its last W tokens and its first token (the "
+                        "baseline a --window W student must beat; quality and long-range suites)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the models are evaluated in (default: %(default)s)")
@@ -295,7 +298,7 @@ def cmd_eval(args):
         position_docs=args.position_docs, position_length=args.position_length, decode_steps=args.decode_steps,
         prefill_repeats=args.prefill_repeats, energy_context=args.energy_context, energy_steps=args.energy_steps,
         assumed_watts=args.assumed_watts, device=args.device, dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, window_baseline=args.window_baseline)
     run_eval(args.models, args.out, settings, force=args.force)
     print(f"wrote {args.out}/report.md")
 

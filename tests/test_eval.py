@@ -186,6 +186,38 @@ def test_eval_all_suites(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
     assert "[eval" in capsys.readouterr().err  # progress lines
 
 
+def test_window_baseline_beside_the_teacher(tiny_pair, tiny_data, tmp_path, monkeypatch):
+    """--window-baseline W: the teacher over its last W tokens + first token, measured on quality and
+    long range like the others, skipped with a reason where its cost would only repeat the teacher's."""
+    monkeypatch.setenv("RETCONVERT_DATA", str(tiny_data))
+    teacher, student = tiny_pair
+    out = tmp_path / "report"
+    rc = main(["eval", "--model", str(teacher), "--model", str(student), "--out", str(out), "--window-baseline", "4",
+               "--suite", "quality,longrange,memory", "--tasks", "", "--contexts", "16,32", "--passkey-lengths", "96",
+               "--passkey-trials", "1", "--position-docs", "1", "--position-length", "64", "--ppl-tokens", "200",
+               "--ppl-window", "32", "--ppl-stride", "16"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    t, b, s = results["models"]
+    assert [m["role"] for m in (t, b, s)] == ["teacher", "baseline", "student"]
+    assert b["name"].endswith("(window 4 + first token)") and b["source"] == t["source"]
+    ppl = {m["role"]: m["results"]["quality"]["perplexity"]["c4"]["ppl"] for m in (t, b)}
+    assert math.isfinite(ppl["baseline"]) and ppl["baseline"] != ppl["teacher"]  # the window does change it
+    assert b["results"]["longrange"]["position_loss"]["buckets"]
+    assert "memory" not in b["results"] and "memory" in t["results"]
+    assert any(x["model"] == b["name"] and "teacher" in x["reason"] for x in results["skipped"])
+    assert "(window 4 + first token)" in (out / "report.md").read_text()
+
+
+def test_window_baseline_needs_a_transformer_teacher(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RETCONVERT_DATA", str(tiny_data))
+    _, student = tiny_pair
+    rc = main(["eval", "--model", str(student), "--out", str(tmp_path / "r"), "--window-baseline", "4",
+               "--suite", "quality", "--tasks", ""])
+    assert rc != 0 and not (tmp_path / "r").exists()
+    assert "RetNet" in capsys.readouterr().err
+
+
 def test_energy_estimate_is_labelled(tiny_pair, tiny_data, tmp_path, monkeypatch):
     """Without a counter, --assumed-watts gives an estimate that cannot pass for a measurement."""
     import retconvert.eval.energy as energy
