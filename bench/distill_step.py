@@ -19,7 +19,10 @@ On one batch of --batch x --seq-len tokens it times, in fp32 on CPU:
                         step is a cache hit): no teacher forward, top-k + remainder KL;
   C  student_only       the student alone: forward, DistillationLoss without a teacher (the
                         recipe's next-token CE path), backward, step;
-  T  teacher_forward    the teacher's no-grad forward alone (the part of B that A lacks).
+  T  teacher_forward    the teacher's no-grad forward alone (the part of B that A lacks);
+  A  teacher_finetune_bf16  A under bf16 autocast (fp32 master weights, as train_step runs the
+                        student): how close plain torch training of this model comes to the bf16
+                        matmul peak on this machine, the reference for a stage-2 step's fraction.
 
 The headline ratios are B / A (target < 1.5), B / C and T / B.
 
@@ -79,11 +82,12 @@ from common import (  # noqa: E402
 )
 
 DEFAULT_CONFIG = "configs/distill/smollm2-135m.yaml"
-CASES = ("teacher_finetune", "distill", "distill_cached", "student_only", "teacher_forward", "distill_bf16",
-         "distill_bf16_teacher", "stage1", "stage1_bf16")
+CASES = ("teacher_finetune", "teacher_finetune_bf16", "distill", "distill_cached", "student_only", "teacher_forward",
+         "distill_bf16", "distill_bf16_teacher", "stage1", "stage1_bf16")
 PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")  # of a distill step, in order
 LABELS = {
     "teacher_finetune": "A  teacher fine-tuning step (fwd + CE + bwd + AdamW)",
+    "teacher_finetune_bf16": "A  the same under bf16 autocast (fp32 master weights): torch's own ceiling here",
     "distill": "B  distillation step (teacher no-grad fwd + student fwd + KD loss + bwd + AdamW)",
     "distill_cached": "B' distillation step, teacher top-k from the logit cache",
     "student_only": "C  student step alone (fwd + CE + bwd + AdamW)",
@@ -192,8 +196,8 @@ def main(argv=None) -> int:
     tokenizer = teacher.tokenizer
     tmodel = teacher.model
     if args.teacher_dtype != "float32":
-        if "teacher_finetune" in cases:
-            raise SystemExit("--teacher-dtype bfloat16 times a bf16 teacher; leave teacher_finetune out of --cases")
+        if any(c.startswith("teacher_finetune") for c in cases):
+            raise SystemExit("--teacher-dtype bfloat16 times a bf16 teacher; leave teacher_finetune* out of --cases")
         tmodel.to(getattr(torch, args.teacher_dtype))
 
     # The batch
@@ -275,12 +279,16 @@ def main(argv=None) -> int:
         if not math.isfinite(v):
             raise SystemExit(f"{name}: loss is {v}; the benchmark's weights diverged")
 
-    # A: plain fine-tuning of the teacher
-    def step_teacher_finetune():
-        out = t_engine(input_ids=x, labels=y, use_cache=False)
-        check("teacher_finetune", out.loss)
-        t_engine.backward(out.loss)
-        t_engine.step()  # clip, AdamW step, scheduler step, zero_grad(set_to_none=True)
+    # A: plain fine-tuning of the teacher (fp32, or under bf16 autocast as train_step runs it)
+    def make_teacher_finetune(name: str, bf16: bool = False) -> Callable[[], None]:
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = t_engine(input_ids=x, labels=y, use_cache=False)
+            check(name, out.loss)
+            t_engine.backward(out.loss)
+            t_engine.step()  # clip, AdamW step, scheduler step, zero_grad(set_to_none=True)
+
+        return step
 
     # B / B' / C: one stage-2 step, the recipe's own `train_step` (distill/engine.py, called by
     # Trainer.distill) with accum = world = 1 on this batch; the data stream, metrics and
@@ -336,7 +344,8 @@ def main(argv=None) -> int:
     steps = {
         "stage1": (make_stage1_step(), teacher_frozen),
         "stage1_bf16": (make_stage1_step(autocast=True), teacher_frozen),
-        "teacher_finetune": (step_teacher_finetune, teacher_trainable),
+        "teacher_finetune": (make_teacher_finetune("teacher_finetune"), teacher_trainable),
+        "teacher_finetune_bf16": (make_teacher_finetune("teacher_finetune_bf16", bf16=True), teacher_trainable),
         "distill": (make_distill_step("distill"), teacher_frozen),
         "distill_cached": (make_distill_step("distill_cached", use_cache=True), teacher_frozen),
         "distill_bf16": (make_distill_step("distill_bf16", student_bf16=True), teacher_frozen),
@@ -464,6 +473,8 @@ def main(argv=None) -> int:
         ratios[metric] = {
             "distill_over_teacher_finetune": ratio("distill", "teacher_finetune", metric),
             "distill_cached_over_teacher_finetune": ratio("distill_cached", "teacher_finetune", metric),
+            "distill_bf16_teacher_over_teacher_finetune_bf16": ratio("distill_bf16_teacher", "teacher_finetune_bf16",
+                                                                     metric),
             "distill_over_student_only": ratio("distill", "student_only", metric),
             "student_only_over_teacher_finetune": ratio("student_only", "teacher_finetune", metric),
             "teacher_forward_share_of_distill": ratio("teacher_forward", "distill", metric),
@@ -493,14 +504,18 @@ def main(argv=None) -> int:
     result["cases"] = per_case
     peak = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
     flops_per_token = 6 * params["student_trainable"] + 2 * params["teacher"]
+    case_flops = {c: (6 * params["teacher_trainable_in_finetune"] if c.startswith("teacher_finetune")
+                      else flops_per_token) for c in per_case}
     result["matmul_peak"] = {
         **peak, "flops_per_token": flops_per_token,
+        "flops_per_token_teacher_finetune": 6 * params["teacher_trainable_in_finetune"],
         "note": "2048x576 by 576x1536 matmul, this process's threads, measured after the steps; model FLOPs "
-                "per distill token counted as 6 x trainable student parameters + 2 x teacher parameters",
+                "per distill token counted as 6 x trainable student parameters + 2 x teacher parameters, "
+                "per teacher fine-tuning token as 6 x teacher parameters",
         "fraction_of_peak": {
-            c: {m: {dt: per_case[c][f"tokens_per_s_{m}"] * flops_per_token / (peak[dt][f"gflop_s_{m}"] * 1e9)
+            c: {m: {dt: per_case[c][f"tokens_per_s_{m}"] * case_flops[c] / (peak[dt][f"gflop_s_{m}"] * 1e9)
                     for dt in peak} for m in ("wall", "cpu")}
-            for c in per_case if c.startswith("distill") and per_case[c]["tokens_per_s_wall"]},
+            for c in per_case if c.startswith(("distill", "teacher_finetune")) and per_case[c]["tokens_per_s_wall"]},
     }
     result["code"]["sha256_at_end"] = {f: file_sha256(REPO / f) for f in files}
     result["code"]["changed_during_run"] = result["code"]["sha256_at_end"] != result["code"]["sha256_at_start"]
