@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     # The batch
     if args.data == "config":
         stream = PackedStream(cfg.data.train, tokenizer, T, seed=cfg.run.seed, shuffle_buffer=0,
-                              text_field=cfg.data.text_field)
+                              text_field=cfg.data.text_field, weights=cfg.data.train_weights)
         x = stream.next_rows(B)
         y = make_labels(x, tokenizer.eos_token_id, None, cfg.data.mask_doc_boundaries)
         data_info = {"kind": "config", "sources": list(stream.specs),

@@ -70,7 +70,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: List[str] = field(default_factory=list)  # text sources, interleaved one document each in turn
+    train: List[str] = field(default_factory=list)  # text sources, interleaved (see train_weights)
+    # None: one document from each source in turn (a source of long documents then dominates the
+    # tokens); a list (one number per source): each source's share of the training tokens, the
+    # next document always from the source furthest below its share
+    train_weights: Optional[List[float]] = None
     eval: List[str] = field(default_factory=list)  # held-out perplexity sources (never trained on)
     text_field: str = "text"
     seq_len: int = 512
@@ -283,6 +287,10 @@ def _check_ranges(cfg: DistillConfig):
         raise ConfigError("stage2.betas: expected two numbers, e.g. [0.9, 0.95]")
     if not cfg.data.train:
         raise ConfigError("data.train: give at least one training text source")
+    weights = cfg.data.train_weights
+    if weights is not None and (len(weights) != len(cfg.data.train) or min(weights) <= 0):
+        raise ConfigError(f"data.train_weights: {weights} must give one positive number per data.train source "
+                          f"({len(cfg.data.train)}), e.g. [1, 1]; or null for one document from each in turn")
     if cfg.model.teacher is None and cfg.model.student is None and cfg.model.tokenizer is None:
         raise ConfigError("model.tokenizer: training from scratch (model.teacher: null) needs a tokenizer")
 

@@ -9,7 +9,7 @@ so a resumed run sees the very rows an uninterrupted run would have seen. Resumi
 consumed documents without tokenising them (for a streamed `hf:` source they are re-read).
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from retconvert.errors import RetconvertError
 
 class PackedStream:
     def __init__(self, specs: List[str], tokenizer, seq_len: int, seed: int = 0, shuffle_buffer: int = 0,
-                 text_field: str = "text"):
+                 text_field: str = "text", weights: Optional[List[float]] = None):
         if not specs:
             raise RetconvertError("no training sources given; set data.train")
         self.specs = [resolve_path(s) for s in specs]
@@ -29,12 +29,16 @@ class PackedStream:
         if self.eos_id is None:
             raise RetconvertError("the tokenizer has no EOS token; packing needs one to separate documents")
         self.seq_len = seq_len
+        self.weights = None if weights is None else [float(w) for w in weights]
+        if self.weights is not None and (len(self.weights) != len(self.specs) or min(self.weights) <= 0):
+            raise RetconvertError(f"weights {weights} must give one positive number per source ({len(self.specs)})")
         self.shuffle_buffer = shuffle_buffer
         self.text_field = text_field
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
-        self.consumed = [0] * len(self.specs)
+        self.consumed = [0] * len(self.specs)  # documents per source, this epoch
+        self.tokens = [0] * len(self.specs)  # tokens per source (with EOS), this epoch
         self.exhausted = [False] * len(self.specs)
         self.turn = 0
         self.carry: List[int] = []
@@ -51,16 +55,27 @@ class PackedStream:
             self._iters[i] = it
         return self._iters[i]
 
-    def _next_document(self) -> str:
+    def _pick_source(self) -> int:
+        """Without weights, each source in turn; with weights, the source whose tokens so far are
+        furthest below its share (the lowest tokens / weight; ties to the first)."""
+        if self.weights is None:
+            i = self.turn
+            self.turn = (self.turn + 1) % len(self.specs)
+            return i
+        live = [i for i in range(len(self.specs)) if not self.exhausted[i]]
+        return min(live, key=lambda i: self.tokens[i] / self.weights[i])
+
+    def _next_document(self) -> Tuple[int, str]:
+        """(source index, text) of the next training document."""
         for _ in range(2 * len(self.specs) + 1):
             if all(self.exhausted):
                 self.epoch += 1
                 self.consumed = [0] * len(self.specs)
+                self.tokens = [0] * len(self.specs)
                 self.exhausted = [False] * len(self.specs)
                 self._iters = [None] * len(self.specs)
                 self.turn = 0
-            i = self.turn
-            self.turn = (self.turn + 1) % len(self.specs)
+            i = self._pick_source()
             if self.exhausted[i]:
                 continue
             try:
@@ -72,14 +87,16 @@ class PackedStream:
                     raise RetconvertError(f"training sources {self.specs} hold no documents") from None
                 continue
             self.consumed[i] += 1
-            return text
+            return i, text
         raise RetconvertError(f"training sources {self.specs} hold no documents")
 
     def _packed_row(self) -> List[int]:
         while len(self.carry) < self.seq_len:
-            text = self._next_document()
-            self.carry.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            i, text = self._next_document()
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self.carry.extend(ids)
             self.carry.append(self.eos_id)
+            self.tokens[i] += len(ids) + 1
         row, self.carry = self.carry[: self.seq_len], self.carry[self.seq_len:]
         return row
 
@@ -103,7 +120,8 @@ class PackedStream:
     # Exact position ---------------------------------------------------------------------------
     def state_dict(self) -> Dict:
         return {"specs": list(self.specs), "seq_len": self.seq_len, "seed": self.seed, "epoch": self.epoch,
-                "consumed": list(self.consumed), "exhausted": list(self.exhausted), "turn": self.turn,
+                "consumed": list(self.consumed), "tokens": list(self.tokens), "exhausted": list(self.exhausted),
+                "turn": self.turn,
                 "carry": list(self.carry), "buffer": [list(r) for r in self.buffer],
                 "rows_served": self.rows_served, "generator": self.generator.get_state()}
 
@@ -113,6 +131,8 @@ class PackedStream:
                                   "(sources or seq_len changed); resume with the original config")
         self.epoch, self.turn, self.rows_served = state["epoch"], state["turn"], state["rows_served"]
         self.consumed, self.exhausted = list(state["consumed"]), list(state["exhausted"])
+        # checkpoints written before token counts were kept: weights balance from here on
+        self.tokens = list(state.get("tokens", [0] * len(self.specs)))
         self.carry, self.buffer = list(state["carry"]), [list(r) for r in state["buffer"]]
         self.generator.set_state(state["generator"])
         self._iters = [None] * len(self.specs)

@@ -173,7 +173,8 @@ class Trainer:
 
         seed_everything(cfg.run.seed + 1)
         stream = PackedStream(cfg.data.train, self.tokenizer, s1.seq_len, seed=cfg.run.seed + 1,
-                              shuffle_buffer=cfg.data.shuffle_buffer, text_field=cfg.data.text_field)
+                              shuffle_buffer=cfg.data.shuffle_buffer, text_field=cfg.data.text_field,
+                              weights=cfg.data.train_weights)
         held_out = stream.next_rows(s1.eval_rows).to(cfg.run.device) if s1.eval_every > 0 else None  # never trained on
         path = AttentionPath(self.student, s1.train, s1.lr, s1.proj_lr, s1.lora_rank, s1.warmup_steps,
                              torch.Generator().manual_seed(cfg.run.seed + 1))
@@ -283,7 +284,8 @@ class Trainer:
         engine = make_engine(model, params, cfg, dist)
         self.engine = engine
         stream = PackedStream(cfg.data.train, self.tokenizer, cfg.data.seq_len, seed=cfg.run.seed,
-                              shuffle_buffer=cfg.data.shuffle_buffer, text_field=cfg.data.text_field)
+                              shuffle_buffer=cfg.data.shuffle_buffer, text_field=cfg.data.text_field,
+                              weights=cfg.data.train_weights)
         cache = None
         if s2.logit_cache and self.teacher is not None:
             from retconvert.distill.logit_cache import TopKLogitCache

@@ -388,6 +388,37 @@ def test_packed_stream_is_deterministic_and_resumable(fx):
     assert (first == tok.eos_token_id).any()  # documents are EOS-separated inside rows
 
 
+def test_train_weights_set_each_sources_share_of_tokens(fx, tmp_path):
+    """One document each in turn lets a source of long documents take most tokens; weights give
+    each source its share of the tokens instead, and the shares survive a resume."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(fx["tokenizer"]))
+    long_docs, short_docs = tmp_path / "long.jsonl", tmp_path / "short.jsonl"
+    long_docs.write_text("".join(json.dumps({"text": f"speech {i} " + "word " * 300}) + "\n" for i in range(20)))
+    short_docs.write_text("".join(json.dumps({"text": f"note {i} short text"}) + "\n" for i in range(400)))
+    specs = [str(long_docs), str(short_docs)]
+
+    def share(stream, rows):
+        stream.next_rows(rows)
+        return stream.tokens[0] / sum(stream.tokens)
+
+    assert share(PackedStream(specs, tok, seq_len=64), 30) > 0.9  # in turn: the long documents dominate
+    a = PackedStream(specs, tok, seq_len=64, weights=[1, 1])
+    assert abs(share(a, 30) - 0.5) < 0.1
+    b = PackedStream(specs, tok, seq_len=64, weights=[1, 3])
+    assert abs(share(b, 30) - 0.25) < 0.1
+    state = b.state_dict()
+    rest = b.next_rows(10)
+    c = PackedStream(specs, tok, seq_len=64, weights=[1, 3])
+    c.load_state_dict(state)
+    assert torch.equal(c.next_rows(10), rest)
+    with pytest.raises(RetconvertError, match="one positive number per source"):
+        PackedStream(specs, tok, seq_len=64, weights=[1])
+    with pytest.raises(ConfigError, match="data.train_weights"):
+        load_config(None, tiny_overrides(fx, tmp_path / "run") + ["data.train_weights=[1, 0]"])
+
+
 def test_make_labels_masks_padding_and_boundaries():
     eos = 1
     ids = torch.tensor([[5, 6, eos, 7, 8, 0, 0]])
