@@ -123,6 +123,7 @@ class Stage2Section:
     micro_batch_size: int = 4
     grad_accum: int = 1
     clip: float = 1.0  # max gradient norm; 0 disables
+    fused_adamw: bool = True  # torch's fused AdamW kernel (same update, less time); false: the default one
     temperature: float = 2.0
     alpha: float = 0.0  # weight of next-token cross-entropy; 1 - alpha goes to the KL
     finetune: str = "full"  # "full" | "lora"

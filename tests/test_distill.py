@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from retconvert.distill.config import ConfigError, load_config
+from retconvert.distill.config import ConfigError, DistillConfig, load_config
 from retconvert.distill.data import PackedStream, make_labels
 from retconvert.distill.losses import DistillationLoss
 from retconvert.distill.metrics import read_metrics
@@ -417,6 +417,29 @@ def test_train_weights_set_each_sources_share_of_tokens(fx, tmp_path):
         PackedStream(specs, tok, seq_len=64, weights=[1])
     with pytest.raises(ConfigError, match="data.train_weights"):
         load_config(None, tiny_overrides(fx, tmp_path / "run") + ["data.train_weights=[1, 0]"])
+
+
+def test_fused_adamw_is_the_default_and_updates_alike():
+    from types import SimpleNamespace
+
+    from retconvert.distill.engine import adamw
+
+    torch.manual_seed(0)
+    s2 = SimpleNamespace(lr=1e-2, betas=[0.9, 0.95], weight_decay=0.1, fused_adamw=True)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    runs = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = adamw(params, SimpleNamespace(**{**vars(s2), "fused_adamw": fused}))
+        assert bool(opt.defaults["fused"]) is fused
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.sin(start[i] * (step + 1))
+            opt.step()
+        runs[fused] = params
+    for a, b in zip(runs[True], runs[False]):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert DistillConfig().stage2.fused_adamw
 
 
 def test_make_labels_masks_padding_and_boundaries():
