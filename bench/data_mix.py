@@ -39,19 +39,28 @@ def main():
     sources = []
     for spec, docs in zip(data["specs"], data["consumed"]):
         texts = iter_texts(spec)
-        chars = sum(len(next(texts)) for _ in range(docs))
+        try:
+            chars = sum(len(next(texts)) for _ in range(docs))
+        except StopIteration:
+            raise SystemExit(f"error: {spec} holds fewer than the {docs} documents the checkpoint consumed; "
+                             "was the source changed since the run?") from None
         sources.append({"source": display_path(spec), "documents": docs, "characters": chars})
     total = sum(s["characters"] for s in sources) or 1
     for i, s in enumerate(sources):
         s["share_of_characters"] = round(s["characters"] / total, 4)
         if "tokens" in data:
-            s["tokens_since_weights"] = data["tokens"][i]
+            s["tokens_counted"] = data["tokens"][i]
+        if "source_epochs" in data:
+            s["source_epochs"] = data["source_epochs"][i]
     result = run_header("data_mix", sys.argv)
     result["machine"] = machine_info("cpu")
     result.update(run=display_path(str(args.run.expanduser())), checkpoint=ckpt.name, step=state["step"],
                   epoch=data["epoch"], rows_served=data["rows_served"], sources=sources,
                   note="documents and characters this epoch, including rows still in the shuffle buffer; "
-                       "tokens_since_weights: counted from the first checkpoint written with data.train_weights")
+                       "tokens_counted: tokens packed from this source, counted since the run first saved them "
+                       "(checkpoints from 8547a24 on; a resume from an older one starts at 0); source_epochs: with "
+                       "data.train_weights, times the source started over (documents and characters: its "
+                       "current pass)")
     for s in sources:
         print(f"{s['share_of_characters']:7.1%}  {s['documents']:6d} documents  {s['source']}", file=sys.stderr)
     emit_result(result, args.out)

@@ -20,7 +20,7 @@ On one batch of --batch x --seq-len tokens it times, in fp32 on CPU:
   C  student_only       the student alone: forward, DistillationLoss without a teacher (the
                         recipe's next-token CE path), backward, step;
   T  teacher_forward    the teacher's no-grad forward alone (the part of B that A lacks);
-  A  teacher_finetune_bf16  A under bf16 autocast (fp32 master weights, as train_step runs the
+  Ab teacher_finetune_bf16  A under bf16 autocast (fp32 master weights, as train_step runs the
                         student): how close plain torch training of this model comes to the bf16
                         matmul peak on this machine, the reference for a stage-2 step's fraction.
 
@@ -87,7 +87,7 @@ CASES = ("teacher_finetune", "teacher_finetune_bf16", "distill", "distill_cached
 PHASES = ("teacher", "student_forward", "loss", "backward", "optimizer")  # of a distill step, in order
 LABELS = {
     "teacher_finetune": "A  teacher fine-tuning step (fwd + CE + bwd + AdamW)",
-    "teacher_finetune_bf16": "A  the same under bf16 autocast (fp32 master weights): torch's own ceiling here",
+    "teacher_finetune_bf16": "Ab A under bf16 autocast (fp32 master weights): torch's own ceiling here",
     "distill": "B  distillation step (teacher no-grad fwd + student fwd + KD loss + bwd + AdamW)",
     "distill_cached": "B' distillation step, teacher top-k from the logit cache",
     "student_only": "C  student step alone (fwd + CE + bwd + AdamW)",

@@ -40,6 +40,7 @@ from retconvert.eval.models import load_model  # noqa: E402
 def teacher_retrieval_scores(m, length: int, trials: int, seed: int) -> torch.Tensor:
     """Attention weight of the last position on the key sentence, averaged over `trials` prompts
     of `length` tokens: (layers, heads), each entry in [0, 1]."""
+    original = m.model.config._attn_implementation
     m.model.set_attn_implementation("eager")  # output_attentions needs the explicit weights
     rng = random.Random(seed)
     total = None
@@ -52,7 +53,7 @@ def teacher_retrieval_scores(m, length: int, trials: int, seed: int) -> torch.Te
         s, e = p.key_span
         mass = torch.stack([a[0, :, -1, s:e].sum(-1).float().cpu() for a in attn])  # (L, H)
         total = mass if total is None else total + mass
-    m.model.set_attn_implementation("sdpa")
+    m.model.set_attn_implementation(original)
     return total / trials
 
 

@@ -14,6 +14,7 @@ streams a Hugging Face dataset.
 """
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -256,6 +257,15 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def weights_problem(weights: Optional[List[float]], sources: int) -> Optional[str]:
+    """Why `weights` cannot give `sources` training sources their token shares; None if they can."""
+    if weights is None:
+        return None
+    if len(weights) != sources or not all(math.isfinite(w) and w > 0 for w in weights):
+        return f"{list(weights)} must give one finite positive number per training source ({sources}), e.g. [1, 1]"
+    return None
+
+
 def _check_ranges(cfg: DistillConfig):
     def positive(key, value, zero_ok=False):
         if value < 0 or (value == 0 and not zero_ok):
@@ -288,10 +298,9 @@ def _check_ranges(cfg: DistillConfig):
         raise ConfigError("stage2.betas: expected two numbers, e.g. [0.9, 0.95]")
     if not cfg.data.train:
         raise ConfigError("data.train: give at least one training text source")
-    weights = cfg.data.train_weights
-    if weights is not None and (len(weights) != len(cfg.data.train) or min(weights) <= 0):
-        raise ConfigError(f"data.train_weights: {weights} must give one positive number per data.train source "
-                          f"({len(cfg.data.train)}), e.g. [1, 1]; or null for one document from each in turn")
+    problem = weights_problem(cfg.data.train_weights, len(cfg.data.train))
+    if problem:
+        raise ConfigError(f"data.train_weights: {problem}; or null for one document from each in turn")
     if cfg.model.teacher is None and cfg.model.student is None and cfg.model.tokenizer is None:
         raise ConfigError("model.tokenizer: training from scratch (model.teacher: null) needs a tokenizer")
 

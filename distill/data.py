@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from retconvert.data import iter_texts, token_stream
-from retconvert.distill.config import resolve_path
+from retconvert.distill.config import resolve_path, weights_problem
 from retconvert.errors import RetconvertError
 
 
@@ -30,15 +30,17 @@ class PackedStream:
             raise RetconvertError("the tokenizer has no EOS token; packing needs one to separate documents")
         self.seq_len = seq_len
         self.weights = None if weights is None else [float(w) for w in weights]
-        if self.weights is not None and (len(self.weights) != len(self.specs) or min(self.weights) <= 0):
-            raise RetconvertError(f"weights {weights} must give one positive number per source ({len(self.specs)})")
+        problem = weights_problem(self.weights, len(self.specs))
+        if problem:
+            raise RetconvertError(f"weights {problem}")
         self.shuffle_buffer = shuffle_buffer
         self.text_field = text_field
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
         self.consumed = [0] * len(self.specs)  # documents per source, this epoch
-        self.tokens = [0] * len(self.specs)  # tokens per source (with EOS), this epoch
+        self.tokens = [0] * len(self.specs)  # tokens per source (with EOS): this epoch; with weights, all along
+        self.source_epochs = [0] * len(self.specs)  # with weights: times each source started over
         self.exhausted = [False] * len(self.specs)
         self.turn = 0
         self.carry: List[int] = []
@@ -56,8 +58,9 @@ class PackedStream:
         return self._iters[i]
 
     def _pick_source(self) -> int:
-        """Without weights, each source in turn; with weights, the source whose tokens so far are
-        furthest below its share (the lowest tokens / weight; ties to the first)."""
+        """Without weights, each source in turn (an epoch ends when all are used up); with weights,
+        the source whose tokens so far are furthest below its share (the lowest tokens / weight;
+        ties to the first), each source starting over on its own when used up."""
         if self.weights is None:
             i = self.turn
             self.turn = (self.turn + 1) % len(self.specs)
@@ -81,8 +84,14 @@ class PackedStream:
             try:
                 text = next(self._iter(i))
             except StopIteration:
-                self.exhausted[i] = True
                 self._iters[i] = None
+                if self.weights is not None:  # shares hold: this source alone starts over
+                    if self.consumed[i] == 0:
+                        raise RetconvertError(f"training source {self.specs[i]} holds no documents") from None
+                    self.consumed[i] = 0
+                    self.source_epochs[i] += 1
+                    continue
+                self.exhausted[i] = True
                 if all(self.exhausted) and sum(self.consumed) == 0:
                     raise RetconvertError(f"training sources {self.specs} hold no documents") from None
                 continue
@@ -120,7 +129,8 @@ class PackedStream:
     # Exact position ---------------------------------------------------------------------------
     def state_dict(self) -> Dict:
         return {"specs": list(self.specs), "seq_len": self.seq_len, "seed": self.seed, "epoch": self.epoch,
-                "consumed": list(self.consumed), "tokens": list(self.tokens), "exhausted": list(self.exhausted),
+                "consumed": list(self.consumed), "tokens": list(self.tokens),
+                "source_epochs": list(self.source_epochs), "exhausted": list(self.exhausted),
                 "turn": self.turn,
                 "carry": list(self.carry), "buffer": [list(r) for r in self.buffer],
                 "rows_served": self.rows_served, "generator": self.generator.get_state()}
@@ -133,6 +143,7 @@ class PackedStream:
         self.consumed, self.exhausted = list(state["consumed"]), list(state["exhausted"])
         # checkpoints written before token counts were kept: weights balance from here on
         self.tokens = list(state.get("tokens", [0] * len(self.specs)))
+        self.source_epochs = list(state.get("source_epochs", [0] * len(self.specs)))
         self.carry, self.buffer = list(state["carry"]), [list(r) for r in state["buffer"]]
         self.generator.set_state(state["generator"])
         self._iters = [None] * len(self.specs)

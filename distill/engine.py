@@ -109,6 +109,26 @@ def adamw(params, s2) -> torch.optim.AdamW:
                              fused=fused or None)
 
 
+def keep_fused_setting(optimizer):
+    """After `load_state_dict`: torch copies each saved param group's settings back, `fused`
+    included, so a checkpoint written under the other `stage2.fused_adamw` would switch this run's
+    kernel. Puts the constructed setting (`defaults["fused"]`) back in every group and, when fused,
+    the step counts where the fused kernel reads them (float32 on the parameter's device).
+    Unwraps DeepSpeed's ZeRO optimizers (`.optimizer`); leaves other optimizers alone."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.AdamW):
+        return
+    fused = optimizer.defaults.get("fused")
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+        if fused:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+
+
 class PlainEngine:
     """AdamW + LambdaLR in one process; `step()` after the last micro-batch of an update."""
 
@@ -171,6 +191,7 @@ class PlainEngine:
     def load(self, folder: Path):
         self.module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        keep_fused_setting(self.optimizer)
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -257,6 +278,7 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise RetconvertError(f"could not load the DeepSpeed checkpoint in {folder}")
+        keep_fused_setting(self.optimizer)
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Full fp32 weights on every rank (ZeRO-3 parameters gathered)."""

@@ -129,7 +129,8 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
         from retconvert.eval.window_baseline import apply_window_baseline
 
         W, teacher = settings.window_baseline, models[0]
-        log(f"window baseline: {teacher.name} over its last {W} tokens and its first token")
+        log(f"window baseline: {teacher.name} over its last {W} tokens and its first token (a second copy "
+            "of the teacher's weights in memory)")
         baseline = copy.deepcopy(teacher.model)
         apply_window_baseline(baseline, W)
         models.insert(1, EvalModel(f"{teacher.name} (window {W} + first token)", "baseline", baseline,
@@ -185,9 +186,10 @@ def run_eval(sources: List[str], out: Path, settings: EvalSettings, force: bool 
 
     # The window baseline masks the teacher's full KV cache: its speed and memory are the teacher's.
     costed = [m for m in models if m.role != "baseline"]
+    cost_suites = [s for s in settings.suites if s in ("speed", "memory", "energy")]
     for m in models:
-        if m.role == "baseline" and set(settings.suites) & {"speed", "memory", "energy"}:
-            skip("speed, memory, energy", m.name, "a quality reference only: it runs the teacher's attention "
+        if m.role == "baseline" and cost_suites:
+            skip(", ".join(cost_suites), m.name, "a quality reference only: it runs the teacher's attention "
                  "and full KV cache under a mask, so its cost is the teacher's")
     for suite in settings.suites:
         log(f"suite {suite}")

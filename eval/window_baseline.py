@@ -22,7 +22,8 @@ def window_sink_attention(module, query, key, value, attention_mask, *, window: 
     """SDPA attention over the last `window` keys and the row's first key.
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), the Tq queries being the last Tq of the Tk
-    positions (a prompt, or one step after a cache). attention_mask: None (causal, no padding) or
+    positions (a prompt, or one step after a dynamic cache; a static cache, whose keys run past the
+    queries, is not supported). attention_mask: None (causal, no padding) or
     bool (B, 1, Tq, Tk), True where a query may attend (transformers' `sdpa_mask`). The row's
     first token is its first key that the last query may see (the first non-padding token).
     Returns transformers' `sdpa_attention_forward` output: ((B, Tq, H, D), None).
@@ -38,7 +39,7 @@ def window_sink_attention(module, query, key, value, attention_mask, *, window: 
         allowed = attention_mask
     else:
         raise RetconvertError(f"the window baseline needs a boolean attention mask, got {attention_mask.dtype}; "
-                              "load the teacher with attn_implementation='sdpa'")
+                              "pass a 2D attention_mask (batch, tokens), not a prepared 4D one")
     first = allowed[:, :, -1, :].int().argmax(-1)  # (B, 1): the row's first visible key
     sink = k_pos.view(1, 1, 1, Tk) == first[:, :, None, None]  # (B, 1, 1, Tk)
     mask = allowed & ((q_pos - k_pos < window) | sink)  # (B, 1, Tq, Tk)
@@ -61,6 +62,13 @@ def apply_window_baseline(model, window: int) -> str:
     if getattr(model.config, "model_type", None) == "retnet":
         raise RetconvertError("the window baseline restricts a Transformer's attention; the first --model "
                               "(the teacher) is a RetNet")
+    from retconvert.convert.families import teacher_windows
+
+    sliding = [i for i, w in enumerate(teacher_windows(model.config)) if w]
+    if sliding:  # the sink rule below reads the first key a query may see, a mid-row token there
+        raise RetconvertError(f"the window baseline narrows full-attention layers, but this teacher already slides "
+                              f"on layers {sliding[:4]}{'...' if len(sliding) > 4 else ''}; compare with a "
+                              "full-attention teacher")
     name = f"retconvert_window{window}_sink"
     AttentionInterface.register(name, partial(window_sink_attention, window=window))
     AttentionMaskInterface.register(name, sdpa_mask)

@@ -6,6 +6,7 @@ Everything runs on a tiny random Llama teacher and a word-level tokenizer built 
 (fixtures below); each training run takes about a second.
 """
 
+import copy
 import json
 import math
 import os
@@ -413,8 +414,13 @@ def test_train_weights_set_each_sources_share_of_tokens(fx, tmp_path):
     c = PackedStream(specs, tok, seq_len=64, weights=[1, 3])
     c.load_state_dict(state)
     assert torch.equal(c.next_rows(10), rest)
-    with pytest.raises(RetconvertError, match="one positive number per source"):
+    # a source used up starts over on its own, so the shares hold over many of its epochs
+    d = PackedStream(specs, tok, seq_len=64, weights=[1, 1])
+    assert abs(share(d, 400) - 0.5) < 0.05 and d.source_epochs[1] >= 2
+    with pytest.raises(RetconvertError, match="one finite positive number per training source"):
         PackedStream(specs, tok, seq_len=64, weights=[1])
+    with pytest.raises(RetconvertError, match="finite positive"):
+        PackedStream(specs, tok, seq_len=64, weights=[1, float("inf")])
     with pytest.raises(ConfigError, match="data.train_weights"):
         load_config(None, tiny_overrides(fx, tmp_path / "run") + ["data.train_weights=[1, 0]"])
 
@@ -440,6 +446,40 @@ def test_fused_adamw_is_the_default_and_updates_alike():
     for a, b in zip(runs[True], runs[False]):
         assert torch.allclose(a, b, atol=1e-6)
     assert DistillConfig().stage2.fused_adamw
+
+
+@pytest.mark.parametrize("saved_fused", [True, False])
+def test_resume_keeps_this_runs_adamw_kernel(saved_fused):
+    """load_state_dict copies the saved groups' `fused` back; the engine puts its own setting back,
+    and the resumed steps match an optimizer that never stopped."""
+    from types import SimpleNamespace
+
+    from retconvert.distill.engine import adamw, keep_fused_setting
+
+    s2 = SimpleNamespace(lr=1e-2, betas=[0.9, 0.95], weight_decay=0.1, fused_adamw=saved_fused)
+    start = [torch.randn(7, 5, generator=torch.Generator().manual_seed(1))]
+
+    def grads(params, step):
+        params[0].grad = torch.cos(start[0] * (step + 1))
+
+    params = [torch.nn.Parameter(start[0].clone())]
+    opt = adamw(params, s2)
+    for step in range(2):
+        grads(params, step)
+        opt.step()
+    saved, saved_params = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    grads(params, 2)
+    opt.step()  # the run that never stopped
+
+    resumed = [torch.nn.Parameter(saved_params[0].clone())]
+    new = adamw(resumed, SimpleNamespace(**{**vars(s2), "fused_adamw": not saved_fused}))
+    new.load_state_dict(saved)
+    assert bool(new.param_groups[0]["fused"]) is saved_fused  # torch's copy-back, which the engine undoes
+    keep_fused_setting(new)
+    assert bool(new.param_groups[0]["fused"]) is (not saved_fused)
+    grads(resumed, 2)
+    new.step()
+    assert torch.allclose(resumed[0], params[0], atol=1e-6)
 
 
 def test_make_labels_masks_padding_and_boundaries():

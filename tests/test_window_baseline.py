@@ -61,7 +61,14 @@ def test_generate_with_a_cache_equals_recomputing_every_step():
     assert torch.equal(got, seq)
 
 
-def test_refuses_a_retnet_and_a_bad_window():
+def test_refuses_a_retnet_a_sliding_teacher_and_a_bad_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               sliding_window=6))
+    with pytest.raises(RetconvertError, match="already slides on layers"):
+        apply_window_baseline(mistral, 3)
     with pytest.raises(RetconvertError, match="RetNet"):
         apply_window_baseline(tiny_model(), 64)
     with pytest.raises(RetconvertError, match="positive"):
