@@ -65,8 +65,7 @@ class PackedStream:
             i = self.turn
             self.turn = (self.turn + 1) % len(self.specs)
             return i
-        live = [i for i in range(len(self.specs)) if not self.exhausted[i]]
-        return min(live, key=lambda i: self.tokens[i] / self.weights[i])
+        return min(range(len(self.specs)), key=lambda i: self.tokens[i] / self.weights[i])  # none is exhausted
 
     def _next_document(self) -> Tuple[int, str]:
         """(source index, text) of the next training document."""

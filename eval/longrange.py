@@ -31,13 +31,17 @@ class PasskeyPrompt:
     distance: int
 
 
+def _fixed_parts(tok, key: str) -> Tuple[List[int], List[int], List[int]]:
+    """The token ids a passkey prompt holds besides its filler: intro, key sentence, question."""
+    return _ids(tok, INTRO, special=True), _ids(tok, KEY.format(key=key)), _ids(tok, QUESTION)
+
+
 def passkey_prompt(tok, length: int, trial: int, trials: int, rng: random.Random) -> Optional[PasskeyPrompt]:
     """Trial `trial` of `trials` at `length` tokens: intro, filler, the key sentence, filler,
     question; the key a little deeper each trial. None when `length` cannot hold the prompt
     without filler. Draws one key from `rng` either way, so a run's keys depend on the seed only."""
     key = f"{rng.randint(10000, 99999)}"
-    intro, question = _ids(tok, INTRO, special=True), _ids(tok, QUESTION)
-    key_ids = _ids(tok, KEY.format(key=key))
+    intro, key_ids, question = _fixed_parts(tok, key)
     unit = _ids(tok, FILLER)
     filler_total = length - len(intro) - len(key_ids) - len(question)
     if filler_total < 0:
@@ -76,8 +80,7 @@ def passkey(m, lengths: List[int], trials: int, new_tokens: int = 10, seed: int 
             distances.append(p.distance)
             answers.append({"key": p.key, "answer": answer})
         if not distances:
-            need = len(_ids(tok, INTRO, special=True)) + len(_ids(tok, KEY.format(key="00000"))) + \
-                len(_ids(tok, QUESTION))
+            need = sum(len(part) for part in _fixed_parts(tok, "00000"))
             skipped.append({"context_tokens": length, "reason": f"the prompt without filler needs "
                             f"about {need} tokens, more than {length}"})
             continue
