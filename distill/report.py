@@ -3,6 +3,7 @@ held-out perplexity (and its ratio to the teacher's) versus stage-2 tokens, and 
 
     python -m retconvert.distill.report ~/runs/smollm2-pure            # or the metrics.jsonl itself
     python -m retconvert.distill.report docs/runs/smollm2-pure/metrics.jsonl --columns 8
+    python -m retconvert.distill.report ~/runs/smollm2-pure ~/runs/smollm2-w64 --plot curve.png
 
 After a resume a step may be logged twice; the later record wins (as in `metrics.jsonl`'s contract).
 """
@@ -29,6 +30,12 @@ def load(path) -> List[dict]:
             r = json.loads(line)
             latest[(r.get("event"), r.get("step"))] = r
     return list(latest.values())
+
+
+def _name(run: str) -> str:
+    """A run's label: its folder's name (the folder above a metrics.jsonl)."""
+    path = Path(run).expanduser()
+    return (path.parent if path.name == "metrics.jsonl" else path).name
 
 
 def _pick(rows: List[dict], n: int) -> List[dict]:
@@ -71,6 +78,47 @@ def curve_table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_points(records: List[dict]) -> Dict[str, List[tuple]]:
+    """Held-out perplexity over the teacher's per eval set: {set: [(stage-2 tokens, ratio), ...]},
+    in step order; sets whose teacher perplexity was not logged are left out."""
+    evals = sorted((r for r in records if r["event"] == "eval"), key=lambda r: r["step"])
+    teacher = {k[len("ppl_teacher_"):]: v for r in evals for k, v in r.items() if k.startswith("ppl_teacher_")}
+    points: Dict[str, List[tuple]] = {}
+    for r in evals:
+        for s, t in teacher.items():
+            if r.get(f"ppl_{s}") is not None:
+                points.setdefault(s, []).append((r.get("tokens_seen", 0), r[f"ppl_{s}"] / t))
+    return points
+
+
+def plot_curves(runs: Dict[str, List[dict]], path: Path) -> None:
+    """One panel per held-out set: perplexity / teacher's vs stage-2 tokens, a line per run
+    (`runs`: label -> records). Raises SystemExit when no run has a held-out evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {label: curve_points(records) for label, records in runs.items()}
+    sets = sorted({s for c in curves.values() for s in c})
+    if not sets:
+        raise SystemExit("error: no held-out evaluation with the teacher's perplexity in these runs; "
+                         "set run.eval_at_tokens (or run.eval_every) and rerun")
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for label, c in curves.items():
+            if s in c:
+                x, y = zip(*c[s])
+                ax.plot([t / 1e6 for t in x], y, marker="o", label=label)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"{s}: perplexity / teacher's", xlabel="stage-2 tokens (millions)", ylabel="ratio")
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def throughput(records: List[dict]) -> str:
     out = []
     for event, name in (("stage1", "stage 1"), ("train", "stage 2")):
@@ -91,10 +139,22 @@ def throughput(records: List[dict]) -> str:
 
 def main(argv=None) -> int:
     p = Parser(prog="python -m retconvert.distill.report", description=__doc__.split("\n")[0])
-    p.add_argument("run", help="a run folder (run.out_dir) or its metrics.jsonl")
+    p.add_argument("run", nargs="+", help="a run folder (run.out_dir) or its metrics.jsonl; the tables are "
+                   "the first run's, --plot draws every run given")
     p.add_argument("--columns", type=int, default=8, help="stage-1 evaluations shown (evenly spaced)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also write a PNG of held-out perplexity / teacher's vs stage-2 tokens, a line per run")
+    p.add_argument("--label", action="append", default=None,
+                   help="the plot's name for each run, in order (default: the run folder's name)")
     args = p.parse_args(argv)
-    records = load(args.run)
+    if args.label is not None and len(args.label) != len(args.run):
+        p.error(f"{len(args.label)} --label for {len(args.run)} runs; give one per run or none")
+    runs = {(args.label[i] if args.label else _name(r)): load(r) for i, r in enumerate(args.run)}
+    if len(runs) != len(args.run):
+        p.error("two runs share a name; name them with --label")
+    if args.plot is not None:
+        plot_curves(runs, args.plot)
+    records = next(iter(runs.values()))
     print("### Stage 1: held-out relative error per layer vs tokens\n")
     print(stage1_table(records, max(2, args.columns)) + "\n")
     print("### Held-out perplexity vs stage-2 tokens\n")

@@ -750,6 +750,21 @@ def test_report_tables_from_metrics(fx, tmp_path, capsys):
     assert "| 2 | 512 |" in out and "| 3 | 768 |" in out  # stage-2 evals after 300 tokens and at the end
     assert "heldout ppl (x teacher)" in out and "x) |" in out
     assert "stage 2: 3 logged steps" in out
+    # the curve plot: one line per run given (the same run twice here, under two labels)
+    metrics = str(tmp_path / "run" / "metrics.jsonl")
+    assert report([str(tmp_path / "run"), metrics, "--label", "a", "--label", "b",
+                   "--plot", str(tmp_path / "fig" / "curve.png")]) == 0
+    assert (tmp_path / "fig" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    from retconvert.distill.report import curve_points, load
+
+    points = curve_points(load(tmp_path / "run"))["heldout"]
+    assert [t for t, _ in points] == [0, 512, 768] and all(r > 0 for _, r in points)
+    capsys.readouterr()
+    for bad, message in ((["--label", "a"], "1 --label for 2 runs"), ([], "two runs share a name")):
+        with pytest.raises(SystemExit):
+            report([str(tmp_path / "run"), metrics, *bad, "--plot", str(tmp_path / "x.png")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_lora_is_merged_on_export(fx, tmp_path):
