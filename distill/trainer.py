@@ -216,7 +216,7 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(rel_mse=f"{mean:.4f}")
                     bar.update(1)
-                if self._checkpoint_due(step, final=state["done"] or step == s1.steps):
+                if self._checkpoint_due(step, now=state["done"] or step == s1.steps):
                     manager.save(step, path, {**state, "step": step, "data": stream.state_dict()})
         if bar is not None:
             bar.close()
@@ -245,12 +245,13 @@ class Trainer:
     def _checkpoints_enabled(self) -> bool:
         return self.cfg.run.checkpoint_every > 0 or self.cfg.run.checkpoint_minutes > 0
 
-    def _checkpoint_due(self, step: int, final: bool) -> bool:
-        """Every `run.checkpoint_every` steps, every `run.checkpoint_minutes` of wall time, and at
-        the end (when either is on). The ranks agree (their clocks may not)."""
+    def _checkpoint_due(self, step: int, now: bool) -> bool:
+        """Every `run.checkpoint_every` steps, every `run.checkpoint_minutes` of wall time, and
+        whenever `now` (the end, a point of `run.eval_at_tokens`), when either is on. The ranks
+        agree (their clocks may not)."""
         run = self.cfg.run
         due = self._checkpoints_enabled() and (
-            final or (run.checkpoint_every > 0 and step % run.checkpoint_every == 0)
+            now or (run.checkpoint_every > 0 and step % run.checkpoint_every == 0)
             or (run.checkpoint_minutes > 0 and time.time() - self._last_checkpoint >= 60 * run.checkpoint_minutes))
         due = float(self.dist.all_reduce_sum(torch.tensor([float(due)]))) > 0
         if due:
@@ -344,10 +345,12 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:.0f}")
                     bar.update(1)
-                if step != s2.steps and ((cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0)
-                                         or any(tokens_before < t <= tokens_after for t in eval_points)):
+                # a curve point (run.eval_at_tokens) is evaluated and checkpointed, so the weights it
+                # measured can be exported (distill/export.py) and run through the eval suite
+                curve_point = any(tokens_before < t <= tokens_after for t in eval_points)
+                if step != s2.steps and ((cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0) or curve_point):
                     self.evaluate(step)
-                if self._checkpoint_due(step, final=step == s2.steps):
+                if self._checkpoint_due(step, now=step == s2.steps or curve_point):
                     self.checkpoints.save(step, engine, {"step": step, "data": stream.state_dict()})
                     if self.on_checkpoint is not None:
                         self.on_checkpoint(step)

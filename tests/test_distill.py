@@ -715,6 +715,18 @@ def test_eval_at_tokens_and_checkpoints_by_wall_time(fx, tmp_path):
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000003", "step-00000004"]  # every step, 2 kept
 
 
+def test_curve_points_are_checkpointed(fx, tmp_path):
+    """A point of run.eval_at_tokens is checkpointed too (so the weights it measured can be
+    exported), however long the wall-time interval; checkpoints off stay off."""
+    opts = {"stage1.steps": 0, "stage2.steps": 4, "run.eval_at_tokens": "[0, 300]", "run.checkpoint_every": 0,
+            "run.keep_checkpoints": 5}
+    run_tiny(fx, tmp_path / "run", **{**opts, "run.checkpoint_minutes": 600})
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000004"]  # 300 tokens; the end
+    run_tiny(fx, tmp_path / "off", **opts)
+    assert not list((tmp_path / "off" / "checkpoints").glob("step-*"))
+
+
 def test_train_records_name_the_largest_gradients(fx, tmp_path):
     run_tiny(fx, tmp_path / "run", **{"stage1.steps": 0, "stage2.clip": 0.01})
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
