@@ -152,7 +152,7 @@ class RunSection:
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 50  # steps; 0: never (only the final export)
     checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last; 0: off
-    eval_at_tokens: List[int] = field(default_factory=list)  # also evaluate (and checkpoint) once stage 2 has seen these tokens
+    eval_at_tokens: List[int] = field(default_factory=list)  # evaluate and checkpoint once stage 2 saw these tokens
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
