@@ -9,7 +9,10 @@ import json
 import os
 import random
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -71,9 +74,16 @@ def hang_after_checkpoint_from_env() -> Optional[Callable[[int], None]]:
     return hang_hook("RETCONVERT_TEST_HANG_AFTER_CHECKPOINT")
 
 
+class RunStopped(RetconvertError):
+    """SIGTERM reached the run (a scheduler's or a session's end): it saved a checkpoint at the
+    end of the step it was in and stopped; `--resume` continues from there."""
+
+
 class Trainer:
     """The recipe's state and stages. `on_checkpoint(step)`, if given, is called after each
-    stage-2 checkpoint is saved (default: the test hook of `hang_after_checkpoint_from_env`)."""
+    stage-2 checkpoint is saved (default: the test hook of `hang_after_checkpoint_from_env`).
+    A SIGTERM during a stage is a request to stop: the step in flight finishes, a checkpoint is
+    saved (when checkpoints are on) and `RunStopped` is raised (`stop_on_sigterm`)."""
 
     def __init__(self, cfg: DistillConfig, log=print, on_checkpoint: Optional[Callable[[int], None]] = None):
         self.cfg = cfg
@@ -83,6 +93,32 @@ class Trainer:
         self._log = log
         self.t0 = time.time()
         self.result: Dict = {}
+        self._stop_signal: Optional[int] = None  # set by the SIGTERM handler
+        self._stopping = False  # agreed by every rank in _checkpoint_due
+
+    @contextmanager
+    def stop_on_sigterm(self):
+        """While inside, SIGTERM only asks the stages to stop at the end of their step (the
+        process's main thread only: elsewhere signals keep their handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            self._stop_signal = signum
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_if_asked(self, stage: str, step: int, saved: Optional[Path]):
+        """Raise RunStopped once the ranks agreed to stop (after the checkpoint of `step`)."""
+        if self._stopping:
+            kept = f"checkpoint {saved} saved" if saved else "no checkpoint (run.checkpoint_every and " \
+                "run.checkpoint_minutes are 0), so a resume starts over"
+            raise RunStopped(f"stopped by SIGTERM after {stage} step {step}; {kept}; continue with --resume")
 
     def log(self, msg: str):
         if self.dist.is_main:
@@ -216,8 +252,10 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(rel_mse=f"{mean:.4f}")
                     bar.update(1)
+                saved = None
                 if self._checkpoint_due(step, now=state["done"] or step == s1.steps):
-                    manager.save(step, path, {**state, "step": step, "data": stream.state_dict()})
+                    saved = manager.save(step, path, {**state, "step": step, "data": stream.state_dict()})
+                self._stop_if_asked("stage 1", step, saved)
         if bar is not None:
             bar.close()
         self.student = path.finish()
@@ -247,13 +285,15 @@ class Trainer:
 
     def _checkpoint_due(self, step: int, now: bool) -> bool:
         """Every `run.checkpoint_every` steps, every `run.checkpoint_minutes` of wall time, and
-        whenever `now` (the end, a point of `run.eval_at_tokens`), when either is on. The ranks
-        agree (their clocks may not)."""
+        whenever `now` (the end, a point of `run.eval_at_tokens`) or a SIGTERM came, when either
+        is on. The ranks agree on both (their clocks and signals may not); a SIGTERM on any rank
+        sets `_stopping` on all."""
         run = self.cfg.run
-        due = self._checkpoints_enabled() and (
-            now or (run.checkpoint_every > 0 and step % run.checkpoint_every == 0)
-            or (run.checkpoint_minutes > 0 and time.time() - self._last_checkpoint >= 60 * run.checkpoint_minutes))
-        due = float(self.dist.all_reduce_sum(torch.tensor([float(due)]))) > 0
+        due = now or (run.checkpoint_every > 0 and step % run.checkpoint_every == 0) \
+            or (run.checkpoint_minutes > 0 and time.time() - self._last_checkpoint >= 60 * run.checkpoint_minutes)
+        votes = self.dist.all_reduce_sum(torch.tensor([float(due), float(self._stop_signal is not None)]))
+        self._stopping = bool(votes[1] > 0)
+        due = self._checkpoints_enabled() and bool(votes[0] > 0 or self._stopping)
         if due:
             self._last_checkpoint = time.time()
         return due
@@ -350,10 +390,12 @@ class Trainer:
                 curve_point = any(tokens_before < t <= tokens_after for t in eval_points)
                 if step != s2.steps and ((cfg.run.eval_every > 0 and step % cfg.run.eval_every == 0) or curve_point):
                     self.evaluate(step)
+                saved = None
                 if self._checkpoint_due(step, now=step == s2.steps or curve_point):
-                    self.checkpoints.save(step, engine, {"step": step, "data": stream.state_dict()})
+                    saved = self.checkpoints.save(step, engine, {"step": step, "data": stream.state_dict()})
                     if self.on_checkpoint is not None:
                         self.on_checkpoint(step)
+                self._stop_if_asked("stage 2", step, saved)
         finally:
             if bar is not None:
                 bar.close()
@@ -421,8 +463,9 @@ def run(cfg: DistillConfig, log=print, on_checkpoint: Optional[Callable[[int], N
     """The whole recipe in one call, in stage order (distill/train.py, the sweep and the tests)."""
     trainer = Trainer.setup(cfg, log=log, on_checkpoint=on_checkpoint)
     try:
-        trainer.attention_transfer()
-        trainer.distill()
+        with trainer.stop_on_sigterm():  # SIGTERM: checkpoint at the end of the step, then RunStopped
+            trainer.attention_transfer()
+            trainer.distill()
         trainer.export()
         return trainer.result
     finally:

@@ -920,6 +920,33 @@ def test_sigkill_and_resume_is_bitwise_identical(fx, tmp_path):
     assert losses(tmp_path / "killed")[-2:] == losses(tmp_path / "straight")[-2:]
 
 
+@pytest.mark.parametrize("stage", ["stage 1", "stage 2"])
+def test_sigterm_checkpoints_the_step_and_resumes_identically(fx, tmp_path, stage):
+    """SIGTERM mid-stage: the step in flight ends, a checkpoint of it is saved although none is
+    due (15-minute interval), RunStopped names it, and --resume ends bitwise where a straight run
+    ends. The signal comes from the log line that opens `stage`."""
+    from retconvert.distill.trainer import RunStopped, run
+
+    opts = {"stage1.steps": 4, "stage2.steps": 4, "run.checkpoint_minutes": 15}
+    sent = []
+
+    def log(msg):
+        if not sent and msg.startswith(f"{stage}: "):  # the stage's opening line, before its first step
+            sent.append(msg)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(RunStopped, match=rf"stopped by SIGTERM after {stage} step \d+; checkpoint .* saved; "
+                                         "continue with --resume"):
+        run(tiny_config(fx, tmp_path / "stopped", **opts), log=log)
+    assert sent and not (tmp_path / "stopped" / "final").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    run_tiny(fx, tmp_path / "stopped", **opts, **{"run.resume": True})
+    run_tiny(fx, tmp_path / "straight", **opts)
+    a, b = final_weights(tmp_path / "stopped"), final_weights(tmp_path / "straight")
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after a SIGTERM stop and resume"
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(fx, tmp_path, monkeypatch):
     from retconvert.distill import trainer as trainer_module
     from retconvert.distill.trainer import TrainingDiverged
