@@ -51,6 +51,13 @@ class RetNetConfig(PretrainedConfig):
         decay_gammas: initial per-head decay, one list per model (shared by all layers) or one
             list per layer; default: the paper's `1 - 2^(-5-h)`.
         learnable_decay: train the decays (stored as logits, so they stay in (0, 1)).
+        max_retention_span: the most tokens any head remembers, in tokens: each decay is used as
+            min(gamma, 1 - 1/max_retention_span) (a head with decay gamma remembers about
+            1 / (1 - gamma) tokens), in every form and in the packed decoder, the stored decay
+            untouched. A student trained on rows of N tokens whose slowest heads remember far
+            more than N never saw their state fill up; capping the span at N cut the windowed
+            SmolLM2 student's loss at 4k-8k tokens from 1.20x to 1.12x the teacher's, nothing
+            retrained (docs/RESULTS.md, bench/decay_cap.py). None (the default): no cap.
         position_embedding_type: relative position inside retention. "rotary" rotates halves
             with frequencies `rope_theta^(-2i/d)` (Llama); "xpos" rotates interleaved pairs with
             the paper's frequencies `10000^(-i/(d/2-1))` (torchscale); "none" for models that
@@ -110,6 +117,7 @@ class RetNetConfig(PretrainedConfig):
         window_logit_softcapping: Optional[float] = None,
         decay_gammas: Optional[Sequence] = None,
         learnable_decay: bool = False,
+        max_retention_span: Optional[int] = None,
         position_embedding_type: str = "xpos",
         rope_theta: float = 10000.0,
         rotary_scaling: Optional[dict] = None,
@@ -161,6 +169,7 @@ class RetNetConfig(PretrainedConfig):
         self.decay_gammas = [list(map(float, g)) if isinstance(g, (list, tuple)) else float(g)
                              for g in decay_gammas] if decay_gammas is not None else None
         self.learnable_decay = learnable_decay
+        self.max_retention_span = max_retention_span
         self.position_embedding_type = position_embedding_type
         self.rope_theta = rope_theta
         self.rotary_scaling = rotary_scaling
@@ -275,6 +284,10 @@ class RetNetConfig(PretrainedConfig):
               f"retention_window={window} needs retention_normalization='paper' (the window and "
               f"the decayed state share one normaliser), not {self.retention_normalization!r}",
               "set retention_normalization='paper' or retention_window=0")
+        span = self.max_retention_span
+        check(span is None or (isinstance(span, int) and not isinstance(span, bool) and span >= 2),
+              f"max_retention_span={span!r} must be an integer >= 2 (tokens)",
+              "set it to the training rows' length (e.g. 2048) or None for no cap")
         cap = self.window_logit_softcapping
         check(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap)
                               and cap > 0),

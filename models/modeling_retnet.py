@@ -91,8 +91,10 @@ class MultiScaleRetention(nn.Module):
 
     @property
     def gamma(self) -> torch.Tensor:
-        """Per-head decay (H,), fp32."""
-        return torch.sigmoid(self.decay_logit.float())
+        """Per-head decay (H,), fp32, at most 1 - 1/config.max_retention_span when that is set."""
+        gamma = torch.sigmoid(self.decay_logit.float())
+        span = self.config.max_retention_span
+        return gamma if span is None else gamma.clamp(max=1.0 - 1.0 / span)
 
     def reset_decay(self):
         gammas = torch.tensor(self.config.layer_decay_gammas(self.layer_idx), dtype=torch.float64)

@@ -71,6 +71,7 @@ FEATURES = {
                         mlp_type="glu", hidden_act="gelu_pytorch_tanh", norm_type="rmsnorm", embed_scale=32 ** 0.5,
                         final_logit_softcapping=1.0),
     "gemma3-like-windowed": dict(GEMMA3_LIKE, retention_window=4),
+    "span-capped-windowed": dict(retention_window=4, max_retention_span=40),  # paper decays: 32..256 tokens
 }
 
 

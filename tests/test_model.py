@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import os
 
 import pytest
@@ -37,6 +38,26 @@ def test_forms_agree(variant):
     want = logits(model, ids, "parallel")
     for mode in ("chunkwise", "recurrent"):
         assert_close(logits(model, ids, mode), want, what=f"{variant} {mode}")
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_max_retention_span_caps_the_decays_only(window):
+    """max_retention_span=S runs every form as a model whose decays were clamped to 1 - 1/S,
+    with the stored decay untouched; heads that already remember fewer tokens do not change."""
+    capped = tiny_model(max_retention_span=48, retention_window=window, learnable_decay=True)
+    clamped = tiny_model(retention_window=window, learnable_decay=True)
+    with torch.no_grad():
+        for layer in clamped.model.layers:
+            layer.retention.decay_logit.clamp_(max=math.log(48 - 1))
+    stored = [layer.retention.decay_logit.detach().clone() for layer in capped.model.layers]
+    gamma = capped.model.layers[0].retention.gamma
+    assert gamma.max() <= 1 - 1 / 48 + 1e-7 and (gamma < 1 - 1 / 48 - 1e-4).any()  # paper decays: 32, 64, ... tokens
+    ids = random_ids(2, 21)
+    want = logits(clamped, ids, "parallel")
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        assert_close(logits(capped, ids, mode), want, what=f"window {window} {mode}")
+    assert all(torch.equal(a, layer.retention.decay_logit) for a, layer in zip(stored, capped.model.layers))
+    assert not torch.allclose(logits(tiny_model(retention_window=window), ids, "parallel"), want)
 
 
 class FormSpy:
@@ -286,6 +307,8 @@ def test_trust_remote_code_without_retconvert(tmp_path):
         (dict(head_norm="layernorm"), "head_norm='layernorm' is not supported"),
         (dict(hidden_size=36, position_embedding_type="rotary"), "head_dim=9 is odd"),
         (dict(hidden_size=36), "head_dim=9 is odd"),
+        (dict(max_retention_span=1), "max_retention_span=1 must be an integer >= 2"),
+        (dict(max_retention_span=64.0), "max_retention_span=64.0 must be an integer >= 2"),
     ],
 )
 def test_bad_config_raises(overrides, message):
