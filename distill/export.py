@@ -3,23 +3,24 @@
     python -m retconvert.distill.export ~/runs/smollm2-w64 --out ~/runs/smollm2-w64-latest
     python -m retconvert.distill.export ~/runs/smollm2-w64 --checkpoint step-00000150 --out DIR
     python -m retconvert.distill.export ~/runs/smollm2-w64 --checkpoint stage1 --out DIR   # stage 1's result
-    python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --max-retention-span 2048
+    python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --max-sink-distance 2048 --max-retention-span 2048
 
 The folder is what the run writes at its end (`<out_dir>/final`, `Trainer.export`): the
 converter's checkpoint format, loadable with AutoModelForCausalLM, with the run's distillation
 record cut at the checkpoint (`stages[-1].steps` is the checkpoint's step, and `checkpoint`
 names it). The run folder is only read (its config.json and one complete checkpoint), so a
 running job is not disturbed. Weights are read with `weights_only=True` (DeepSpeed checkpoints
-with DeepSpeed's own fp32 consolidation). `--max-retention-span N` caps every head's memory at N
-tokens in the exported config (`RetNetConfig.max_retention_span`; the weights are the
-checkpoint's), recorded in `distillation.json` as set at export.
+with DeepSpeed's own fp32 consolidation). `--max-sink-distance N` and `--max-retention-span N`
+set those `RetNetConfig` fields in the exported config (the weights stay the checkpoint's): how a
+student trained on rows of N tokens keeps its quality past N (docs/RESULTS.md); they are
+recorded in `distillation.json` as set at export.
 """
 
 import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -74,16 +75,22 @@ def checkpoint_weights(path: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
 
 
+# RetNetConfig fields an export may set (tokens), with their smallest value
+LENGTH_CAPS = {"max_sink_distance": 0, "max_retention_span": 2}
+
+
 def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: bool = False, log=print,
-                      max_retention_span: Optional[int] = None) -> Path:
+                      caps: Optional[Dict[str, int]] = None) -> Path:
     """Write the student of `run_dir`'s checkpoint (see `find_checkpoint`) to the folder `out`,
-    with `max_retention_span` (tokens) set in its config when given. RetconvertError for a
-    folder that is not a run, a missing or incomplete checkpoint, an `out` that exists (`force`
-    replaces an earlier export of this tool), or a span cap below 2 or on a model without
+    with `caps` ({LENGTH_CAPS field: tokens}) set in its config. RetconvertError for a folder
+    that is not a run, a missing or incomplete checkpoint, an `out` that exists (`force`
+    replaces an earlier export of this tool), or a cap out of range or on a model without
     retention."""
-    if max_retention_span is not None and max_retention_span < 2:
-        raise RetconvertError(f"--max-retention-span {max_retention_span} must be at least 2 tokens; "
-                              "give e.g. the training rows' length (data.seq_len)")
+    caps = {k: v for k, v in (caps or {}).items() if v is not None}
+    for name, value in caps.items():
+        if name not in LENGTH_CAPS or value < LENGTH_CAPS[name]:
+            raise RetconvertError(f"--{name.replace('_', '-')} {value} must be at least {LENGTH_CAPS.get(name, 0)} "
+                                  "tokens; give e.g. the training rows' length (data.seq_len)")
     run_dir = Path(run_dir).expanduser()
     cfg = run_config(run_dir)
     path = find_checkpoint(run_dir, checkpoint)
@@ -98,11 +105,11 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
     student, origin = build_student(cfg, teacher, log=log, calibrate=False, tokenizer=tokenizer)
     student = trained_student(student, cfg, checkpoint_weights(path),
                               lora=cfg.stage2.finetune == "lora" and not stage1, log=log)
-    if max_retention_span is not None:
-        if getattr(student.config, "model_type", None) != "retnet":
-            raise RetconvertError(f"--max-retention-span: {run_dir} trained a {student.config.model_type} model, "
-                                  "which has no retention decays; leave the option out")
-        student.config.max_retention_span = max_retention_span
+    if caps and getattr(student.config, "model_type", None) != "retnet":
+        raise RetconvertError(f"--{next(iter(caps)).replace('_', '-')}: {run_dir} trained a "
+                              f"{student.config.model_type} model, which has no retention; leave the option out")
+    for name, value in caps.items():
+        setattr(student.config, name, value)
 
     from retconvert.provenance import distillation_record
 
@@ -111,8 +118,8 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
     info = distillation_record(cut, {}, origin=origin, world_size=world)
     info["checkpoint"] = {"name": path.name, "step": step, "stage": 1 if stage1 else 2,
                           "stage2_steps_planned": cfg.stage2.steps}
-    if max_retention_span is not None:
-        info["set_at_export"] = {"max_retention_span": max_retention_span}
+    if caps:
+        info["set_at_export"] = caps
     gen = getattr(teacher.model, "generation_config", None) if teacher is not None else None
     save_student(student, tokenizer, out, info, generation_config=gen, name=f"{run_dir.name}-{path.stem}")
     log(f"wrote {out} (from {path}, stage {info['checkpoint']['stage']}, step {step})")
@@ -126,12 +133,14 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None,
                    help="a stage-2 checkpoint's name (step-00000150; default: the latest) or 'stage1'")
     p.add_argument("--force", action="store_true", help="replace an earlier export at --out")
+    p.add_argument("--max-sink-distance", type=int, default=None, metavar="N",
+                   help="queries past position N score the attention sink as from N (e.g. the training rows' "
+                        "length; see RetNetConfig.max_sink_distance)")
     p.add_argument("--max-retention-span", type=int, default=None, metavar="N",
-                   help="cap every retention head's memory at N tokens in the exported config (e.g. the "
-                        "training rows' length; see RetNetConfig.max_retention_span)")
+                   help="cap every retention head's memory at N tokens (see RetNetConfig.max_retention_span)")
     args = p.parse_args(argv)
-    return exit_code(lambda: export_checkpoint(args.run, args.out, args.checkpoint, args.force,
-                                               max_retention_span=args.max_retention_span))
+    caps = {"max_sink_distance": args.max_sink_distance, "max_retention_span": args.max_retention_span}
+    return exit_code(lambda: export_checkpoint(args.run, args.out, args.checkpoint, args.force, caps=caps))
 
 
 if __name__ == "__main__":

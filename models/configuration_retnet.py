@@ -57,7 +57,14 @@ class RetNetConfig(PretrainedConfig):
             untouched. A student trained on rows of N tokens whose slowest heads remember far
             more than N never saw their state fill up; capping the span at N cut the windowed
             SmolLM2 student's loss at 4k-8k tokens from 1.20x to 1.12x the teacher's, nothing
-            retrained (docs/RESULTS.md, bench/decay_cap.py). None (the default): no cap.
+            retrained (docs/RESULTS.md, bench/length_caps.py). None (the default): no cap.
+        max_sink_distance: with `attention_sink` and rotary positions, the sink key sits at
+            position 0, so a query at position n sees it at distance n, and its score turns with n;
+            a student trained on rows of N tokens never saw the angles past N. With this set to
+            D, a query past position D scores the sink as a query at position D would (its rotation
+            for the sink taken back by n - D); up to D nothing changes. Capping at the training
+            rows' 2,048 took the pure SmolLM2 student's loss at 4k-8k tokens from 9.7 to 3.8 nats
+            (the teacher: 3.5), nothing retrained (docs/RESULTS.md). None (the default): no cap.
         position_embedding_type: relative position inside retention. "rotary" rotates halves
             with frequencies `rope_theta^(-2i/d)` (Llama); "xpos" rotates interleaved pairs with
             the paper's frequencies `10000^(-i/(d/2-1))` (torchscale); "none" for models that
@@ -118,6 +125,7 @@ class RetNetConfig(PretrainedConfig):
         decay_gammas: Optional[Sequence] = None,
         learnable_decay: bool = False,
         max_retention_span: Optional[int] = None,
+        max_sink_distance: Optional[int] = None,
         position_embedding_type: str = "xpos",
         rope_theta: float = 10000.0,
         rotary_scaling: Optional[dict] = None,
@@ -170,6 +178,7 @@ class RetNetConfig(PretrainedConfig):
                              for g in decay_gammas] if decay_gammas is not None else None
         self.learnable_decay = learnable_decay
         self.max_retention_span = max_retention_span
+        self.max_sink_distance = max_sink_distance
         self.position_embedding_type = position_embedding_type
         self.rope_theta = rope_theta
         self.rotary_scaling = rotary_scaling
@@ -287,6 +296,10 @@ class RetNetConfig(PretrainedConfig):
         span = self.max_retention_span
         check(span is None or (isinstance(span, int) and not isinstance(span, bool) and span >= 2),
               f"max_retention_span={span!r} must be an integer >= 2 (tokens)",
+              "set it to the training rows' length (e.g. 2048) or None for no cap")
+        dist = self.max_sink_distance
+        check(dist is None or (isinstance(dist, int) and not isinstance(dist, bool) and dist >= 0),
+              f"max_sink_distance={dist!r} must be an integer >= 0 (tokens)",
               "set it to the training rows' length (e.g. 2048) or None for no cap")
         cap = self.window_logit_softcapping
         check(cap is None or (isinstance(cap, (int, float)) and not isinstance(cap, bool) and math.isfinite(cap)

@@ -21,7 +21,8 @@ layer:
   phases once per step.
 * The attention sink (a never-decaying rank-1 term) is folded into the state: the decoder
   keeps T = S + Sink and updates T <- gamma T + k^T v + (1 - gamma) Sink, so the output is a
-  single q @ T.
+  single q @ T. With `max_sink_distance` (a query past it turns back to it for the sink) the
+  sink's score depends on the position, so it stays apart: one more dot product per head.
 * The state lives in one preallocated buffer updated in place; logits are written into a
   preallocated buffer (soft-capped, Gemma 2: c * tanh(logits / c)).
 * Each weight is stored for the matrix-vector kernel that streams it fastest (timed once per
@@ -174,6 +175,8 @@ class RetNetDecoder:
         H, Hkv, Dk, Dv = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.qk_head_dim, cfg.v_head_dim
         self.H, self.Hkv, self.G, self.Dk, self.Dv = H, Hkv, H // Hkv, Dk, Dv
         self.rotary = cfg.position_embedding_type != "none"
+        # the sink's distance capped (see RetNetConfig.max_sink_distance): the sink stays out of the state
+        self.sink_distance = cfg.max_sink_distance if cfg.attention_sink and self.rotary else None
         # Read once: a transformers config attribute costs ~1 us per access, in the step's loop.
         self.gate, self.parallel_residual, self.embed_scale, self.qk_norm = (
             cfg.use_output_gate, cfg.parallel_residual, cfg.embed_scale, cfg.qk_norm)
@@ -281,7 +284,7 @@ class RetNetDecoder:
             wo = wo * ret.head_norm_weight.float()[None, :]
 
         # Sink folded into the state: Sink_h = w_h * [k_sink, 1, 0]^T [v_sink, 1].
-        sink = None
+        sink = sink_kv = None
         gamma = ret.gamma.detach().float().to(dev)
         if cfg.attention_sink:
             ks = ret.sink_key.float()[:, self.perm]  # (H, Dk)
@@ -290,8 +293,11 @@ class RetNetDecoder:
             vs = ret.sink_value.float()
             if self.extra_v:
                 vs = torch.cat([vs, vs.new_ones(H, 1)], 1)
-            sink = ret.sink_weight.float()[:, None, None] * ks[:, :, None] * vs[:, None, :]  # (H, Dk', Dv')
-            sink = sink.view(1, Hkv, self.G, self.Dkp, self.Dvp).detach()
+            if self.sink_distance is not None:  # kept apart: w k_sink (H, Dk', 1) and v_sink (H, Dv')
+                sink_kv = (of((ret.sink_weight.float()[:, None] * ks)[..., None].contiguous()), of(vs.contiguous()))
+            else:
+                sink = ret.sink_weight.float()[:, None, None] * ks[:, :, None] * vs[:, None, :]  # (H, Dk', Dv')
+                sink = sink.view(1, Hkv, self.G, self.Dkp, self.Dvp).detach()
 
         mlp = block.mlp
         if mlp.glu:
@@ -314,6 +320,7 @@ class RetNetDecoder:
             "gamma_t": gamma,
             "gamma": of(gamma.view(1, Hkv, self.G, 1, 1).contiguous()),
             "sink": sink,
+            "sink_kv": sink_kv,
             "sink_in": None if sink is None else of(((1 - gamma).view(1, Hkv, self.G, 1, 1) * sink).contiguous()),
             "head_norm": (cfg.head_norm_eps, cfg.head_norm == "groupnorm") if cfg.head_norm != "none" else None,
             "head_affine": head_affine,
@@ -518,6 +525,9 @@ class RetNetDecoder:
             check_position_table(int(pos.max()), self.config)
             x += self.embed_pos[of(pos)]
         rots = [of(self._rotation(pos, f)) for f in self.inv_freqs]  # (B, 1, Dk'/2) complex, one per table
+        backs = None  # rows past max_sink_distance turn their query back to it for the sink
+        if self.sink_distance is not None:
+            backs = [of(self._rotation(-(pos - self.sink_distance).clamp(min=0), f)) for f in self.inv_freqs]
         norm_c = None
         if self.extra_v and self.pure_layers:  # paper normaliser c_n per (layer, row, head)
             norm_c = of(paper_decay_norm(pos.view(1, self.B, 1, 1), self.gamma).reshape(-1, self.B, self.H, 1))
@@ -532,7 +542,8 @@ class RetNetDecoder:
             elif norm_c is not None:
                 c = norm_c[i]
             rot = rots[p["rope"]] if rots else None
-            r = self._retention(_apply_norm(x, p["norm1"]), p, states[i], rot, c, w)  # (B, H * Dv)
+            back = backs[p["rope"]] if backs else None
+            r = self._retention(_apply_norm(x, p["norm1"]), p, states[i], rot, c, w, back)  # (B, H * Dv)
             if self.parallel_residual:
                 x = p["o"](r, residual=self._mlp(_apply_norm(x, p["norm2"]), p, residual=x))
             elif p["out_norms"] is None:  # pre-norm: the residual adds are fused into the products
@@ -570,13 +581,13 @@ class RetNetDecoder:
         bias = torch.zeros(self.B, 1, 1, W, device=self.device).masked_fill_(~mask[:, None, None], float("-inf"))
         return self.ops.of(self.caches[group]), leaving, self.ops.of(bias), slot
 
-    def _window_retention(self, q, k, v, p, S, cache, leaving, bias, slot):
+    def _window_retention(self, q, k, v, p, S, sink, cache, leaving, bias, slot):
         """Windowed retention of one token (see `windowed_retention` in retention.py): the oldest
         cached key (in `slot`) leaves the window into the state with weight gamma^W, the new key
         and value take its slot, and the window's softmax terms (over the slots in any order)
         and the state's linear terms share one normaliser. q (B, H, Dk'), k (B, Hkv, Dk'),
-        v (B, Hkv, 1, 1, Dv'), S (B, Hkv, G, Dk', Dv') with the sink folded in, cache (B, Hkv, W,
-        Dk' + Dv') -> (B, H, Dv)."""
+        v (B, Hkv, 1, 1, Dv'), S (B, Hkv, G, Dk', Dv') with the sink folded in (or `sink`, its
+        term (B, H, Dv') when kept apart), cache (B, Hkv, W, Dk' + Dv') -> (B, H, Dv)."""
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         xp = self.ops.xp
         old = cache[:, :, slot]  # (B, Hkv, Dk' + Dv')
@@ -586,6 +597,8 @@ class RetNetDecoder:
         cache[:, :, slot, Dkp:] = v.reshape(B, Hkv, Dvp)
         q = q.reshape(B, Hkv, G, Dkp)
         lin = xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, Hkv, G, Dvp)
+        if sink is not None:
+            lin = lin + sink.reshape(B, Hkv, G, Dvp)
         scores = self._window_scores(q, cache) + bias  # (B, Hkv, G, W)
         m = self.ops.amax(scores)
         m = (m + abs(m)) * 0.5  # max(0, .), as the module path
@@ -607,9 +620,10 @@ class RetNetDecoder:
             scores += xp.matmul(q[..., Dk:], cache[..., Dk:Dkp].swapaxes(-1, -2))
         return scores
 
-    def _retention(self, h, p, S, rot, norm_c, window=None):
+    def _retention(self, h, p, S, rot, norm_c, window=None, back=None):
         """h (B, C) normalised input, S (B, Hkv, G, Dk', Dv') this layer's state -> (B, H * Dv);
-        `window`: (this layer's cache, leaving rows, score mask, ring slot) from `_advance_window`."""
+        `window`: (this layer's cache, leaving rows, score mask, ring slot) from `_advance_window`;
+        `back`: the rotation (B, 1, Dk'/2) that turns a query back to max_sink_distance."""
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         qkv = p["qkv"](h)  # (B, H*Dk' + Hkv*Dk' + Hkv*Dv' [+ H*Dv])
         n_qk = (H + Hkv) * Dkp
@@ -624,11 +638,18 @@ class RetNetDecoder:
         S *= p["gamma"]  # sink included: T <- gamma T + (1 - gamma) Sink + k^T v
         if p["sink_in"] is not None:
             S += p["sink_in"]
+        sink = None
+        if p["sink_kv"] is not None:  # w (b + q . k_sink) [v_sink, 1], q turned back past the cap
+            ks, vs = p["sink_kv"]
+            qs = self.ops.rotate(q, back) if back is not None else q
+            sink = self.ops.xp.matmul(qs.reshape(B, H, 1, Dkp), ks).reshape(B, H, 1) * vs  # (B, H, Dv')
         if window is not None:
-            o = self._window_retention(q, k, v, p, S, *window)
+            o = self._window_retention(q, k, v, p, S, sink, *window)
         else:
             S += k.reshape(B, Hkv, 1, Dkp, 1) * v
             o = self.ops.xp.matmul(q.reshape(B, Hkv, G, 1, Dkp), S).reshape(B, H, Dvp)
+            if sink is not None:
+                o = o + sink
         if norm_c is not None:  # (B, H, 1)
             o = o[..., :Dv] / self.ops.xp.maximum(abs(o[..., Dv:]), norm_c)
         if p["head_norm"] is not None:

@@ -17,7 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_retnet import RetNetConfig
-from .positions_retnet import apply_rotary, check_position_table, paper_decay_norm, rotary_inv_freq  # noqa: F401
+from .positions_retnet import apply_rotary, check_position_table, paper_decay_norm, rotary_inv_freq, rotate  # noqa: F401
 from .retention import retention, windowed_retention
 from .state_retnet import CACHE_NAME, RetNetState, layer_tensors, map_layer_state, pick_cache  # noqa: F401
 
@@ -178,7 +178,7 @@ class MultiScaleRetention(nn.Module):
         B, T, H, Dv = v.shape
         dtype = v.dtype
         gamma = self.gamma if gamma is None else gamma
-        sink = self.sink(q, score_bias, sink_weight) if cfg.attention_sink else None  # (B, T, H)
+        sink = self.sink(q, score_bias, sink_weight, position_ids) if cfg.attention_sink else None  # (B, T, H)
         Dk = q.shape[-1]  # the teacher's q.k channels, before any score-bias feature
         if cfg.score_bias:  # scores become b_h + q.k: a constant feature on each side
             b = self.score_bias if score_bias is None else score_bias
@@ -212,13 +212,20 @@ class MultiScaleRetention(nn.Module):
             o = o / torch.maximum(s.float().abs(), c[..., None]).to(o.dtype)
         return o.to(dtype), state
 
-    def sink(self, q, score_bias=None, sink_weight=None) -> torch.Tensor:
-        """Score of the attention sink, (B, T, H): w_h * (b_h + q . k_sink).
+    def sink(self, q, score_bias=None, sink_weight=None, position_ids=None) -> torch.Tensor:
+        """Score of the attention sink, (B, T, H): w_h * (b_h + q . k_sink), q (B, T, H, Dk)
+        rotated to its position; with `config.max_sink_distance` D and `position_ids` (B, T),
+        a query past D is turned back to position D first.
 
         Softmax heads park much of their weight on the first token whatever the distance;
         decayed retention cannot, so the sink is a key/value pair outside the recurrence
         that never decays. It needs no state: recurrent, chunkwise and parallel agree.
         """
+        D = self.config.max_sink_distance
+        if D is not None and position_ids is not None and self.config.position_embedding_type != "none":
+            past = (position_ids - D).clamp(min=0)  # (B, T): how far past D each query is
+            if bool(past.any()):
+                q = rotate(q, -past, self.config, self.layer_idx)
         G = q.shape[2] // self.num_heads  # candidate groups during calibration, else 1
         w = self.sink_weight.repeat(G) if sink_weight is None else sink_weight
         score = torch.einsum("bthd,hd->bth", q, self.sink_key.to(q.dtype).repeat(G, 1))

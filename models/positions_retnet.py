@@ -46,20 +46,32 @@ def _scaled(inv_freq: torch.Tensor, scaling: Optional[dict]) -> torch.Tensor:
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, config: RetNetConfig,
                  layer_idx: Optional[int] = None):
     """Rotate q and k (B, T, H, D) by angle position * freq; the angles are computed once for both."""
-    angles = position_ids.float()[..., None] * rotary_inv_freq(config, q.device, layer_idx)  # (B, T, D/2)
+    cos, sin = _cos_sin(position_ids, config, layer_idx, q)
+    return _rotate(q, cos, sin, config), _rotate(k, cos, sin, config)
+
+
+def rotate(x: torch.Tensor, position_ids: torch.Tensor, config: RetNetConfig, layer_idx: Optional[int] = None):
+    """Rotate one tensor x (B, T, H, D) by angle position * freq (`apply_rotary` for one side)."""
+    return _rotate(x, *_cos_sin(position_ids, config, layer_idx, x), config)
+
+
+def _cos_sin(position_ids, config, layer_idx, like):
+    """cos and sin (B, T, 1, D) of the angles position * freq, in `like`'s dtype."""
+    angles = position_ids.float()[..., None] * rotary_inv_freq(config, like.device, layer_idx)  # (B, T, D/2)
     if config.position_embedding_type == "xpos":  # interleaved pairs (x0, x1), (x2, x3), ...
         angles = angles.repeat_interleave(2, -1)
     else:  # halves (x[:D/2], x[D/2:]), as Llama
         angles = torch.cat((angles, angles), -1)
-    cos, sin = angles.cos()[:, :, None].to(q.dtype), angles.sin()[:, :, None].to(q.dtype)  # (B, T, 1, D)
+    return angles.cos()[:, :, None].to(like.dtype), angles.sin()[:, :, None].to(like.dtype)
 
-    def rotate(x):
-        if config.position_embedding_type == "xpos":
-            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+def _rotate(x, cos, sin, config):
+    if config.position_embedding_type == "xpos":
+        turned = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    else:
         half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+        turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + turned * sin
 
 
 def check_position_table(last_position: int, config: RetNetConfig):

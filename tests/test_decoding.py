@@ -72,6 +72,10 @@ FEATURES = {
                         final_logit_softcapping=1.0),
     "gemma3-like-windowed": dict(GEMMA3_LIKE, retention_window=4),
     "span-capped-windowed": dict(retention_window=4, max_retention_span=40),  # paper decays: 32..256 tokens
+    "sink-distance-capped": dict(position_embedding_type="rotary", attention_sink=True, score_bias=True,
+                                 num_key_value_heads=2, max_sink_distance=5),
+    "sink-distance-capped-windowed": dict(position_embedding_type="rotary", attention_sink=True, score_bias=True,
+                                          retention_window=4, max_sink_distance=11),
 }
 
 

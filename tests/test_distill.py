@@ -821,16 +821,20 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
     exported = load_file(str(s1 / "model.safetensors"))
     assert all(torch.equal(exported[k], stage1[k]) for k in exported)
     # a span cap set at export: the same weights, the config and the record carry it
-    assert main([str(run), "--out", str(tmp_path / "capped"), "--max-retention-span", "16"]) == 0
-    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "capped")).config.max_retention_span == 16
+    assert main([str(run), "--out", str(tmp_path / "capped"), "--max-retention-span", "16",
+                 "--max-sink-distance", "24"]) == 0
+    config = AutoModelForCausalLM.from_pretrained(str(tmp_path / "capped")).config
+    assert (config.max_retention_span, config.max_sink_distance) == (16, 24)
     assert json.loads((tmp_path / "capped" / "distillation.json").read_text())["set_at_export"] == {
-        "max_retention_span": 16}
+        "max_sink_distance": 24, "max_retention_span": 16}
     assert_weights_close(load_file(str(tmp_path / "capped" / "model.safetensors")), final_weights(run), 0.0)
     capsys.readouterr()
     for args, message in [
         ([str(tmp_path), "--out", str(tmp_path / "x")], "is not a distillation run folder (no config.json)"),
         ([str(run), "--out", str(tmp_path / "x"), "--max-retention-span", "1"],
          "--max-retention-span 1 must be at least 2 tokens"),
+        ([str(run), "--out", str(tmp_path / "x"), "--max-sink-distance", "-3"],
+         "--max-sink-distance -3 must be at least 0 tokens"),
         ([str(run), "--checkpoint", "step-00000009", "--out", str(tmp_path / "x")],
          "is not a complete checkpoint; complete ones: step-00000002, step-00000003"),
         ([str(run), "--out", str(tmp_path / "latest")], "already exists; pass --force"),

@@ -60,6 +60,21 @@ def test_max_retention_span_caps_the_decays_only(window):
     assert not torch.allclose(logits(tiny_model(retention_window=window), ids, "parallel"), want)
 
 
+@pytest.mark.parametrize("window", [0, 4])
+def test_max_sink_distance_changes_only_the_positions_past_it(window):
+    """max_sink_distance=D: every form agrees; logits up to position D are the uncapped model's,
+    past it they differ (the sink scored as from position D)."""
+    opts = dict(position_embedding_type="rotary", attention_sink=True, score_bias=True, retention_window=window)
+    capped, plain = tiny_model(max_sink_distance=6, **opts), tiny_model(**opts)
+    ids = random_ids(2, 21)
+    want = logits(capped, ids, "parallel")
+    for mode in ("chunkwise", "recurrent"):
+        assert_close(logits(capped, ids, mode), want, what=f"window {window} {mode}")
+    base = logits(plain, ids, "parallel")
+    assert_close(want[:, :7], base[:, :7], what="positions 0..6")
+    assert (want[:, 7:] - base[:, 7:]).abs().amax(-1).min() > 1e-4  # every later position moves
+
+
 class FormSpy:
     """Wraps the retention forms (the originals still do the work) and records which ran."""
 
@@ -309,6 +324,7 @@ def test_trust_remote_code_without_retconvert(tmp_path):
         (dict(hidden_size=36), "head_dim=9 is odd"),
         (dict(max_retention_span=1), "max_retention_span=1 must be an integer >= 2"),
         (dict(max_retention_span=64.0), "max_retention_span=64.0 must be an integer >= 2"),
+        (dict(max_sink_distance=-1), "max_sink_distance=-1 must be an integer >= 0"),
     ],
 )
 def test_bad_config_raises(overrides, message):
