@@ -55,16 +55,16 @@ class RetNetConfig(PretrainedConfig):
             min(gamma, 1 - 1/max_retention_span) (a head with decay gamma remembers about
             1 / (1 - gamma) tokens), in every form and in the packed decoder, the stored decay
             untouched. A student trained on rows of N tokens whose slowest heads remember far
-            more than N never saw their state fill up; capping the span at N cut the windowed
-            SmolLM2 student's loss at 4k-8k tokens from 1.20x to 1.12x the teacher's, nothing
-            retrained (docs/RESULTS.md, bench/length_caps.py). None (the default): no cap.
+            more than N never saw their state fill up; capping the span at N (with
+            max_sink_distance) cut the windowed SmolLM2 student's loss at 4k-8k tokens from 1.16x
+            to 1.04x the teacher's, nothing retrained (bench/length_caps.py). None: no cap.
         max_sink_distance: with `attention_sink` and rotary positions, the sink key sits at
             position 0, so a query at position n sees it at distance n, and its score turns with n;
             a student trained on rows of N tokens never saw the angles past N. With this set to
             D, a query past position D scores the sink as a query at position D would (its rotation
             for the sink taken back by n - D); up to D nothing changes. Capping at the training
-            rows' 2,048 took the pure SmolLM2 student's loss at 4k-8k tokens from 9.7 to 3.8 nats
-            (the teacher: 3.5), nothing retrained (docs/RESULTS.md). None (the default): no cap.
+            rows' 2,048 took the pure SmolLM2 student's loss at 4k-8k tokens from 2.77x to 1.13x the
+            teacher's, nothing retrained (bench/length_caps.py). None (the default): no cap.
         position_embedding_type: relative position inside retention. "rotary" rotates halves
             with frequencies `rope_theta^(-2i/d)` (Llama); "xpos" rotates interleaved pairs with
             the paper's frequencies `10000^(-i/(d/2-1))` (torchscale); "none" for models that
