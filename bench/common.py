@@ -135,6 +135,18 @@ def git_state(paths: Sequence[str] = ()) -> Dict[str, Any]:
     return out
 
 
+def cpu_run_header(name: str, args) -> Dict[str, Any]:
+    """For a one-process CPU benchmark whose parsed `args` has `threads`: sets torch's threads
+    and returns `run_header` with the machine and the arguments (paths as strings)."""
+    import torch  # here, not at the top: this file stays importable without torch's start-up
+
+    torch.set_num_threads(args.threads)
+    result = run_header(name, sys.argv)
+    result["machine"] = machine_info("cpu", torch_threads=args.threads)
+    result["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return result
+
+
 def run_header(name: str, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv if argv is None else argv)
     return {

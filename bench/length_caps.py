@@ -25,7 +25,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_result, log, machine_info, run_header  # noqa: E402
+from common import cpu_run_header, emit_result, log  # noqa: E402
 
 from retconvert.eval.longrange import position_loss  # noqa: E402
 from retconvert.eval.models import load_model  # noqa: E402
@@ -64,10 +64,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    result: Dict = run_header("length_caps", sys.argv)
-    result["machine"] = machine_info("cpu", torch_threads=args.threads)
-    result["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result: Dict = cpu_run_header("length_caps", args)
 
     student = load_model(args.student, "student")
     config = student.model.config

@@ -30,7 +30,7 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit_result, int_list, log, machine_info, run_header  # noqa: E402
+from common import cpu_run_header, emit_result, int_list, log  # noqa: E402
 
 from retconvert.eval.longrange import passkey, passkey_prompt, position_loss  # noqa: E402
 from retconvert.eval.models import load_model  # noqa: E402
@@ -85,10 +85,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    result: Dict = run_header("retrieval_layers", sys.argv)
-    result["machine"] = machine_info("cpu", torch_threads=args.threads)
-    result["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result: Dict = cpu_run_header("retrieval_layers", args)
 
     student = load_model(args.student, "student")
     original = student.model.config.retention_window

@@ -59,11 +59,17 @@ def stage1_table(records: List[dict], columns: int = 8) -> str:
     return "\n".join(lines)
 
 
-def curve_table(records: List[dict]) -> str:
+def held_out(records: List[dict]) -> tuple:
+    """The `eval` records in step order, and the teacher's perplexity per eval set {set: ppl}."""
     evals = sorted((r for r in records if r["event"] == "eval"), key=lambda r: r["step"])
+    teacher = {k[len("ppl_teacher_"):]: v for r in evals for k, v in r.items() if k.startswith("ppl_teacher_")}
+    return evals, teacher
+
+
+def curve_table(records: List[dict]) -> str:
+    evals, teacher = held_out(records)
     if not evals:
         return "(no held-out evaluations)"
-    teacher = {k[len("ppl_teacher_"):]: v for r in evals for k, v in r.items() if k.startswith("ppl_teacher_")}
     sets = [k[len("ppl_"):] for k in evals[0] if k.startswith("ppl_") and not k.startswith("ppl_teacher_")]
     lines = ["| step | stage-2 tokens | " + " | ".join(f"{s} ppl (x teacher)" for s in sets) + " |",
              "|---:|---:|" + "---:|" * len(sets)]
@@ -81,8 +87,7 @@ def curve_table(records: List[dict]) -> str:
 def curve_points(records: List[dict]) -> Dict[str, List[tuple]]:
     """Held-out perplexity over the teacher's per eval set: {set: [(stage-2 tokens, ratio), ...]},
     in step order; sets whose teacher perplexity was not logged are left out."""
-    evals = sorted((r for r in records if r["event"] == "eval"), key=lambda r: r["step"])
-    teacher = {k[len("ppl_teacher_"):]: v for r in evals for k, v in r.items() if k.startswith("ppl_teacher_")}
+    evals, teacher = held_out(records)
     points: Dict[str, List[tuple]] = {}
     for r in evals:
         for s, t in teacher.items():

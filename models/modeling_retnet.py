@@ -223,9 +223,8 @@ class MultiScaleRetention(nn.Module):
         """
         D = self.config.max_sink_distance
         if D is not None and position_ids is not None and self.config.position_embedding_type != "none":
-            past = (position_ids - D).clamp(min=0)  # (B, T): how far past D each query is
-            if bool(past.any()):
-                q = rotate(q, -past, self.config, self.layer_idx)
+            past = (position_ids - D).clamp(min=0)  # (B, T): how far past D each query is (0: unturned)
+            q = rotate(q, -past, self.config, self.layer_idx)
         G = q.shape[2] // self.num_heads  # candidate groups during calibration, else 1
         w = self.sink_weight.repeat(G) if sink_weight is None else sink_weight
         score = torch.einsum("bthd,hd->bth", q, self.sink_key.to(q.dtype).repeat(G, 1))
