@@ -42,8 +42,8 @@ def run(form, leaves, gamma, **kwargs):
         v = v.repeat_interleave(H // v.shape[2], dim=2)
     o, state = form(q, k, v, gamma, initial_state=leaves.get("initial_state"), **kwargs)
     g = torch.Generator().manual_seed(1)
-    w_o = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)
-    w_s = torch.randn(state.shape, generator=g, dtype=torch.float64).to(o.dtype)
+    w_o = torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)  # o's dtype and device
+    w_s = torch.randn(state.shape, generator=g, dtype=torch.float64).to(o)
     loss = (o * w_o).sum() + (state * w_s).sum()
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return o, state, dict(zip(leaves, grads))
@@ -286,3 +286,32 @@ def test_fla_not_used_on_cpu():
     from retconvert.models.retention import use_fla
 
     assert not use_fla(torch.zeros(1, 2, 3, 4))
+
+
+# --------------------------------------------------------------------------------------------
+# Half precision: states in fp32
+# --------------------------------------------------------------------------------------------
+
+HALF_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # the inputs' own rounding, relative to the largest
+
+
+def check_half_precision(dtype, device="cpu", T=1000):
+    """bf16 / fp16 inputs over T tokens with a slow decay (0.999: the state sums ~1,000 terms)
+    in every form, against the fp64 reference on the same (rounded) inputs: outputs and final
+    states stay within the inputs' rounding because states are kept in fp32."""
+    leaves = make_inputs(T, torch.float64, initial_state=True)
+    gamma = torch.tensor(GAMMAS, dtype=torch.float64)
+    rounded = {n: x.detach().to(dtype).double().requires_grad_() for n, x in leaves.items()}
+    want = run(retention_naive, rounded, gamma)
+    for mode in ("parallel", "chunkwise", "recurrent"):
+        half = {n: x.detach().to(device, dtype).requires_grad_() for n, x in leaves.items()}
+        got = run(lambda q, k, v, g, **kw: retention(q, k, v, g, mode, **kw), half, gamma.to(device))
+        assert got[0].dtype == dtype and got[1].dtype == torch.float32, mode
+        assert torch.isfinite(got[0]).all(), mode
+        assert_close(f"{mode} output", got[0].cpu(), want[0], HALF_TOL[dtype])
+        assert_close(f"{mode} state", got[1].cpu(), want[1], HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_keep_fp32_states(dtype):
+    check_half_precision(dtype)

@@ -24,9 +24,9 @@ def assert_near(got, want, tol, what):
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
 
 
-def make_leaves(T, W, dtype, initial_state, sink, seed=0):
-    """Leaf tensors: q, k, v, gamma, optionally a sink (score, value) and a WindowState whose
-    cache is part full in row 0 and full in row 1."""
+def make_leaves(T, W, dtype, initial_state, sink, seed=0, device="cpu"):
+    """Leaf tensors on `device`: q, k, v, gamma, optionally a sink (score, value) and a
+    WindowState whose cache is part full in row 0 and full in row 1 (drawn on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     H = len(GAMMAS)
 
@@ -44,7 +44,7 @@ def make_leaves(T, W, dtype, initial_state, sink, seed=0):
         leaves["keys"] = randn(B, W, H, DK, scale=0.7) * mask[:, :, None, None]
         leaves["values"] = randn(B, W, H, DV) * mask[:, :, None, None]
         leaves["_mask"] = mask
-    return {n: (x if n == "_mask" else x.to(dtype).requires_grad_()) for n, x in leaves.items()}
+    return {n: (x.to(device) if n == "_mask" else x.to(device, dtype).requires_grad_()) for n, x in leaves.items()}
 
 
 def call(form, leaves, W, token_mask=None, **kwargs):
@@ -55,19 +55,24 @@ def call(form, leaves, W, token_mask=None, **kwargs):
     o, s = form(L["q"], L["k"], L["v"], L["gamma"], W, initial_state=state, token_mask=token_mask, sink=sink,
                 **kwargs)
     g = torch.Generator().manual_seed(1)
-    loss = (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype)).sum()
+    loss = (o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum()  # o's dtype and device
     for x in s[:3]:
-        loss = loss + (x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)).sum()
+        loss = loss + (x * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x)).sum()
     names = [n for n in L if n != "_mask"]
     grads = torch.autograd.grad(loss, [L[n] for n in names], allow_unused=True)
     return o, s, dict(zip(names, grads))
 
 
-def check(mode, chunk_size, T, W, dtype=torch.float64, initial_state=True, sink=True, token_mask=None, **kwargs):
-    """The form against the naive definition; `kwargs` (the soft-cap) go to both."""
-    leaves = make_leaves(T, W, dtype, initial_state, sink)
-    o, s, grads = call(windowed_retention, leaves, W, token_mask, mode=mode, chunk_size=chunk_size, **kwargs)
-    ref = {n: (x if n == "_mask" else x.detach().double().requires_grad_()) for n, x in leaves.items()}
+def check(mode, chunk_size, T, W, dtype=torch.float64, initial_state=True, sink=True, token_mask=None,
+          device="cpu", **kwargs):
+    """The form on `device` against the naive definition on the CPU in fp64; `kwargs` (the
+    soft-cap) go to both."""
+    leaves = make_leaves(T, W, dtype, initial_state, sink, device=device)
+    mask = None if token_mask is None else token_mask.to(device)
+    o, s, grads = call(windowed_retention, leaves, W, mask, mode=mode, chunk_size=chunk_size, **kwargs)
+    o, s = o.cpu(), [x.cpu() for x in s]
+    grads = {n: None if x is None else x.cpu() for n, x in grads.items()}
+    ref = {n: x.cpu() if n == "_mask" else x.detach().cpu().double().requires_grad_() for n, x in leaves.items()}
     o_ref, s_ref, grads_ref = call(windowed_retention_naive, ref, W, token_mask, **kwargs)
     tol = TOL[dtype]
     assert o.dtype == dtype
