@@ -3,17 +3,20 @@
     python -m retconvert.distill.export ~/runs/smollm2-w64 --out ~/runs/smollm2-w64-latest
     python -m retconvert.distill.export ~/runs/smollm2-w64 --checkpoint step-00000150 --out DIR
     python -m retconvert.distill.export ~/runs/smollm2-w64 --checkpoint stage1 --out DIR   # stage 1's result
-    python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --max-sink-distance 2048 --max-retention-span 2048
+    python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --max-sink-distance 4096   # other caps
+    python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --no-length-caps             # none
 
 The folder is what the run writes at its end (`<out_dir>/final`, `Trainer.export`): the
 converter's checkpoint format, loadable with AutoModelForCausalLM, with the run's distillation
 record cut at the checkpoint (`stages[-1].steps` is the checkpoint's step, and `checkpoint`
 names it). The run folder is only read (its config.json and one complete checkpoint), so a
 running job is not disturbed. Weights are read with `weights_only=True` (DeepSpeed checkpoints
-with DeepSpeed's own fp32 consolidation). `--max-sink-distance N` and `--max-retention-span N`
-set those `RetNetConfig` fields in the exported config (the weights stay the checkpoint's): how a
-student trained on rows of N tokens keeps its quality past N (docs/RESULTS.md); they are
-recorded in `distillation.json` as set at export.
+with DeepSpeed's own fp32 consolidation). A converted student gets the length caps its run's
+`final/` gets (run.length_caps): `RetNetConfig.max_sink_distance` and `max_retention_span` at the
+training rows' length, how a student trained on rows of N tokens keeps its quality past N
+(docs/RESULTS.md); `--max-sink-distance N` / `--max-retention-span N` set others, and
+`--no-length-caps` none. The weights stay the checkpoint's; the caps are recorded in
+`distillation.json` as set at export.
 """
 
 import dataclasses
@@ -27,7 +30,15 @@ import torch
 from retconvert.cli import Parser, exit_code
 from retconvert.distill.checkpoint import latest_checkpoint, save_student
 from retconvert.distill.config import DistillConfig, config_from_dict
-from retconvert.distill.models import build_student, load_scratch_tokenizer, load_teacher_model, trained_student
+from retconvert.distill.models import (
+    apply_length_caps,
+    build_student,
+    check_length_caps,
+    default_length_caps,
+    load_scratch_tokenizer,
+    load_teacher_model,
+    trained_student,
+)
 from retconvert.errors import RetconvertError
 from retconvert.paths import check_output_dir
 
@@ -75,24 +86,18 @@ def checkpoint_weights(path: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
 
 
-# RetNetConfig fields an export may set (tokens), with their smallest value
-LENGTH_CAPS = {"max_sink_distance": 0, "max_retention_span": 2}
-
-
 def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: bool = False, log=print,
                       caps: Optional[Dict[str, int]] = None) -> Path:
     """Write the student of `run_dir`'s checkpoint (see `find_checkpoint`) to the folder `out`,
-    with `caps` ({LENGTH_CAPS field: tokens}) set in its config. RetconvertError for a folder
-    that is not a run, a missing or incomplete checkpoint, an `out` that exists (`force`
-    replaces an earlier export of this tool), or a cap out of range or on a model without
-    retention."""
-    caps = {k: v for k, v in (caps or {}).items() if v is not None}
-    for name, value in caps.items():
-        if name not in LENGTH_CAPS or value < LENGTH_CAPS[name]:
-            raise RetconvertError(f"--{name.replace('_', '-')} {value} must be at least {LENGTH_CAPS.get(name, 0)} "
-                                  "tokens; give e.g. the training rows' length (data.seq_len)")
+    with length caps ({LENGTH_CAPS field: tokens}; distill/models.py) set in its config: the
+    run's defaults (`default_length_caps`), each replaced by a value in `caps`; `caps={}` sets
+    none. RetconvertError for a folder that is not a run, a missing or incomplete checkpoint, an
+    `out` that exists (`force` replaces an earlier export of this tool), or a cap out of range
+    or on a model without retention."""
     run_dir = Path(run_dir).expanduser()
     cfg = run_config(run_dir)
+    explicit = check_length_caps(caps or {})  # before anything loads
+    caps = {} if caps == {} else {**default_length_caps(cfg), **explicit}
     path = find_checkpoint(run_dir, checkpoint)
     out = Path(out).expanduser()
     check_output_dir(out, force, ours=lambda p: (p / "distillation.json").is_file(),
@@ -105,11 +110,7 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
     student, origin = build_student(cfg, teacher, log=log, calibrate=False, tokenizer=tokenizer)
     student = trained_student(student, cfg, checkpoint_weights(path),
                               lora=cfg.stage2.finetune == "lora" and not stage1, log=log)
-    if caps and getattr(student.config, "model_type", None) != "retnet":
-        raise RetconvertError(f"--{next(iter(caps)).replace('_', '-')}: {run_dir} trained a "
-                              f"{student.config.model_type} model, which has no retention; leave the option out")
-    for name, value in caps.items():
-        setattr(student.config, name, value)
+    caps = apply_length_caps(student, caps)
 
     from retconvert.provenance import distillation_record
 
@@ -134,13 +135,22 @@ def main(argv=None) -> int:
                    help="a stage-2 checkpoint's name (step-00000150; default: the latest) or 'stage1'")
     p.add_argument("--force", action="store_true", help="replace an earlier export at --out")
     p.add_argument("--max-sink-distance", type=int, default=None, metavar="N",
-                   help="queries past position N score the attention sink as from N (e.g. the training rows' "
-                        "length; see RetNetConfig.max_sink_distance)")
+                   help="queries past position N score the attention sink as from N (default, for a converted "
+                        "student: the training rows' length; see RetNetConfig.max_sink_distance)")
     p.add_argument("--max-retention-span", type=int, default=None, metavar="N",
-                   help="cap every retention head's memory at N tokens (see RetNetConfig.max_retention_span)")
+                   help="cap every retention head's memory at N tokens (default, for a converted student: the "
+                        "training rows' length; see RetNetConfig.max_retention_span)")
+    p.add_argument("--no-length-caps", action="store_true", help="set neither cap (run.length_caps: false)")
     args = p.parse_args(argv)
     caps = {"max_sink_distance": args.max_sink_distance, "max_retention_span": args.max_retention_span}
-    return exit_code(lambda: export_checkpoint(args.run, args.out, args.checkpoint, args.force, caps=caps))
+
+    def export():
+        if args.no_length_caps and any(v is not None for v in caps.values()):
+            raise RetconvertError("--no-length-caps sets no cap; leave out --max-sink-distance / --max-retention-span")
+        chosen = {} if args.no_length_caps else caps
+        return export_checkpoint(args.run, args.out, args.checkpoint, args.force, caps=chosen)
+
+    return exit_code(export)
 
 
 if __name__ == "__main__":

@@ -220,3 +220,40 @@ class LowRankDelta(nn.Module):
     def merge(self) -> nn.Linear:
         self.base.weight.add_((self.B @ self.A).to(self.base.weight.dtype))
         return self.base
+
+
+# RetNetConfig fields an export may set (tokens), with their smallest value
+LENGTH_CAPS = {"max_sink_distance": 0, "max_retention_span": 2}
+
+
+def default_length_caps(cfg: DistillConfig) -> dict:
+    """{LENGTH_CAPS field: tokens} that a written-out student of this run gets unless told
+    otherwise: both at the stage-2 rows' length (data.seq_len) for a student converted from a
+    teacher with run.length_caps, none otherwise (a RetNet trained from scratch keeps its
+    designed decays)."""
+    if not cfg.run.length_caps or cfg.model.teacher is None:
+        return {}
+    return {name: cfg.data.seq_len for name in LENGTH_CAPS}
+
+
+def check_length_caps(caps: dict) -> dict:
+    """`caps` ({LENGTH_CAPS field: tokens}) without its None values; RetconvertError for a value
+    below its minimum."""
+    caps = {k: v for k, v in caps.items() if v is not None}
+    for name, value in caps.items():
+        if name not in LENGTH_CAPS or value < LENGTH_CAPS[name]:
+            raise RetconvertError(f"--{name.replace('_', '-')} {value} must be at least {LENGTH_CAPS.get(name, 0)} "
+                                  "tokens; give e.g. the training rows' length (data.seq_len)")
+    return caps
+
+
+def apply_length_caps(model: nn.Module, caps: dict) -> dict:
+    """Set `caps` (see `check_length_caps`) in a RetNet's config and return them; RetconvertError
+    for a model without retention."""
+    caps = check_length_caps(caps)
+    if caps and getattr(model.config, "model_type", None) != "retnet":
+        raise RetconvertError(f"--{next(iter(caps)).replace('_', '-')}: the model is a {model.config.model_type}, "
+                              "which has no retention; leave the option out")
+    for name, value in caps.items():
+        setattr(model.config, name, value)
+    return caps

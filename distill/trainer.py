@@ -4,6 +4,7 @@ distillation, or next-token training from scratch), held-out perplexity, checkpo
 `distill/train.py` is the readable driver; everything it calls lives here.
 """
 
+import copy
 import fnmatch
 import json
 import os
@@ -28,8 +29,10 @@ from retconvert.distill.engine import Distributed, TrainingDiverged, make_engine
 from retconvert.distill.losses import DistillationLoss
 from retconvert.distill.metrics import MetricsLogger, progress_bar
 from retconvert.distill.models import (
+    apply_length_caps,
     build_student,
     count_parameters,
+    default_length_caps,
     load_scratch_tokenizer,
     load_teacher_model,
     trained_student,
@@ -441,11 +444,14 @@ class Trainer:
         state = self.engine.full_state_dict() if hasattr(self, "engine") else self.student.state_dict()
         out = self.out_dir / "final"
         if self.dist.is_main:
-            model = trained_student(type(self.student)(self.student.config), cfg, state,
+            model = trained_student(type(self.student)(copy.deepcopy(self.student.config)), cfg, state,
                                     lora=cfg.stage2.finetune == "lora" and hasattr(self, "engine"))
+            caps = apply_length_caps(model, default_length_caps(cfg))
             from retconvert.provenance import distillation_record
 
             info = distillation_record(cfg, self.result, origin=self.origin, world_size=self.dist.world)
+            if caps:
+                info["set_at_export"] = caps
             gen = getattr(self.teacher.model, "generation_config", None) if self.teacher is not None else None
             save_student(model, self.tokenizer, out, info, generation_config=gen, name=self.out_dir.name)
             self.log(f"wrote {out}")

@@ -809,7 +809,13 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
     assert_weights_close(load_file(str(latest / "model.safetensors")), final_weights(run), 0.0)
     model = AutoModelForCausalLM.from_pretrained(str(latest))
     assert model.config.model_type == "retnet"
+    # by default, the length caps of the run's final/: both at the training rows' length (32)
+    final = AutoModelForCausalLM.from_pretrained(str(run / "final")).config
+    assert (model.config.max_sink_distance, model.config.max_retention_span) == (32, 32)
+    assert (final.max_sink_distance, final.max_retention_span) == (32, 32)
     record = json.loads((latest / "distillation.json").read_text())
+    assert record["set_at_export"] == {"max_sink_distance": 32, "max_retention_span": 32}
+    assert json.loads((run / "final" / "distillation.json").read_text())["set_at_export"] == record["set_at_export"]
     assert record["checkpoint"] == {"name": "step-00000003", "step": 3, "stage": 2, "stage2_steps_planned": 3}
     assert record["stages"][-1]["steps"] == 3
     assert main([str(run), "--checkpoint", "step-00000002", "--out", str(tmp_path / "s2")]) == 0
@@ -828,6 +834,14 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
     assert json.loads((tmp_path / "capped" / "distillation.json").read_text())["set_at_export"] == {
         "max_sink_distance": 24, "max_retention_span": 16}
     assert_weights_close(load_file(str(tmp_path / "capped" / "model.safetensors")), final_weights(run), 0.0)
+    # one cap given: the other keeps its default; --no-length-caps: none
+    assert main([str(run), "--out", str(tmp_path / "span"), "--max-retention-span", "16"]) == 0
+    config = AutoModelForCausalLM.from_pretrained(str(tmp_path / "span")).config
+    assert (config.max_retention_span, config.max_sink_distance) == (16, 32)
+    assert main([str(run), "--out", str(tmp_path / "uncapped"), "--no-length-caps"]) == 0
+    config = AutoModelForCausalLM.from_pretrained(str(tmp_path / "uncapped")).config
+    assert (config.max_retention_span, config.max_sink_distance) == (None, None)
+    assert "set_at_export" not in json.loads((tmp_path / "uncapped" / "distillation.json").read_text())
     capsys.readouterr()
     for args, message in [
         ([str(tmp_path), "--out", str(tmp_path / "x")], "is not a distillation run folder (no config.json)"),
@@ -838,6 +852,8 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
         ([str(run), "--checkpoint", "step-00000009", "--out", str(tmp_path / "x")],
          "is not a complete checkpoint; complete ones: step-00000002, step-00000003"),
         ([str(run), "--out", str(tmp_path / "latest")], "already exists; pass --force"),
+        ([str(run), "--out", str(tmp_path / "x"), "--no-length-caps", "--max-sink-distance", "3"],
+         "--no-length-caps sets no cap"),
     ]:
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -875,6 +891,7 @@ def test_from_scratch(fx, tmp_path, arch):
     assert len(got) == 4 and got[-1] < got[0]
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["model_type"] == arch
+    assert config.get("max_retention_span") is None  # trained from scratch: its designed decays, no length caps
     card = (out / "final" / "README.md").read_text()  # retconvert.hub.write_card
     assert ("A Retentive Network (RetNet) trained from scratch" if arch == "retnet" else
             "A Transformer (`llama`) trained from scratch") in card and "teacher" not in card
