@@ -19,6 +19,14 @@ from retconvert.errors import RetconvertError
 
 TEMPLATES = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = ("lambada_openai", "piqa", "arc_easy", "boolq", "winogrande")
+# accuracy of a uniform guess, for the multiple-choice tasks (ARC-Easy: a handful of its
+# questions have 3 or 5 choices, the rest 4)
+CHANCE = {"piqa": 1 / 2, "winogrande": 1 / 2, "arc_easy": 1 / 4, "boolq": 1 / 2}
+
+
+def binomial_stderr(p: float, n: int) -> Optional[float]:
+    """Standard error of an accuracy p measured on n independent examples, sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else None
 PREFIX = "retconvert_"
 
 

@@ -3,12 +3,16 @@
 from pathlib import Path
 from typing import List
 
+from retconvert.eval.lm_tasks import CHANCE, binomial_stderr
 from retconvert.eval.measure import fmt_bytes
 
 
 def _fmt(x, digits=4) -> str:
     if x is None:
         return "-"
+    if isinstance(x, tuple):  # (value, standard error)
+        value, se = x
+        return _fmt(value, digits) if se is None else f"{value:.3f} ± {se:.3f}"
     if isinstance(x, int):
         return f"{x:,}"
     if abs(x) >= 1000:
@@ -17,6 +21,7 @@ def _fmt(x, digits=4) -> str:
 
 
 def _ratio(a, b) -> str:
+    a, b = (x[0] if isinstance(x, tuple) else x for x in (a, b))
     if a is None or b is None or b == 0:
         return "-"
     return f"{a / b:.3g}x"
@@ -79,9 +84,17 @@ def write_report(results: dict, plots: List[str]) -> str:
         for t in (_get(m, "results", "quality", "zero_shot") or {}):
             if t not in tasks:
                 tasks.append(t)
+    def accuracy(m, t, metric, minus=0.0):  # (accuracy - minus, its binomial standard error), or None
+        r = _get(m, "results", "quality", "zero_shot", t) or {}
+        return None if r.get(metric) is None else (r[metric] - minus, binomial_stderr(r[metric], r.get("n", 0)))
+
     for t in tasks:
-        for metric in ("acc", "acc_norm", "perplexity"):
-            q_rows.append((f"{t} {metric}", lambda m, t=t, k=metric: _get(m, "results", "quality", "zero_shot", t, k)))
+        for metric in ("acc", "acc_norm"):
+            q_rows.append((f"{t} {metric}", lambda m, t=t, k=metric: accuracy(m, t, k)))
+        if t in CHANCE:  # its ratio column: the share of the teacher's margin above chance
+            q_rows.append((f"{t} acc - chance ({CHANCE[t]:g})",
+                           lambda m, t=t: accuracy(m, t, "acc", minus=CHANCE[t])))
+        q_rows.append((f"{t} perplexity", lambda m, t=t: _get(m, "results", "quality", "zero_shot", t, "perplexity")))
     table = _table(models, q_rows)
     if table:
         out += ["## Quality", ""] + table
@@ -92,7 +105,10 @@ def write_report(results: dict, plots: List[str]) -> str:
         n = {t: _get(models[0], "results", "quality", "zero_shot", t, "n") for t in tasks}
         if tasks:
             out.append("Zero-shot (lm-eval, 0-shot): examples per task " +
-                       ", ".join(f"{t} {v}" for t, v in n.items()) + ".")
+                       ", ".join(f"{t} {v}" for t, v in n.items()) + "; accuracies ± their binomial standard "
+                       "error, sqrt(p (1 - p) / n) (every model answers the same examples, so a difference "
+                       "between two of them is more certain than their two errors suggest). The ratio of an "
+                       "`acc - chance` row is the share of the teacher's margin above chance.")
         out.append("")
 
     # Long range

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from retconvert.errors import RetconvertError
+from retconvert.eval.lm_tasks import CHANCE
 
 # Chance accuracy of the multiple-choice tasks the study may run (choices per question).
-CHANCE = {"piqa": 1 / 2, "winogrande": 1 / 2, "arc_easy": 1 / 4, "boolq": 1 / 2}
 
 # The original study's findings (issue 17), each checked by `findings`.
 STUDY_CLAIMS = {

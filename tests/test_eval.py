@@ -180,6 +180,12 @@ def test_eval_all_suites(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
 
     report = (out / "report.md").read_text()
     assert "## Quality" in report and "## Speed" in report and "ratio" in report and "packed decoder" in report
+    # accuracies carry their binomial standard error; the margin above chance has its own row
+    teacher = [r for r in json.loads((out / "results.json").read_text())["models"] if r["role"] == "teacher"][0]
+    piqa = teacher["results"]["quality"]["zero_shot"]["piqa"]
+    acc, n = piqa["acc"], piqa["n"]
+    assert f"| piqa acc | {acc:.3f} ± {(acc * (1 - acc) / n) ** 0.5:.3f} |" in report
+    assert f"| piqa acc - chance (0.5) | {acc - 0.5:.3f} ± " in report
     for png in ("latency_vs_context.png", "prefill_vs_length.png", "memory_vs_context.png",
                 "passkey_accuracy.png", "position_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
