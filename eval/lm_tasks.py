@@ -119,7 +119,9 @@ def task_setup(tasks, data_dir: Optional[Path]) -> Iterator[Tuple[object, Dict[s
 
 def zero_shot(model, tokenizer, tasks: List[str], setup, limit: Optional[int] = None, batch_size: int = 8,
               max_length: Optional[int] = None, log=print) -> Dict[str, dict]:
-    """{task: {"acc", "acc_norm"?, "perplexity"?, "n", "source"}} for an already loaded model.
+    """{task: {"acc", "acc_norm"?, "perplexity"?, "n", "correct", "source"}} for an already loaded
+    model; "correct": 0/1 per example (acc), in lm-eval's document order, so that two models'
+    answers to the same examples can be compared pairwise.
 
     `setup` is what `task_setup` yields (built once, shared by all models).
     """
@@ -131,7 +133,7 @@ def zero_shot(model, tokenizer, tasks: List[str], setup, limit: Optional[int] = 
     log(f"zero-shot {', '.join(f'{t} ({sources[t]})' for t in tasks)}"
         + (f", at most {limit} examples each" if limit else ""))
     res = lm_eval.simple_evaluate(model=lm, tasks=[names[t] for t in tasks], task_manager=manager,
-                                  limit=limit, num_fewshot=0, log_samples=False, bootstrap_iters=0,
+                                  limit=limit, num_fewshot=0, log_samples=True, bootstrap_iters=0,
                                   verbosity="WARNING")
     out = {}
     for task in tasks:
@@ -144,6 +146,9 @@ def zero_shot(model, tokenizer, tasks: List[str], setup, limit: Optional[int] = 
                 entry[key] = float(value)
         n = res.get("n-samples", {}).get(name, {})
         entry["n"] = int(n.get("effective", n.get("original", 0)) or 0)
+        samples = sorted(res.get("samples", {}).get(name, []), key=lambda x: x["doc_id"])
+        if samples and all("acc" in x for x in samples):
+            entry["correct"] = [int(x["acc"]) for x in samples]
         entry["source"] = sources[task]
         entry["lm_eval_task"] = name
         entry["unit"] = "acc, acc_norm: fraction correct; perplexity: per-word target perplexity (lambada)"

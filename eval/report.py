@@ -84,6 +84,15 @@ def write_report(results: dict, plots: List[str]) -> str:
         for t in (_get(m, "results", "quality", "zero_shot") or {}):
             if t not in tasks:
                 tasks.append(t)
+    def paired_difference(m, teacher, t):  # (mean of student - teacher per example, its standard error)
+        a, b = (_get(x, "results", "quality", "zero_shot", t, "correct") for x in (m, teacher))
+        if m is teacher or not a or not b or len(a) != len(b):
+            return None
+        d = [x - y for x, y in zip(a, b)]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+        return mean, (var / len(d)) ** 0.5
+
     def accuracy(m, t, metric, minus=0.0):  # (accuracy - minus, its binomial standard error), or None
         r = _get(m, "results", "quality", "zero_shot", t) or {}
         return None if r.get(metric) is None else (r[metric] - minus, binomial_stderr(r[metric], r.get("n", 0)))
@@ -94,6 +103,7 @@ def write_report(results: dict, plots: List[str]) -> str:
         if t in CHANCE:  # its ratio column: the share of the teacher's margin above chance
             q_rows.append((f"{t} acc - chance ({CHANCE[t]:g})",
                            lambda m, t=t: accuracy(m, t, "acc", minus=CHANCE[t])))
+        q_rows.append((f"{t} acc - teacher's, paired", lambda m, t=t: paired_difference(m, models[0], t)))
         q_rows.append((f"{t} perplexity", lambda m, t=t: _get(m, "results", "quality", "zero_shot", t, "perplexity")))
     table = _table(models, q_rows)
     if table:
@@ -107,8 +117,9 @@ def write_report(results: dict, plots: List[str]) -> str:
             out.append("Zero-shot (lm-eval, 0-shot): examples per task " +
                        ", ".join(f"{t} {v}" for t, v in n.items()) + "; accuracies ± their binomial standard "
                        "error, sqrt(p (1 - p) / n) (every model answers the same examples, so a difference "
-                       "between two of them is more certain than their two errors suggest). The ratio of an "
-                       "`acc - chance` row is the share of the teacher's margin above chance.")
+                       "between two of them is more certain than their two errors suggest: the `acc - "
+                       "teacher's, paired` rows give that difference, per example, ± its standard error). The "
+                       "ratio of an `acc - chance` row is the share of the teacher's margin above chance.")
         out.append("")
 
     # Long range
