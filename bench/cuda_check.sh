@@ -13,6 +13,11 @@ OUT=${OUT:-/tmp/cuda-check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the carried wheel must be this working tree's code, or the check tests something else
+for f in models/*.py eval/*.py distill/*.py convert/*.py retconvert/*.py; do
+    sub=${f%%/*}; [ "$sub" = retconvert ] && dest=/tmp/site/$f || dest=/tmp/site/retconvert/$f
+    cmp -s "$f" "$dest" || { echo "cuda_check: $f differs from the carried wheel; rebuild .whl (pip wheel --no-deps -w .whl .)"; exit 1; }
+done
 PY="python3 -P"  # -P: the repository's own retconvert/ folder must not shadow the installed package
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import torch, transformers, fla; print('torch', torch.__version__, 'cuda', torch.version.cuda,

@@ -159,7 +159,7 @@ class RunSection:
     save_final: bool = True
     # A converted student written out (final/, `python -m retconvert.distill.export`) caps the attention
     # sink's distance and every head's decay span at data.seq_len (RetNetConfig.max_sink_distance,
-    # max_retention_span): past the length it trained on, both degrade it (docs/RESULTS.md). false: no caps
+    # max_retention_span): uncapped, both degrade it past the length it trained on (docs/RESULTS.md). false: no caps
     length_caps: bool = True
     threads: int = 0  # torch.set_num_threads; 0 keeps the default
 

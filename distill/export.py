@@ -97,7 +97,6 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
     run_dir = Path(run_dir).expanduser()
     cfg = run_config(run_dir)
     explicit = check_length_caps(caps or {})  # before anything loads
-    caps = {} if caps == {} else {**default_length_caps(cfg), **explicit}
     path = find_checkpoint(run_dir, checkpoint)
     out = Path(out).expanduser()
     check_output_dir(out, force, ours=lambda p: (p / "distillation.json").is_file(),
@@ -110,7 +109,10 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
     student, origin = build_student(cfg, teacher, log=log, calibrate=False, tokenizer=tokenizer)
     student = trained_student(student, cfg, checkpoint_weights(path),
                               lora=cfg.stage2.finetune == "lora" and not stage1, log=log)
-    caps = apply_length_caps(student, caps)
+    defaults = {} if caps == {} else default_length_caps(cfg, student, stage=1 if stage1 else 2)
+    caps = apply_length_caps(student, {**defaults, **explicit})
+    if caps:
+        log(f"length caps {caps} (defaults: run.length_caps; --no-length-caps sets none)")
 
     from retconvert.provenance import distillation_record
 

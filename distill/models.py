@@ -226,14 +226,15 @@ class LowRankDelta(nn.Module):
 LENGTH_CAPS = {"max_sink_distance": 0, "max_retention_span": 2}
 
 
-def default_length_caps(cfg: DistillConfig) -> dict:
+def default_length_caps(cfg: DistillConfig, model: nn.Module, stage: int = 2) -> dict:
     """{LENGTH_CAPS field: tokens} that a written-out student of this run gets unless told
-    otherwise: both at the stage-2 rows' length (data.seq_len) for a student converted from a
-    teacher with run.length_caps, none otherwise (a RetNet trained from scratch keeps its
-    designed decays)."""
-    if not cfg.run.length_caps or cfg.model.teacher is None:
+    otherwise: both at the length of the rows it last trained on (stage 2: data.seq_len; a
+    stage-1 result: stage1.seq_len) for a RetNet distilled from a teacher with run.length_caps,
+    none otherwise (a RetNet trained from scratch keeps its designed decays; another
+    architecture has no retention)."""
+    if not cfg.run.length_caps or cfg.model.teacher is None or getattr(model.config, "model_type", None) != "retnet":
         return {}
-    return {name: cfg.data.seq_len for name in LENGTH_CAPS}
+    return {name: cfg.data.seq_len if stage == 2 else cfg.stage1.seq_len for name in LENGTH_CAPS}
 
 
 def check_length_caps(caps: dict) -> dict:

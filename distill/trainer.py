@@ -446,7 +446,7 @@ class Trainer:
         if self.dist.is_main:
             model = trained_student(type(self.student)(copy.deepcopy(self.student.config)), cfg, state,
                                     lora=cfg.stage2.finetune == "lora" and hasattr(self, "engine"))
-            caps = apply_length_caps(model, default_length_caps(cfg))
+            caps = apply_length_caps(model, default_length_caps(cfg, model))
             from retconvert.provenance import distillation_record
 
             info = distillation_record(cfg, self.result, origin=self.origin, world_size=self.dist.world)

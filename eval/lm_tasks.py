@@ -27,6 +27,8 @@ CHANCE = {"piqa": 1 / 2, "winogrande": 1 / 2, "arc_easy": 1 / 4, "boolq": 1 / 2}
 def binomial_stderr(p: float, n: int) -> Optional[float]:
     """Standard error of an accuracy p measured on n independent examples, sqrt(p (1 - p) / n)."""
     return math.sqrt(p * (1 - p) / n) if n > 0 else None
+
+
 PREFIX = "retconvert_"
 
 
@@ -119,9 +121,9 @@ def task_setup(tasks, data_dir: Optional[Path]) -> Iterator[Tuple[object, Dict[s
 
 def zero_shot(model, tokenizer, tasks: List[str], setup, limit: Optional[int] = None, batch_size: int = 8,
               max_length: Optional[int] = None, log=print) -> Dict[str, dict]:
-    """{task: {"acc", "acc_norm"?, "perplexity"?, "n", "correct", "source"}} for an already loaded
-    model; "correct": 0/1 per example (acc), in lm-eval's document order, so that two models'
-    answers to the same examples can be compared pairwise.
+    """{task: {"acc", "acc_norm"?, "perplexity"?, "n", "correct", "doc_ids", "source"}} for an
+    already loaded model; "correct": 0/1 per example (acc) for the documents "doc_ids", so that
+    two models' answers to the same examples can be compared pairwise.
 
     `setup` is what `task_setup` yields (built once, shared by all models).
     """
@@ -149,6 +151,7 @@ def zero_shot(model, tokenizer, tasks: List[str], setup, limit: Optional[int] = 
         samples = sorted(res.get("samples", {}).get(name, []), key=lambda x: x["doc_id"])
         if samples and all("acc" in x for x in samples):
             entry["correct"] = [int(x["acc"]) for x in samples]
+            entry["doc_ids"] = [int(x["doc_id"]) for x in samples]
         entry["source"] = sources[task]
         entry["lm_eval_task"] = name
         entry["unit"] = "acc, acc_norm: fraction correct; perplexity: per-word target perplexity (lambada)"

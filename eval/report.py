@@ -21,6 +21,8 @@ def _fmt(x, digits=4) -> str:
 
 
 def _ratio(a, b) -> str:
+    if isinstance(b, tuple) and b[1] is not None and abs(b[0]) < 2 * b[1]:
+        return "-"  # the denominator is within two standard errors of zero (a teacher near chance)
     a, b = (x[0] if isinstance(x, tuple) else x for x in (a, b))
     if a is None or b is None or b == 0:
         return "-"
@@ -85,9 +87,11 @@ def write_report(results: dict, plots: List[str]) -> str:
             if t not in tasks:
                 tasks.append(t)
     def paired_difference(m, teacher, t):  # (mean of student - teacher per example, its standard error)
-        a, b = (_get(x, "results", "quality", "zero_shot", t, "correct") for x in (m, teacher))
-        if m is teacher or not a or not b or len(a) != len(b):
-            return None
+        a, b = (_get(x, "results", "quality", "zero_shot", t) or {} for x in (m, teacher))
+        if m is teacher or not a.get("correct") or a.get("doc_ids") != b.get("doc_ids") \
+                or len(a["correct"]) != len(b.get("correct") or []):
+            return None  # only answers to the same documents pair
+        a, b = a["correct"], b["correct"]
         d = [x - y for x, y in zip(a, b)]
         mean = sum(d) / len(d)
         var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)

@@ -18,8 +18,6 @@ from typing import Dict, List, Optional
 from retconvert.errors import RetconvertError
 from retconvert.eval.lm_tasks import CHANCE
 
-# Chance accuracy of the multiple-choice tasks the study may run (choices per question).
-
 # The original study's findings (issue 17), each checked by `findings`.
 STUDY_CLAIMS = {
     "train_time": "RetNet trains in about 80% of the Transformer's time",

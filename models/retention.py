@@ -22,8 +22,8 @@ that. Every function returns `(output, final_state)`; the three forms skip the f
 does. Decay powers are computed in fp32 (or fp64 for fp64 inputs) as exp(n * log gamma),
 never as a division by gamma^n. States are kept in `state_dtype(q.dtype)`: fp32 for bf16 and
 fp16 inputs (as fla does), whose products stay in half precision. A bf16 state would round a
-decay of 0.999 to 0.996 and drop every update smaller than 1/256 of the state: one token at a
-time over 1,000 tokens that is a 40% error (tests/test_retention.py). (The RetNet layer calls
+decay of 0.999 to 1.0 (bf16's step below 1 is 2^-8) and drop every update smaller than 1/256 of
+the state: one token at a time over 1,000 tokens that is a 40% error (tests/test_retention.py). (The RetNet layer calls
 these functions in fp32 whatever the model's dtype: modeling_retnet.py.)
 """
 

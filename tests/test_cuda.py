@@ -29,6 +29,9 @@ CUDA = torch.device("cuda")
 # Triton multiplies fp32 in TF32, a 10-bit mantissa).
 BACKENDS = ["torch", "fla", "fla-tf32"]
 TOL = {"torch": 1e-5, "fla": 1e-5, "fla-tf32": 2e-2}  # max error relative to the largest reference entry
+MODEL_TOL = {"torch": 1e-4, "fla": 1e-4, "fla-tf32": 5e-2}  # logits, relative to the largest, after 2 layers
+# (Triton reads TRITON_F32_DEFAULT when it compiles, and the precision is part of a kernel's cache
+# key, so the two fla variants compile apart in one process; not yet seen on a GPU.)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -147,7 +150,7 @@ def test_model_on_cuda_matches_cpu(backend, variant):
     want = all_logits(model, ids)["parallel"]
     gpu = tiny_model(**MODELS[variant]).to(CUDA)
     for mode, got in all_logits(gpu, ids.to(CUDA)).items():
-        assert_logits_close(got, want, tol=10 * TOL[backend], what=f"{variant} {mode}")
+        assert_logits_close(got, want, tol=MODEL_TOL[backend], what=f"{variant} {mode}")
     model.config.retention_mode = gpu.config.retention_mode = "chunkwise"
     with torch.no_grad():
         cpu_tokens = model.generate(ids[:, :9], max_new_tokens=12, do_sample=False, pad_token_id=0)
@@ -175,8 +178,9 @@ def test_packed_decoder_on_cuda(variant, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_model_on_cuda_stays_finite(dtype):
-    """A 2,048-token forward in fp16 and bf16 weights: no overflow in the normalisers (the
-    paper's normalisation divides by a running sum of decayed scores), logits near fp32."""
+    """A 2,048-token forward with fp16 and bf16 weights: embeddings, projections, norms and the
+    paper's normaliser (a division by a running sum of decayed scores) in half precision, the
+    layer's retention in fp32 as it always runs (modeling_retnet.py): finite logits near fp32's."""
     for variant in ("paper", "converted", "windowed"):
         model = tiny_model(**MODELS[variant]).to(CUDA)
         ids = random_ids(1, 2048).to(CUDA)

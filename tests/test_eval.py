@@ -189,8 +189,11 @@ def test_eval_all_suites(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
     student = [r for r in json.loads((out / "results.json").read_text())["models"] if r["role"] == "student"][0]
     t_correct, s_correct = piqa["correct"], student["results"]["quality"]["zero_shot"]["piqa"]["correct"]
     assert len(t_correct) == len(s_correct) == n and sum(t_correct) == round(acc * n)
-    diff = (sum(s_correct) - sum(t_correct)) / n
-    assert f"| piqa acc - teacher's, paired | - | {diff:.3f} ± " in report
+    d = [x - y for x, y in zip(s_correct, t_correct)]  # per example, the same documents
+    assert student["results"]["quality"]["zero_shot"]["piqa"]["doc_ids"] == piqa["doc_ids"]
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
+    assert f"| piqa acc - teacher's, paired | - | {mean:.3f} ± {se:.3f} |" in report
     for png in ("latency_vs_context.png", "prefill_vs_length.png", "memory_vs_context.png",
                 "passkey_accuracy.png", "position_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png

@@ -630,3 +630,17 @@ def test_eval_suite_runs_a_windowed_student(tmp_path, monkeypatch):
     assert len(r["speed"]["decode_packed"]["points"]) == 4
     cache = [p["cache_bytes"] for p in r["memory"]["points"]]
     assert cache[0] == cache[1] > 0  # the W-token cache and the state: constant in the context
+
+
+def test_half_precision_keeps_an_fp32_state():
+    """bf16 inputs over 256 tokens, every form: the decayed state stays fp32 (bf16 would round
+    a decay of 0.99 to 0.988 and drop small updates), the output within bf16's rounding of the
+    fp64 reference on the same rounded inputs."""
+    leaves = make_leaves(256, 4, torch.bfloat16, initial_state=False, sink=False)
+    ref = {n: x.detach().double().requires_grad_() for n, x in leaves.items()}
+    o_ref, s_ref, _ = call(windowed_retention_naive, ref, 4)
+    for mode, chunk_size in (("parallel", 64), ("chunkwise", 16), ("recurrent", 1)):
+        o, s, _ = call(windowed_retention, leaves, 4, mode=mode, chunk_size=chunk_size)
+        assert o.dtype == torch.bfloat16 and s.state.dtype == torch.float32, mode
+        assert_near(o, o_ref, 3e-2, f"{mode} output")
+        assert_near(s.state, s_ref.state, 3e-2, f"{mode} final state")
