@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from retconvert.errors import RetconvertError
-from retconvert.eval.lm_tasks import CHANCE
+from retconvert.eval.lm_tasks import CHANCE, binomial_stderr
 
 # The original study's findings (issue 17), each checked by `findings`.
 STUDY_CLAIMS = {
@@ -134,7 +134,7 @@ def _zero_shot(m, settings: StudySettings, log) -> Dict[str, dict]:
     for task, r in res.items():
         chance, n = CHANCE[task], max(r["n"], 1)
         out[task] = {"acc": r["acc"], "n": r["n"], "chance": chance,
-                     "z": (r["acc"] - chance) / math.sqrt(chance * (1 - chance) / n)}
+                     "z": (r["acc"] - chance) / binomial_stderr(chance, n)}
     return out
 
 

@@ -13,10 +13,10 @@ fp32 products at the fp32 tolerance, and as they run by default at a TF32 one.
 import pytest
 import torch
 from test_distill import make_fixture, tiny_overrides
-from test_retention import GAMMAS, assert_close, check_half_precision, make_inputs, run
+from test_retention import GAMMAS, assert_close, check_half_precision, make_inputs, padded_mask, run
 from test_window import check as check_window
 from tiny import assert_close as assert_logits_close
-from tiny import random_ids, tiny_model
+from tiny import VARIANTS, random_ids, tiny_model
 
 from retconvert.models.decoding_retnet import RetNetDecoder
 from retconvert.models.retention import fla_kernels, retention, retention_naive
@@ -74,12 +74,11 @@ def test_forms_on_cuda_match_the_fp64_reference(backend, mode, chunk_size, T):
 
 @pytest.mark.parametrize("mode", ["chunkwise", "recurrent"])
 def test_padding_on_cuda_matches_the_reference(backend, mode):
-    """Left padding and a pad in the middle leave the state as it was, on the GPU too."""
+    """Pads inside, across chunk boundaries and at both ends leave the state as it was, on the
+    GPU too (test_retention's masks)."""
     T = 29
     leaves = make_inputs(T, torch.float64, initial_state=True)
-    mask = torch.ones(2, T, dtype=torch.long)
-    mask[0, :5] = 0
-    mask[1, 11] = 0
+    mask = padded_mask(T)
     gamma = torch.tensor(GAMMAS, dtype=torch.float64)
     want = run(retention_naive, on(leaves, "cpu"), gamma, token_mask=mask)
     got = run(lambda q, k, v, g, **kw: retention(q, k, v, g, mode, chunk_size=8, **kw),
@@ -121,9 +120,7 @@ def test_student_shapes_on_cuda(backend):
 # The model
 # --------------------------------------------------------------------------------------------
 
-CONVERTED = dict(position_embedding_type="rotary", value_factor=1, head_norm="none", head_norm_affine=True,
-                 score_bias=True, attention_sink=True, use_output_gate=False, num_key_value_heads=2,
-                 mlp_type="glu", hidden_act="silu", norm_type="rmsnorm", learnable_decay=True)
+CONVERTED = dict(VARIANTS["converted-gqa"], learnable_decay=True)
 MODELS = {
     "paper": {},  # xpos, groupnorm, the paper's normalisation, gate
     "converted": CONVERTED,
