@@ -437,23 +437,29 @@ def _scores(qh: Tensor, kh: Tensor, softcap: Optional[float], channels: Optional
 
 
 def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final_state: bool,
-                  window_terms: bool = True, softcap: Optional[float] = None, softcap_channels: Optional[int] = None):
+                  window_terms: bool = True, softcap: Optional[float] = None, softcap_channels: Optional[int] = None,
+                  filled: Optional[int] = None):
     """New positions q, k [B, C, H, Dk], v1 = [v, 1] [B, C, H, Dv + 1], valid [B, C] bool, after
     `state`. Returns the window's softmax terms sum exp(s - m) [v, 1] [B, C, H, Dv + 1] (s
     soft-capped with `softcap`, see `_scores`), their shift m [B, C, H, 1] (>= 0, no gradient), the
     linear terms [B, C, H, Dv + 1] and the state after the block (None unless `final_state`); the
-    first two are None without `window_terms`."""
+    first two are None without `window_terms`. `filled`: at most this many cache slots hold a
+    token (None: all W may); the empty ones, which come first, are left out of the work, so a
+    window much longer than the text so far (a layer widened to full attention) costs what the
+    text costs, not what the window could hold."""
     B, C, H, _ = q.shape
     W = window
+    L = W if filled is None else min(filled, W)  # cache slots that may hold a token: the last L
     dtype = q.dtype
-    k_x = torch.cat([state.keys, k], 1)  # (B, J, H, Dk), J = W + C: the cache, then the block
-    v_x = torch.cat([torch.nn.functional.pad(state.values, (0, 1), value=1.0), v1], 1)  # (B, J, H, Dv + 1)
-    valid_x = torch.cat([state.mask, valid], 1)  # (B, J)
+    cache = WindowState(state.state, state.keys[:, W - L:], state.values[:, W - L:], state.mask[:, W - L:])
+    k_x = torch.cat([cache.keys, k], 1)  # (B, J, H, Dk), J = L + C: the cache, then the block
+    v_x = torch.cat([torch.nn.functional.pad(cache.values, (0, 1), value=1.0), v1], 1)  # (B, J, H, Dv + 1)
+    valid_x = torch.cat([cache.mask, valid], 1)  # (B, J)
     # rank of each real token, counted so that the block's first real token is 0 (the cache's are < 0)
-    rank = valid_x.cumsum(1) - state.mask.sum(1, keepdim=True) - 1  # (B, J)
-    n = rank[:, W:]  # (B, C): the newest real token at each position
+    rank = valid_x.cumsum(1) - cache.mask.sum(1, keepdim=True) - 1  # (B, J)
+    n = rank[:, L:]  # (B, C): the newest real token at each position
     dist = n[:, :, None] - rank[:, None, :]  # (B, C, J)
-    causal = torch.arange(W + C, device=q.device)[None, :] <= torch.arange(W, W + C, device=q.device)[:, None]
+    causal = torch.arange(L + C, device=q.device)[None, :] <= torch.arange(L, L + C, device=q.device)[:, None]
     seen = causal & valid_x[:, None, :]  # (B, C, J)
     in_window = (seen & (dist < W))[:, None]  # (B, 1, C, J)
     older = (seen & (dist >= W))[:, None]
@@ -487,7 +493,7 @@ def _window_block(q, k, v1, valid, log_g, window: int, state: WindowState, final
         # slot i of the new cache holds the real token of rank last - (W - 1 - i): ranks only grow
         # along J, so the first index whose rank reaches it is that token, if it exists
         want = last - (W - 1) + torch.arange(W, device=q.device)[None, :]  # (B, W)
-        idx = torch.searchsorted(rank, want).clamp(max=W + C - 1)  # (B, W)
+        idx = torch.searchsorted(rank, want).clamp(max=L + C - 1)  # (B, W)
         kept = (rank.gather(1, idx) == want) & valid_x.gather(1, idx)  # (B, W): False for empty slots
 
         def take(x):  # (B, J, H, D) -> (B, W, H, D), zeros in empty slots
@@ -522,11 +528,15 @@ def windowed_retention_terms(q, k, v, gamma, window: int, block_size: Optional[i
     log_g = _log_gamma(gamma, q)
     C = T if block_size is None else block_size
     parts = []
+    # cache slots that may hold a token, known without reading the mask: none before the first
+    # block when the call starts empty, then at most every position seen so far
+    filled = 0 if initial_state is None else window
     blocks = list(zip(*(x.split(max(C, 1), 1) for x in (q, k, v1, valid))))
     for i, (q_c, k_c, v_c, valid_c) in enumerate(blocks):
         carry = output_final_state or i < len(blocks) - 1
         *out, state = _window_block(q_c, k_c, v_c, valid_c, log_g, window, state, carry, window_terms, softcap,
-                                    softcap_channels)
+                                    softcap_channels, filled)
+        filled = min(filled + q_c.shape[1], window)
         parts.append(out)
     if not parts:  # T = 0
         empty = v1.new_zeros(B, 0, H, v1.shape[-1])

@@ -101,10 +101,11 @@ def test_forms_match_naive(mode, chunk_size, T):
     check(mode, chunk_size, T, W=4)
 
 
-@pytest.mark.parametrize("W", [1, 7, 40])
+@pytest.mark.parametrize("W", [1, 7, 40, 1000])
 @pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 8), ("recurrent", 1)])
 def test_window_sizes_fp32_and_empty_start(mode, chunk_size, W):
-    """A window of 1, shorter than a chunk, longer than the sequence; fp32; no initial state."""
+    """A window of 1, shorter than a chunk, longer than the sequence, far longer (a layer widened
+    to full attention: the empty cache slots are skipped); fp32; no initial state."""
     check(mode, chunk_size, 23, W, dtype=torch.float32, initial_state=False, sink=False)
     check(mode, chunk_size, 23, W, initial_state=False, sink=True)
 
