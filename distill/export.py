@@ -118,11 +118,9 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
 
     world = 1 if stage1 else max(1, len(list(path.glob("trainer-rank*.pt"))))
     cut = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, steps=step))
-    info = distillation_record(cut, {}, origin=origin, world_size=world)
+    info = distillation_record(cut, {}, origin=origin, world_size=world, set_at_export=caps)
     info["checkpoint"] = {"name": path.name, "step": step, "stage": 1 if stage1 else 2,
                           "stage2_steps_planned": cfg.stage2.steps}
-    if caps:
-        info["set_at_export"] = caps
     gen = getattr(teacher.model, "generation_config", None) if teacher is not None else None
     save_student(student, tokenizer, out, info, generation_config=gen, name=f"{run_dir.name}-{path.stem}")
     log(f"wrote {out} (from {path}, stage {info['checkpoint']['stage']}, step {step})")

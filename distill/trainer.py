@@ -449,9 +449,8 @@ class Trainer:
             caps = apply_length_caps(model, default_length_caps(cfg, model))
             from retconvert.provenance import distillation_record
 
-            info = distillation_record(cfg, self.result, origin=self.origin, world_size=self.dist.world)
-            if caps:
-                info["set_at_export"] = caps
+            info = distillation_record(cfg, self.result, origin=self.origin, world_size=self.dist.world,
+                                       set_at_export=caps)
             gen = getattr(self.teacher.model, "generation_config", None) if self.teacher is not None else None
             save_student(model, self.tokenizer, out, info, generation_config=gen, name=self.out_dir.name)
             self.log(f"wrote {out}")

@@ -227,11 +227,13 @@ def _eval(results: Optional[dict]) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def distillation_record(cfg, result: dict, *, origin: dict, world_size: int) -> dict:
+def distillation_record(cfg, result: dict, *, origin: dict, world_size: int,
+                        set_at_export: Optional[dict] = None) -> dict:
     """`config.distillation` for a finished run of the recipe: `cfg` the DistillConfig, `result`
     the trainer's result (stage1_loss, stage1_steps, final_loss, eval, params, trainable_params, wall_s),
     `origin` where the student came from (distill.models.build_student), `world_size` the
-    number of processes. Token counts are token positions fed to the student, all processes."""
+    number of processes, `set_at_export` the config fields the export changed (the length caps;
+    recorded when not empty). Token counts are token positions fed to the student, all processes."""
     distilled = cfg.model.teacher is not None
     stages = []
     if distilled and cfg.stage1.steps > 0:
@@ -241,11 +243,14 @@ def distillation_record(cfg, result: dict, *, origin: dict, world_size: int) -> 
     run = {"world_size": world_size, "dtype": cfg.run.dtype, "seed": cfg.run.seed,
            "deepspeed": source_name(cfg.run.deepspeed)}
     run.update({k: result[k] for k in ("params", "trainable_params", "wall_s") if k in result})
-    return {"schema": SCHEMA, "student": strip_local_paths(_student(origin)), "stages": stages,
-            "tokens_seen": sum(s["tokens"] for s in stages),
-            "data": {"train": [source_name(s) for s in cfg.data.train], "eval": [source_name(s) for s in cfg.data.eval],
-                     "seq_len": cfg.data.seq_len},
-            "eval": _eval(result.get("eval")), "run": run, "retconvert_version": _version()}
+    record = {"schema": SCHEMA, "student": strip_local_paths(_student(origin)), "stages": stages,
+              "tokens_seen": sum(s["tokens"] for s in stages),
+              "data": {"train": [source_name(s) for s in cfg.data.train],
+                       "eval": [source_name(s) for s in cfg.data.eval], "seq_len": cfg.data.seq_len},
+              "eval": _eval(result.get("eval")), "run": run, "retconvert_version": _version()}
+    if set_at_export:
+        record["set_at_export"] = set_at_export
+    return record
 
 
 # ------------------------------------------------------------------------------------------
