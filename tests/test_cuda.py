@@ -13,7 +13,7 @@ fp32 products at the fp32 tolerance, and as they run by default at a TF32 one.
 import pytest
 import torch
 from test_distill import make_fixture, tiny_overrides
-from test_retention import GAMMAS, assert_close, check_half_precision, make_inputs, padded_mask, run
+from test_retention import GAMMAS, assert_close, check_half_precision, make_inputs, on, padded_mask, run
 from test_window import check as check_window
 from tiny import assert_close as assert_logits_close
 from tiny import VARIANTS, random_ids, tiny_model
@@ -44,10 +44,6 @@ def backend(request, monkeypatch):
     if request.param == "fla":
         monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
     return request.param
-
-
-def on(leaves, device, dtype=None):
-    return {n: x.detach().to(device=device, dtype=dtype or x.dtype).requires_grad_() for n, x in leaves.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -295,16 +295,21 @@ def test_fla_not_used_on_cpu():
 HALF_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # the inputs' own rounding, relative to the largest
 
 
+def on(leaves, device, dtype=None):
+    """Fresh leaves (gradients tracked) on `device`, cast to `dtype` (None: as they are)."""
+    return {n: x.detach().to(device=device, dtype=dtype or x.dtype).requires_grad_() for n, x in leaves.items()}
+
+
 def check_half_precision(dtype, device="cpu", T=1000):
     """bf16 / fp16 inputs over T tokens with a slow decay (0.999: the state sums ~1,000 terms)
     in every form, against the fp64 reference on the same (rounded) inputs: outputs and final
     states stay within the inputs' rounding because states are kept in fp32."""
     leaves = make_inputs(T, torch.float64, initial_state=True)
     gamma = torch.tensor(GAMMAS, dtype=torch.float64)
-    rounded = {n: x.detach().to(dtype).double().requires_grad_() for n, x in leaves.items()}
+    rounded = on(on(leaves, "cpu", dtype), "cpu", torch.float64)
     want = run(retention_naive, rounded, gamma)
     for mode in ("parallel", "chunkwise", "recurrent"):
-        half = {n: x.detach().to(device, dtype).requires_grad_() for n, x in leaves.items()}
+        half = on(leaves, device, dtype)
         got = run(lambda q, k, v, g, **kw: retention(q, k, v, g, mode, **kw), half, gamma.to(device))
         assert got[0].dtype == dtype and got[1].dtype == torch.float32, mode
         assert torch.isfinite(got[0]).all(), mode
