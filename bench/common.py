@@ -42,7 +42,6 @@ measure = load_by_path(REPO / "eval" / "measure.py", "_retconvert_eval_measure")
 CpuMonitor = measure.CpuMonitor
 PeakRSS = measure.PeakRSS
 contention_limit = measure.contention_limit
-emit_result = measure.emit_result
 fmt_bytes = measure.fmt_bytes
 fmt_seconds = measure.fmt_seconds
 machine_info = measure.machine_info
@@ -56,7 +55,6 @@ time_callable = measure.time_callable
 to_json = measure.to_json
 usable_cpus = measure.usable_cpus
 wait_for_quiet = measure.wait_for_quiet
-write_json = measure.write_json
 
 
 def log(msg: str) -> None:
@@ -135,26 +133,59 @@ def git_state(paths: Sequence[str] = ()) -> Dict[str, Any]:
     return out
 
 
+def portable(value: Any) -> Any:
+    """`value` with an absolute local path written as the README's commands write it: relative
+    to the repository when inside it or beside it (`.`, `../shared/...`), `~/...` under the
+    home folder; anything else unchanged; dicts and lists element by element. Committed JSON
+    then names no machine's folders."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if not isinstance(value, (str, Path)) or not os.path.isabs(value):
+        return value
+    path = os.path.normpath(value)
+    rel = os.path.relpath(path, REPO)
+    if not rel.startswith(os.pardir + os.sep + os.pardir):  # the repository or a folder beside it
+        return rel
+    home = os.path.expanduser("~")
+    if path == home or path.startswith(home + os.sep):
+        return "~" + path[len(home):]
+    return str(value)
+
+
+def emit_result(result: Dict[str, Any], out: Optional[os.PathLike] = None) -> None:
+    """`measure.emit_result` on the result with its paths `portable`."""
+    measure.emit_result(portable(result), out)
+
+
+def write_json(path: os.PathLike, obj: Any) -> Path:
+    """`measure.write_json` of `obj` with its paths `portable`."""
+    return measure.write_json(path, portable(obj))
+
+
 def cpu_run_header(name: str, args) -> Dict[str, Any]:
     """For a one-process CPU benchmark whose parsed `args` has `threads`: sets torch's threads
-    and returns `run_header` with the machine and the arguments (paths as strings)."""
+    and returns `run_header` with the machine and the arguments (paths as strings, `portable`)."""
     import torch  # here, not at the top: this file stays importable without torch's start-up
 
     torch.set_num_threads(args.threads)
     result = run_header(name, sys.argv)
     result["machine"] = machine_info("cpu", torch_threads=args.threads)
-    result["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    result["args"] = portable(vars(args))
     return result
 
 
 def run_header(name: str, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    argv = list(sys.argv if argv is None else argv)
+    """The provenance of a benchmark run: its name, the UTC date, the command (paths `portable`)
+    and the working folder."""
+    argv = [portable(a) for a in (sys.argv if argv is None else argv)]
     return {
         "benchmark": name,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO)] + argv),
         "argv": argv,
-        "cwd": os.getcwd(),
+        "cwd": portable(os.getcwd()),
     }
 
 

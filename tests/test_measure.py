@@ -70,3 +70,22 @@ def test_machine_info_keys_and_json(tmp_path):
     assert info["torch_threads"] == 1 and info["device"] == "cpu" and info["transformers"]
     out = measure.write_json(tmp_path / "sub" / "r.json", {"machine": info, "path": Path("x")})
     assert '"path": "x"' in out.read_text() and not list(tmp_path.glob("sub/*.tmp"))
+
+
+def test_bench_results_name_no_machine_folders(tmp_path, monkeypatch):
+    """bench/ writes paths as the README does: repository-relative, `../shared/...`, `~/...`."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("_bench_common_under_test", repo / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    result = {"cwd": str(repo), "argv": ["bench/x.py", "--data", str(repo.parent / "shared" / "c4.jsonl"),
+                                         "--out", str(tmp_path / "home" / "runs" / "x.json")],
+              "n": 3, "other": "/opt/elsewhere", "name": "smollm2-135m"}
+    assert common.portable(result) == {"cwd": ".", "argv": ["bench/x.py", "--data", "../shared/c4.jsonl",
+                                                            "--out", "~/runs/x.json"],
+                                       "n": 3, "other": "/opt/elsewhere", "name": "smollm2-135m"}
+    common.write_json(tmp_path / "r.json", result)
+    assert str(repo) not in (tmp_path / "r.json").read_text()
