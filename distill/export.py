@@ -5,6 +5,7 @@
     python -m retconvert.distill.export ~/runs/smollm2-w64 --checkpoint stage1 --out DIR   # stage 1's result
     python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --max-sink-distance 4096   # other caps
     python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --no-length-caps             # none
+    python -m retconvert.distill.export ~/runs/smollm2-w64 --out DIR --full-attention-layers 14,17  # a hybrid
 
 The folder is what the run writes at its end (`<out_dir>/final`, `Trainer.export`): the
 converter's checkpoint format, loadable with AutoModelForCausalLM, with the run's distillation
@@ -15,7 +16,9 @@ with DeepSpeed's own fp32 consolidation). A converted student gets the length ca
 `final/` gets (run.length_caps): `RetNetConfig.max_sink_distance` and `max_retention_span` at the
 training rows' length, how a student trained on rows of N tokens keeps its quality past N
 (docs/RESULTS.md); `--max-sink-distance N` / `--max-retention-span N` set others, and
-`--no-length-caps` none. The weights stay the checkpoint's; the caps are recorded in
+`--no-length-caps` none. `--full-attention-layers` makes those layers full softmax attention
+(their retention window widened to max_position_embeddings; `widen_layers`), a hybrid that
+keeps a KV cache in them. The weights stay the checkpoint's; caps and windows are recorded in
 `distillation.json` as set at export.
 """
 
@@ -23,21 +26,23 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from retconvert.cli import Parser, exit_code
+from retconvert.cli import Parser, exit_code, int_list
 from retconvert.distill.checkpoint import latest_checkpoint, save_student
 from retconvert.distill.config import DistillConfig, config_from_dict
 from retconvert.distill.models import (
     apply_length_caps,
     build_student,
     check_length_caps,
+    check_widening,
     default_length_caps,
     load_scratch_tokenizer,
     load_teacher_model,
     trained_student,
+    widen_layers,
 )
 from retconvert.errors import RetconvertError
 from retconvert.paths import check_output_dir
@@ -87,16 +92,20 @@ def checkpoint_weights(path: Path) -> dict:
 
 
 def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: bool = False, log=print,
-                      caps: Optional[Dict[str, int]] = None) -> Path:
+                      caps: Optional[Dict[str, int]] = None, full_attention_layers: Sequence[int] = (),
+                      full_attention_window: Optional[int] = None) -> Path:
     """Write the student of `run_dir`'s checkpoint (see `find_checkpoint`) to the folder `out`,
     with length caps ({LENGTH_CAPS field: tokens}; distill/models.py) set in its config: the
     run's defaults (`default_length_caps`), each replaced by a value in `caps`; `caps={}` sets
-    none. RetconvertError for a folder that is not a run, a missing or incomplete checkpoint, an
-    `out` that exists (`force` replaces an earlier export of this tool), or a cap out of range
-    or on a model without retention."""
+    none. `full_attention_layers` (indices) become full softmax attention over
+    `full_attention_window` tokens (`widen_layers`: a hybrid). RetconvertError for a folder that
+    is not a run, a missing or incomplete checkpoint, an `out` that exists (`force` replaces an
+    earlier export of this tool), a cap or a layer out of range, or either on a model without
+    retention."""
     run_dir = Path(run_dir).expanduser()
     cfg = run_config(run_dir)
     explicit = check_length_caps(caps or {})  # before anything loads
+    check_widening(full_attention_layers, full_attention_window)
     path = find_checkpoint(run_dir, checkpoint)
     out = Path(out).expanduser()
     check_output_dir(out, force, ours=lambda p: (p / "distillation.json").is_file(),
@@ -113,12 +122,17 @@ def export_checkpoint(run_dir, out, checkpoint: Optional[str] = None, force: boo
     caps = apply_length_caps(student, {**defaults, **explicit})
     if caps:
         log(f"length caps {caps} (defaults: run.length_caps; --no-length-caps sets none)")
+    widened = widen_layers(student, list(full_attention_layers), full_attention_window)
+    if widened:
+        log(f"full attention in layers {', '.join(map(str, full_attention_layers))} "
+            f"(windows now {widened['retention_window']})")
 
     from retconvert.provenance import distillation_record
 
     world = 1 if stage1 else max(1, len(list(path.glob("trainer-rank*.pt"))))
     cut = dataclasses.replace(cfg, stage2=dataclasses.replace(cfg.stage2, steps=step))
-    info = distillation_record(cut, {}, origin=origin, world_size=world, set_at_export=caps)
+    info = distillation_record(cut, {}, origin=origin, world_size=world,
+                               set_at_export={**caps, **widened})
     info["checkpoint"] = {"name": path.name, "step": step, "stage": 1 if stage1 else 2,
                           "stage2_steps_planned": cfg.stage2.steps}
     gen = getattr(teacher.model, "generation_config", None) if teacher is not None else None
@@ -141,6 +155,11 @@ def main(argv=None) -> int:
                    help="cap every retention head's memory at N tokens (default, for a converted student: the "
                         "training rows' length; see RetNetConfig.max_retention_span)")
     p.add_argument("--no-length-caps", action="store_true", help="set neither cap (run.length_caps: false)")
+    p.add_argument("--full-attention-layers", type=int_list, default=[], metavar="I,J,...",
+                   help="make these layers (0-based) full softmax attention: a hybrid with a KV cache in them "
+                        "(docs/RESULTS.md: the teacher's retrieval layers)")
+    p.add_argument("--full-attention-window", type=int, default=None, metavar="N",
+                   help="their window in tokens (default: max_position_embeddings)")
     args = p.parse_args(argv)
     caps = {"max_sink_distance": args.max_sink_distance, "max_retention_span": args.max_retention_span}
 
@@ -148,7 +167,9 @@ def main(argv=None) -> int:
         if args.no_length_caps and any(v is not None for v in caps.values()):
             raise RetconvertError("--no-length-caps sets no cap; leave out --max-sink-distance / --max-retention-span")
         chosen = {} if args.no_length_caps else caps
-        return export_checkpoint(args.run, args.out, args.checkpoint, args.force, caps=chosen)
+        return export_checkpoint(args.run, args.out, args.checkpoint, args.force, caps=chosen,
+                                 full_attention_layers=args.full_attention_layers,
+                                 full_attention_window=args.full_attention_window)
 
     return exit_code(export)
 

@@ -7,7 +7,7 @@ model built from `model.scratch`: a RetNet, or a plain Llama Transformer for com
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -246,6 +246,47 @@ def check_length_caps(caps: dict) -> dict:
             raise RetconvertError(f"--{name.replace('_', '-')} {value} must be at least {LENGTH_CAPS.get(name, 0)} "
                                   "tokens; give e.g. the training rows' length (data.seq_len)")
     return caps
+
+
+def check_widening(layers: Sequence[int], window: Optional[int] = None):
+    """What `widen_layers` can check before any model loads: RetconvertError for a negative or
+    repeated layer index, or a window below 1 token."""
+    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+        raise RetconvertError(f"--full-attention-layers {','.join(map(str, layers))}: give distinct layer indices "
+                              "from 0 (0-based)")
+    if window is not None and window < 1:
+        raise RetconvertError(f"--full-attention-window {window} must be at least 1 token; give e.g. the longest "
+                              "context to serve (default: max_position_embeddings)")
+
+
+def widen_layers(model: nn.Module, layers: Sequence[int], window: Optional[int] = None) -> dict:
+    """Make `layers` (indices) full-attention layers of a RetNet: their retention window becomes
+    `window` tokens (default: config.max_position_embeddings), so within it they are the exact
+    softmax attention of the teacher's layer (the decayed state holds only what left the window),
+    with a KV cache of that many tokens when decoding: a hybrid, the trade Mamba-in-the-Llama
+    makes. Returns {"retention_window": [one per layer]} for the export record ({} for no
+    layers); RetconvertError for a model without retention, an index out of range or repeated,
+    or a window below 1. The weights are unchanged."""
+    check_widening(layers, window)
+    if not layers:
+        return {}
+    config = model.config
+    if getattr(config, "model_type", None) != "retnet":
+        raise RetconvertError(f"--full-attention-layers: the model is a {config.model_type}, which has no "
+                              "retention layers; leave the option out")
+    n = config.num_hidden_layers
+    if max(layers) >= n:
+        raise RetconvertError(f"--full-attention-layers {','.join(map(str, layers))}: layer {max(layers)} is out of "
+                              f"range; this model's layers are 0 to {n - 1}")
+    width = config.max_position_embeddings if window is None else window
+    if config.retention_normalization != "paper":
+        raise RetconvertError("--full-attention-layers needs retention_normalization 'paper' (a converted student "
+                              "has it); this RetNet was built without it")
+    windows = config.layer_windows
+    for i in layers:
+        windows[i] = max(windows[i], width)
+    config.retention_window = windows
+    return {"retention_window": windows}
 
 
 def apply_length_caps(model: nn.Module, caps: dict) -> dict:

@@ -227,7 +227,8 @@ def cmd_push(args):
          card_out=args.card_out, license=args.license, base_model=args.base_model)
 
 
-def _ints(text: str):
+def int_list(text: str) -> list:
+    """'128,256' -> [128, 256] (argparse type; a one-line error otherwise)."""
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -249,9 +250,9 @@ def _add_eval(sub):
     p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.add_argument("--limit", type=int, help="examples per zero-shot task and documents per perplexity set")
     p.add_argument("--max-context", type=int, help="cap on context lengths (default: the teacher's limit)")
-    p.add_argument("--contexts", type=_ints,
+    p.add_argument("--contexts", type=int_list,
                    help="context lengths for speed/memory/passkey (default: 128,256,...,8192)")
-    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="decode batch sizes (default: 1,16)")
+    p.add_argument("--batch-sizes", type=int_list, default=d.batch_sizes, help="decode batch sizes (default: 1,16)")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="zero-shot lm-eval tasks ('' for none)")
     p.add_argument("--zero-shot-batch-size", type=int, default=d.zero_shot_batch_size,
                    help="lm-eval batch size (default: %(default)s)")
@@ -263,7 +264,7 @@ def _add_eval(sub):
                    help="perplexity window stride (default: %(default)s)")
     p.add_argument("--passkey-trials", type=int, default=d.passkey_trials,
                    help="passkey prompts per length (default: %(default)s)")
-    p.add_argument("--passkey-lengths", type=_ints, help="prompt lengths for passkey (default: the contexts)")
+    p.add_argument("--passkey-lengths", type=int_list, help="prompt lengths for passkey (default: the contexts)")
     p.add_argument("--position-docs", type=int, default=d.position_docs, help="rows of C4 for per-position loss")
     p.add_argument("--position-length", type=int, help="row length for per-position loss (default: longest context)")
     p.add_argument("--decode-steps", type=int, default=d.decode_steps, help="timed decode steps per point")

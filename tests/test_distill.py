@@ -842,6 +842,16 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
     config = AutoModelForCausalLM.from_pretrained(str(tmp_path / "uncapped")).config
     assert (config.max_retention_span, config.max_sink_distance) == (None, None)
     assert "set_at_export" not in json.loads((tmp_path / "uncapped" / "distillation.json").read_text())
+    # a hybrid: layer 1 widened to full attention over max_position_embeddings, weights unchanged
+    assert main([str(run), "--out", str(tmp_path / "hybrid"), "--full-attention-layers", "1"]) == 0
+    hybrid = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hybrid"))
+    full = hybrid.config.max_position_embeddings
+    assert hybrid.config.layer_windows == [model.config.layer_window(0), full]
+    assert json.loads((tmp_path / "hybrid" / "distillation.json").read_text())["set_at_export"] == {
+        "max_sink_distance": 32, "max_retention_span": 32, "retention_window": hybrid.config.layer_windows}
+    assert_weights_close(load_file(str(tmp_path / "hybrid" / "model.safetensors")), final_weights(run), 0.0)
+    ids = torch.randint(0, hybrid.config.vocab_size, (1, 40))
+    assert torch.isfinite(hybrid(ids).logits).all()
     capsys.readouterr()
     for args, message in [
         ([str(tmp_path), "--out", str(tmp_path / "x")], "is not a distillation run folder (no config.json)"),
@@ -854,11 +864,19 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
         ([str(run), "--out", str(tmp_path / "latest")], "already exists; pass --force"),
         ([str(run), "--out", str(tmp_path / "x"), "--no-length-caps", "--max-sink-distance", "3"],
          "--no-length-caps sets no cap"),
+        ([str(run), "--out", str(tmp_path / "x"), "--full-attention-layers", "1,1"], "give distinct layer indices"),
+        ([str(run), "--out", str(tmp_path / "x"), "--full-attention-layers", "0", "--full-attention-window", "0"],
+         "--full-attention-window 0 must be at least 1 token"),
     ]:
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x").exists()
+    # a layer the model lacks is known once it is built: the same error, after the loading messages
+    assert main([str(run), "--out", str(tmp_path / "x"), "--full-attention-layers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --full-attention-layers 2: layer 2 is out of range; this model's layers are 0 to 1"
+    assert not any(line.startswith("error") for line in err[:-1]) and not (tmp_path / "x").exists()
     assert main([str(run), "--out", str(tmp_path / "latest"), "--force"]) == 0
 
 
