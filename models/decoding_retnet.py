@@ -573,13 +573,17 @@ class RetNetDecoder:
         """Once per step and window group, before the layers: (the group's cache as arrays, which
         rows' oldest slot holds a key that now leaves the window (B, 1, 1, 1, 1), the additive
         score mask (B, 1, 1, W) with the new token's slot filled, that slot). The caches are rings
-        (see `reset`): the new token takes the oldest slot, seen_tokens mod W, and nothing moves."""
+        (see `reset`): the new token takes the oldest slot, seen_tokens mod W, and nothing moves.
+        Until the ring first wraps only slots 0 ... seen_tokens can hold a key, so the cache and
+        the mask are cut to those (views: writes still land in the cache): a window far longer
+        than the text (a full-attention layer) costs what the text costs."""
         mask, W = self.cache_masks[group], self.window_groups[group][0]  # (B, W)
         slot = self.seen_tokens % W
+        n = min(self.seen_tokens + 1, W)  # slots in use, the new token's included
         leaving = self.ops.of(mask[:, slot].float().view(self.B, 1, 1, 1, 1))
         mask[:, slot] = True
-        bias = torch.zeros(self.B, 1, 1, W, device=self.device).masked_fill_(~mask[:, None, None], float("-inf"))
-        return self.ops.of(self.caches[group]), leaving, self.ops.of(bias), slot
+        bias = torch.zeros(self.B, 1, 1, n, device=self.device).masked_fill_(~mask[:, None, None, :n], float("-inf"))
+        return self.ops.of(self.caches[group])[:, :, :, :n], leaving, self.ops.of(bias), slot
 
     def _window_retention(self, q, k, v, p, S, sink, cache, leaving, bias, slot):
         """Windowed retention of one token (see `windowed_retention` in retention.py): the oldest
