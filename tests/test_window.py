@@ -458,7 +458,7 @@ def test_packed_decoder_matches_module_path(variant, backend, prefix):
         for name, g, e in zip(WindowState._fields, got, exp):
             if name == "mask":
                 assert torch.equal(g, e)
-            elif not e.any():  # nothing has left a full-attention layer's window: zero, up to the sink's fp32 round trip
+            elif not e.any():  # nothing has left a full-attention layer's window: zero, up to fp32 rounding
                 assert g.abs().max() <= 1e-6, f"state {name}"
             else:
                 assert_close(g, e, what=f"state {name}")
