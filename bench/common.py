@@ -145,12 +145,18 @@ def portable(value: Any) -> Any:
     if not isinstance(value, (str, Path)) or not os.path.isabs(value):
         return value
     path = os.path.normpath(value)
-    rel = os.path.relpath(path, REPO)
-    if not rel.startswith(os.pardir + os.sep + os.pardir):  # the repository or a folder beside it
-        return rel
+
+    def inside(folder) -> bool:
+        folder = os.path.normpath(folder)
+        return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
     home = os.path.expanduser("~")
-    if path == home or path.startswith(home + os.sep):
-        return "~" + path[len(home):]
+    if inside(REPO):
+        return os.path.relpath(path, REPO)
+    if inside(home):
+        return "~" + path[len(home.rstrip(os.sep)):]
+    if REPO.parent != Path(REPO.anchor) and inside(REPO.parent):  # beside the repository (../shared)
+        return os.path.relpath(path, REPO)
     return str(value)
 
 

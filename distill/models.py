@@ -250,7 +250,10 @@ def check_length_caps(caps: dict) -> dict:
 
 def check_widening(layers: Sequence[int], window: Optional[int] = None):
     """What `widen_layers` can check before any model loads: RetconvertError for a negative or
-    repeated layer index, or a window below 1 token."""
+    repeated layer index, a window below 1 token, or a window without layers."""
+    if window is not None and not layers:
+        raise RetconvertError(f"--full-attention-window {window} applies to --full-attention-layers, which is not "
+                              "given; name the layers (e.g. --full-attention-layers 14,17) or leave the window out")
     if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
         raise RetconvertError(f"--full-attention-layers {','.join(map(str, layers))}: give distinct layer indices "
                               "from 0 (0-based)")
@@ -266,7 +269,7 @@ def widen_layers(model: nn.Module, layers: Sequence[int], window: Optional[int] 
     with a KV cache of that many tokens when decoding: a hybrid, the trade Mamba-in-the-Llama
     makes. Returns {"retention_window": [one per layer]} for the export record ({} for no
     layers); RetconvertError for a model without retention, an index out of range or repeated,
-    or a window below 1. The weights are unchanged."""
+    a window below 1 or below a layer's own. The weights are unchanged."""
     check_widening(layers, window)
     if not layers:
         return {}
@@ -283,8 +286,12 @@ def widen_layers(model: nn.Module, layers: Sequence[int], window: Optional[int] 
         raise RetconvertError("--full-attention-layers needs retention_normalization 'paper' (a converted student "
                               "has it); this RetNet was built without it")
     windows = config.layer_windows
+    narrower = [i for i in layers if windows[i] > width]
+    if narrower:
+        raise RetconvertError(f"--full-attention-window {width} is narrower than layer {narrower[0]}'s window of "
+                              f"{windows[narrower[0]]} tokens; give a longer window or leave the option out")
     for i in layers:
-        windows[i] = max(windows[i], width)
+        windows[i] = width
     config.retention_window = windows
     return {"retention_window": windows}
 

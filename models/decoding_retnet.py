@@ -570,9 +570,10 @@ class RetNetDecoder:
         return rot[:, None]
 
     def _advance_window(self, group: int):
-        """Once per step and window group, before the layers: (the group's cache as arrays, which
-        rows' oldest slot holds a key that now leaves the window (B, 1, 1, 1, 1), the additive
-        score mask (B, 1, 1, W) with the new token's slot filled, that slot). The caches are rings
+        """Once per step and window group, before the layers: (the group's cache as arrays, its
+        slots in use only (L_g, B, Hkv, n, Dk' + Dv'), n <= W, which rows' oldest slot holds a key
+        that now leaves the window (B, 1, 1, 1, 1), the additive score mask (B, 1, 1, n) with the
+        new token's slot filled, that slot). The caches are rings
         (see `reset`): the new token takes the oldest slot, seen_tokens mod W, and nothing moves.
         Until the ring first wraps only slots 0 ... seen_tokens can hold a key, so the cache and
         the mask are cut to those (views: writes still land in the cache): a window far longer
@@ -591,7 +592,8 @@ class RetNetDecoder:
         and value take its slot, and the window's softmax terms (over the slots in any order)
         and the state's linear terms share one normaliser. q (B, H, Dk'), k (B, Hkv, Dk'),
         v (B, Hkv, 1, 1, Dv'), S (B, Hkv, G, Dk', Dv') with the sink folded in (or `sink`, its
-        term (B, H, Dv') when kept apart), cache (B, Hkv, W, Dk' + Dv') -> (B, H, Dv)."""
+        term (B, H, Dv') when kept apart), cache (B, Hkv, n, Dk' + Dv'), its n <= W slots in use
+        -> (B, H, Dv)."""
         B, H, Hkv, G, Dkp, Dvp, Dv = self.B, self.H, self.Hkv, self.G, self.Dkp, self.Dvp, self.Dv
         xp = self.ops.xp
         old = cache[:, :, slot]  # (B, Hkv, Dk' + Dv')
@@ -612,7 +614,7 @@ class RetNetDecoder:
         return o.reshape(B, H, Dv)
 
     def _window_scores(self, q, cache):
-        """Scores of q (B, Hkv, G, Dk') against the cached keys (B, Hkv, W, Dk' + Dv'), (B, Hkv, G, W):
+        """Scores of q (B, Hkv, G, Dk') against the cached keys (B, Hkv, n, Dk' + Dv'), (B, Hkv, G, n):
         q'.k' with `window_logit_softcapping` c capping the q.k channels, c tanh(q.k / c), before the
         score-bias feature adds b (as `_scores` in retention.py)."""
         xp, Dk, Dkp = self.ops.xp, self.Dk, self.Dkp

@@ -232,8 +232,9 @@ def distillation_record(cfg, result: dict, *, origin: dict, world_size: int,
     """`config.distillation` for a finished run of the recipe: `cfg` the DistillConfig, `result`
     the trainer's result (stage1_loss, stage1_steps, final_loss, eval, params, trainable_params, wall_s),
     `origin` where the student came from (distill.models.build_student), `world_size` the
-    number of processes, `set_at_export` the config fields the export changed (the length caps;
-    recorded when not empty). Token counts are token positions fed to the student, all processes."""
+    number of processes, `set_at_export` the config fields the export changed (length caps,
+    widened `retention_window`; recorded when not empty). Token counts are token positions
+    fed to the student, all processes."""
     distilled = cfg.model.teacher is not None
     stages = []
     if distilled and cfg.stage1.steps > 0:

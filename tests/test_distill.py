@@ -850,8 +850,14 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
     assert json.loads((tmp_path / "hybrid" / "distillation.json").read_text())["set_at_export"] == {
         "max_sink_distance": 32, "max_retention_span": 32, "retention_window": hybrid.config.layer_windows}
     assert_weights_close(load_file(str(tmp_path / "hybrid" / "model.safetensors")), final_weights(run), 0.0)
+    # on 40 tokens a window of max_position_embeddings is a window of 40: nothing leaves it
     ids = torch.randint(0, hybrid.config.vocab_size, (1, 40))
-    assert torch.isfinite(hybrid(ids).logits).all()
+    exact = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hybrid"),
+                                                 retention_window=[hybrid.config.layer_window(0), 40])
+    with torch.no_grad():
+        got, want, before = hybrid(ids).logits, exact(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - before).abs().max() > 1e-3  # the widened layer attends, where it retained before
     capsys.readouterr()
     for args, message in [
         ([str(tmp_path), "--out", str(tmp_path / "x")], "is not a distillation run folder (no config.json)"),
@@ -867,6 +873,8 @@ def test_export_a_runs_checkpoint(fx, tmp_path, capsys):
         ([str(run), "--out", str(tmp_path / "x"), "--full-attention-layers", "1,1"], "give distinct layer indices"),
         ([str(run), "--out", str(tmp_path / "x"), "--full-attention-layers", "0", "--full-attention-window", "0"],
          "--full-attention-window 0 must be at least 1 token"),
+        ([str(run), "--out", str(tmp_path / "x"), "--full-attention-window", "64"],
+         "applies to --full-attention-layers, which is not given"),
     ]:
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -122,6 +122,8 @@ def padded_mask(T: int) -> torch.Tensor:
 @pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 5), ("recurrent", 1)])
 def test_padding_matches_naive(mode, chunk_size):
     check(mode, chunk_size, 26, W=4, token_mask=padded_mask(26))
+    # no initial state: the empty cache slots are skipped, a window far past the text included
+    check(mode, chunk_size, 26, W=1000, initial_state=False, token_mask=padded_mask(26))
 
 
 @pytest.mark.parametrize("mode,chunk_size", [("parallel", 64), ("chunkwise", 5), ("recurrent", 1)])
@@ -401,7 +403,7 @@ def test_left_padded_batch_equals_single_rows(variant):
             assert_close(batched[b:b + 1, real], single, what=f"row {b}")
 
 
-@pytest.mark.parametrize("variant", ["converted-gqa", "mixed"])
+@pytest.mark.parametrize("variant", ["converted-gqa", "mixed", "hybrid"])
 def test_generate_greedy_left_padded_and_beam_search(variant):
     model = tiny_model(**WINDOWED[variant])
     model.config.retention_mode = "chunkwise"
@@ -464,7 +466,7 @@ def test_packed_decoder_matches_module_path(variant, backend, prefix):
                 assert_close(g, e, what=f"state {name}")
 
 
-@pytest.mark.parametrize("variant", ["converted-gqa", "mixed"])
+@pytest.mark.parametrize("variant", ["converted-gqa", "mixed", "hybrid"])
 def test_packed_decoder_left_padded_and_generate_paths_agree(variant):
     from test_decoding import decoder_path, module_path
 
@@ -510,7 +512,7 @@ def test_torchscale_export_refuses_a_windowed_model():
         to_torchscale(tiny_model(**WINDOWED["mixed"]))
 
 
-@pytest.mark.parametrize("variant", ["converted-gqa", "mixed", "capped"])
+@pytest.mark.parametrize("variant", ["converted-gqa", "mixed", "capped", "hybrid"])
 def test_a_windowed_checkpoint_loads_with_remote_code(variant, tmp_path):
     from tiny import assert_loads_with_remote_code
 
