@@ -271,12 +271,25 @@ def prefill_variants(models) -> list:
     return out
 
 
-def prefill_curve(models, contexts: List[int], repeats: int, warmup: int) -> dict:
-    """{model name: [{"mode", "context_tokens", "latency_ms", "tokens_per_s", "repeats"}]}."""
+def prefill_curve(models, contexts: List[int], repeats: int, warmup: int, budget_s: Optional[float] = None) -> dict:
+    """{model name: [{"mode", "context_tokens", "latency_ms", "tokens_per_s", "repeats"}]}.
+    `budget_s`: the parallel form's time grows with the square of the length (T x T scores per
+    head); it is not run at a length where its time at the previous one, scaled so, predicts
+    more than `budget_s` seconds a run (recorded in "skipped_points"); None: no limit."""
     variants = prefill_variants(models)
     curves = {m.name: [] for m in models}
     skipped, dead = [], set()
+    last = {}  # variant -> (length, median seconds) of its last measured point
     for length in contexts:
+        for i, (m, label, _) in enumerate(variants):
+            if label != "parallel" or i in dead or i not in last or not budget_s:
+                continue
+            predicted = last[i][1] * (length / last[i][0]) ** 2
+            if predicted > budget_s:
+                dead.add(i)
+                skipped.append({"model": m.name, "mode": label, "context_tokens": length,
+                                "reason": f"about {predicted:.0f} s a run predicted from {last[i][0]} tokens "
+                                          f"(quadratic), over the {budget_s:g} s budget (--prefill-budget)"})
         times = {i: [] for i in range(len(variants))}
         for rep in range(warmup + repeats):
             for i, (m, label, mode) in enumerate(variants):  # alternate models and modes
@@ -302,6 +315,7 @@ def prefill_curve(models, contexts: List[int], repeats: int, warmup: int) -> dic
         for i, (m, label, _) in enumerate(variants):
             if times[i]:
                 t = median(times[i])
+                last[i] = (length, t)
                 curves[m.name].append({"mode": label, "context_tokens": length, "latency_ms": t * 1e3,
                                        "tokens_per_s": length / t, "repeats": len(times[i])})
                 line.append(f"{m.role}/{label} {length / t:,.0f} tok/s")

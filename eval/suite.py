@@ -49,6 +49,7 @@ class EvalSettings:
     decode_warmup: int = 2
     prefill_repeats: int = 3
     prefill_warmup: int = 1
+    prefill_budget: Optional[float] = 60.0  # seconds a run of the parallel form may take (predicted); None: no limit
     energy_context: int = 1024
     energy_steps: int = 64
     energy_repeats: int = 3
@@ -65,8 +66,8 @@ class EvalSettings:
             raise RetconvertError(f"unknown suite {', '.join(unknown) or '(none)'}; use a comma list of "
                                   f"{', '.join(SUITES)}")
         for name in ("limit", "max_context", "ppl_tokens", "ppl_window", "ppl_stride", "passkey_trials",
-                     "position_docs", "decode_steps", "prefill_repeats", "energy_steps", "energy_repeats",
-                     "window_baseline"):
+                     "position_docs", "decode_steps", "prefill_repeats", "prefill_budget", "energy_steps",
+                     "energy_repeats", "window_baseline"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise RetconvertError(f"--{name.replace('_', '-')} {value} must be positive")
@@ -282,7 +283,7 @@ def _speed(models, entry, resolved, settings, guarded):
     gen = guarded("speed.generate", None, lambda: generate_curve(
         models, resolved["contexts"], settings.decode_steps))
     pre = guarded("speed.prefill", None, lambda: prefill_curve(
-        models, resolved["contexts"], settings.prefill_repeats, settings.prefill_warmup))
+        models, resolved["contexts"], settings.prefill_repeats, settings.prefill_warmup, settings.prefill_budget))
     for m in models:
         res = {}
         if dec is not None:

@@ -270,6 +270,9 @@ def _add_eval(sub):
     p.add_argument("--decode-steps", type=int, default=d.decode_steps, help="timed decode steps per point")
     p.add_argument("--prefill-repeats", type=int, default=d.prefill_repeats,
                    help="timed prefill passes per length (default: %(default)s)")
+    p.add_argument("--prefill-budget", type=float, default=d.prefill_budget, metavar="SECONDS",
+                   help="skip the parallel form at a length where one pass is predicted (quadratic in the length) "
+                        "to take longer (default: %(default)s; 0: no limit)")
     p.add_argument("--energy-context", type=int, default=d.energy_context,
                    help="context of the energy run in tokens (default: %(default)s)")
     p.add_argument("--energy-steps", type=int, default=d.energy_steps,
@@ -297,7 +300,8 @@ def cmd_eval(args):
         zero_shot_batch_size=args.zero_shot_batch_size, ppl_tokens=args.ppl_tokens, ppl_window=args.ppl_window,
         ppl_stride=args.ppl_stride, passkey_trials=args.passkey_trials, passkey_lengths=args.passkey_lengths,
         position_docs=args.position_docs, position_length=args.position_length, decode_steps=args.decode_steps,
-        prefill_repeats=args.prefill_repeats, energy_context=args.energy_context, energy_steps=args.energy_steps,
+        prefill_repeats=args.prefill_repeats, prefill_budget=args.prefill_budget or None,
+        energy_context=args.energy_context, energy_steps=args.energy_steps,
         assumed_watts=args.assumed_watts, device=args.device, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, window_baseline=args.window_baseline)
     run_eval(args.models, args.out, settings, force=args.force)

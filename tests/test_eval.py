@@ -118,6 +118,25 @@ def test_task_templates_resolve(tiny_data, tmp_path):
     assert str(Path.home()) not in repo_text and "@DATA_DIR@" in repo_text  # nothing absolute in the repo
 
 
+def test_prefill_budget_skips_the_parallel_form_where_it_would_take_too_long(tiny_pair):
+    """The parallel form's time is quadratic in the length: past the length where its last time,
+    scaled so, exceeds the budget it is skipped with the reason; chunkwise and attention are not."""
+    from retconvert.eval.models import load_model
+    from retconvert.eval.speed import prefill_curve
+
+    teacher, student = (load_model(str(p), role) for p, role in zip(tiny_pair, ("teacher", "student")))
+    out = prefill_curve([teacher, student], [16, 32], repeats=1, warmup=0, budget_s=1e-9)
+    points = {(p["mode"], p["context_tokens"]) for p in out["curves"][student.name]}
+    assert points == {("parallel", 16), ("chunkwise", 16), ("chunkwise", 32)}
+    assert {(p["mode"], p["context_tokens"]) for p in out["curves"][teacher.name]} == {("attention", 16),
+                                                                                        ("attention", 32)}
+    (skip,) = out["skipped_points"]
+    assert (skip["model"], skip["mode"], skip["context_tokens"]) == (student.name, "parallel", 32)
+    assert "predicted from 16 tokens (quadratic), over the 1e-09 s budget (--prefill-budget)" in skip["reason"]
+    out = prefill_curve([student], [16, 32], repeats=1, warmup=0, budget_s=None)  # no limit
+    assert len(out["curves"][student.name]) == 4 and not out["skipped_points"]
+
+
 def test_eval_all_suites(tiny_pair, tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RETCONVERT_DATA", str(tiny_data))
     teacher, student = tiny_pair
